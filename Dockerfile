@@ -1,0 +1,23 @@
+# CPU image by default. For NVIDIA GPUs:
+#   docker build --build-arg TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" .
+FROM python:3.11-slim
+
+ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 \
+    LOOPSTACK_MANIFEST=/app/weights_manifest.yaml
+
+WORKDIR /app
+RUN pip install $TORCH_SPEC
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY training ./training
+RUN pip install ".[training]"
+COPY weights_manifest.yaml ./
+
+# The embedded default zoo is built at image build time (no hub): the container serves at once.
+RUN python -m training zoo placeholder --if-missing
+
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
+  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
+CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:
+#   make serve   build the embedded default models if missing, then serve them on :8000
+#   make test    run the test suite
+# Both create .venv on first use. CPU machines get the pinned CPU wheel of torch;
+# GPU users: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make serve
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+HOST ?= 0.0.0.0
+PORT ?= 8000
+
+.PHONY: serve test zoo venv clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[training,dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+zoo: venv
+	$(PY) -m training zoo placeholder --if-missing
+
+serve: zoo
+	$(PY) -m server --host $(HOST) --port $(PORT)
+
+test: venv
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

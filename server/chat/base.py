@@ -1,0 +1,135 @@
+"""The chat base model: a causal LM loaded through transformers, 4-bit NF4 via bitsandbytes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.generation.streamers import BaseStreamer
+
+from server.manifest import ArtifactError, ArtifactResolver, ChatBase
+
+log = logging.getLogger(__name__)
+
+
+def nf4_config(device: str) -> BitsAndBytesConfig:
+    """QLoRA's storage format: NF4 weights, double-quantised scales."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+    )
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    messages: list[dict[str, str]]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() per generated token
+    started: float = 0.0
+
+
+class _TokenClock(BaseStreamer):
+    """Records when each new token appears: time to first token and inter-token latency."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._saw_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._saw_prompt:  # generate() first hands over the prompt itself
+            self._saw_prompt = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class ChatModel:
+    spec: ChatBase
+    model: torch.nn.Module
+    tokenizer: object
+    device: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        if self.tokenizer.chat_template:
+            enc = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            return enc["input_ids"]
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return self.tokenizer(text, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def generate(self, job: ChatJob) -> ChatResult:
+        started = time.perf_counter()
+        input_ids = self.encode(job.messages).to(self.device)
+        clock = _TokenClock()
+        sampling = job.temperature > 0
+        torch.manual_seed(job.seed)  # one worker thread runs chat jobs, so the global RNG is ours
+        output = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=job.max_new_tokens,
+            do_sample=sampling,
+            temperature=job.temperature if sampling else None,
+            top_p=job.top_p if sampling else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            streamer=clock,
+        )
+        new_tokens = output[0, input_ids.shape[1]:]
+        stopped = len(new_tokens) > 0 and new_tokens[-1].item() == self.tokenizer.eos_token_id
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return ChatResult(
+            text=text.strip(),
+            prompt_tokens=int(input_ids.shape[1]),
+            completion_tokens=int(len(new_tokens)),
+            finish_reason="stop" if stopped else "length",
+            token_times=clock.times,
+            started=started,
+        )
+
+
+def load_chat_model(spec: ChatBase, resolver: ArtifactResolver, device: str) -> ChatModel:
+    folder = resolver.source(spec.source)
+    kwargs: dict = dict(use_safetensors=True, local_files_only=True)
+    if spec.quantization == "nf4":
+        kwargs.update(quantization_config=nf4_config(device), device_map={"": device})
+    else:
+        kwargs.update(dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(folder, f"cannot load the chat model: {exc}") from exc
+    if spec.quantization == "none":
+        model.to(device)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if spec.placeholder:
+        log.warning("!!! chat model %r is an UNTRAINED PLACEHOLDER: its replies are noise !!!", spec.name)
+    return ChatModel(spec, model, tokenizer, device)

@@ -1,0 +1,106 @@
+"""From an HTTP image request to a sampling job and back to PNGs (no HTTP objects here)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server.errors import ApiError
+from server.imaging.backbones import ImageBackbone
+from server.imaging.sampler import SampleJob, SampleResult, sample
+from server.schemas import MAX_SEED, ImageRequest
+from server.settings import Settings
+
+
+def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
+    """Check a request against the model and the operator's bounds; every refusal names its field."""
+    if req.mode == "ilf" and backbone.spec.ilf is None:
+        raise ApiError(400, f"model {backbone.name!r} has no trained ILF module; use mode 'baseline'", "mode")
+    steps = req.steps if req.steps is not None else backbone.spec.default_steps
+    if steps > settings.max_steps:
+        raise ApiError(422, f"steps: at most {settings.max_steps}", "steps")
+    guidance = req.guidance_scale if req.guidance_scale is not None else backbone.spec.default_guidance_scale
+    if guidance > settings.max_guidance_scale:
+        raise ApiError(422, f"guidance_scale: at most {settings.max_guidance_scale}", "guidance_scale")
+    if req.n > settings.max_images_per_request:
+        raise ApiError(422, f"n: at most {settings.max_images_per_request} images per request", "n")
+
+    height = req.height or backbone.native_size
+    width = req.width or backbone.native_size
+    for param, side in (("height", height), ("width", width)):
+        if side > settings.max_image_side:
+            raise ApiError(422, f"{param}: at most {settings.max_image_side} pixels", param)
+        if side % backbone.stride:
+            raise ApiError(422, f"{param}: must be a multiple of {backbone.stride} for {backbone.name}", param)
+    if backbone.square_only and height != width:
+        raise ApiError(422, f"{backbone.name} generates square images only", "width")
+
+    condition = _condition(req, backbone, settings)
+    seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - settings.max_images_per_request)
+    if seed + req.n - 1 > MAX_SEED:
+        raise ApiError(422, "seed: seed + n - 1 must fit in 63 bits", "seed")
+    return SampleJob(
+        conditions=[condition] * req.n,
+        seeds=[seed + i for i in range(req.n)],
+        steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        scheduler=req.scheduler,
+    )
+
+
+def _condition(req: ImageRequest, backbone: ImageBackbone, settings: Settings):
+    if backbone.spec.kind == "dit":
+        if req.prompt is not None:
+            raise ApiError(422, f"{backbone.name} is class-conditional: send class_label, not prompt", "prompt")
+        if req.class_label is None:
+            raise ApiError(422, f"{backbone.name} needs class_label (an id or one of its class names)", "class_label")
+        names = backbone.class_names()
+        if isinstance(req.class_label, str):
+            if req.class_label not in names:
+                raise ApiError(422, f"class_label: unknown class {req.class_label!r}; known: {names}", "class_label")
+            return names.index(req.class_label)
+        if not 0 <= req.class_label < backbone.num_classes:
+            raise ApiError(422, f"class_label: must be in [0, {backbone.num_classes})", "class_label")
+        return req.class_label
+    if req.class_label is not None:
+        raise ApiError(422, f"{backbone.name} is text-conditional: send prompt, not class_label", "class_label")
+    if req.prompt is None or not req.prompt.strip():
+        raise ApiError(422, f"{backbone.name} needs a non-empty prompt", "prompt")
+    if len(req.prompt) > settings.max_prompt_chars:
+        raise ApiError(422, f"prompt: at most {settings.max_prompt_chars} characters", "prompt")
+    return req.prompt
+
+
+def run_job(backbone: ImageBackbone, job: SampleJob) -> SampleResult:
+    return sample(backbone, job)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def row_of(images: list[Image.Image]) -> Image.Image:
+    row = Image.new(images[0].mode, (sum(i.width for i in images), images[0].height))
+    x = 0
+    for image in images:
+        row.paste(image, (x, 0))
+        x += image.width
+    return row
+
+
+def b64_pngs(images: list[Image.Image]) -> list[str]:
+    return [base64.b64encode(png_bytes(i)).decode() for i in images]

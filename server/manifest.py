@@ -1,0 +1,288 @@
+"""The weights manifest: one YAML file that says what the server serves.
+
+Parsing is strict (pydantic, unknown keys refused). Every artifact path resolves relative to the
+manifest and must stay inside the artifact root; every weight file must be safetensors with a
+recorded sha256 that is checked before anything is loaded. Every refusal names the file and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+# Formats that unpickle on load: never accepted, wherever they appear.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+class ArtifactError(Exception):
+    """An artifact (file or model folder) was refused; the message names it and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"refused {self.path}: {reason}")
+
+
+class ManifestError(Exception):
+    """The manifest itself cannot be read or does not validate."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """A model folder in diffusers/transformers layout: a local path or a hub id at a revision."""
+
+    path: str | None = None
+    hub: str | None = None
+    revision: str | None = None
+    # sha256 of files inside the folder, keyed by their path relative to it.
+    files: dict[str, Sha256] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "Source":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("a source has exactly one of 'path' or 'hub'")
+        if self.hub is not None and not self.revision:
+            raise ValueError(f"hub source {self.hub!r} needs a pinned 'revision'")
+        return self
+
+
+class Artifact(_Strict):
+    """One safetensors file written by `training`."""
+
+    path: str
+    sha256: Sha256 | None = None  # absent until a local build records it; refused on load
+
+
+class ILFArtifact(Artifact):
+    steps: int = Field(ge=1, le=1000)
+
+
+class TextEncoder(_Strict):
+    kind: Literal["minilm", "t5"]
+    source: Source
+    max_length: int = Field(120, ge=1, le=512)
+
+
+class ImageModel(_Strict):
+    name: Name
+    kind: Literal["dit", "pixart"]
+    source: Source  # subfolders transformer/, scheduler/ and (latent models) vae/
+    text_encoder: TextEncoder | None = None
+    labels: list[str] | None = None  # DiT class names, index = class id
+    ilf: ILFArtifact | None = None
+    default_steps: int = Field(20, ge=1, le=1000)
+    default_guidance_scale: float = Field(4.0, ge=0)
+    placeholder: bool = False  # untrained stand-in: served, but loudly flagged
+
+    @model_validator(mode="after")
+    def _conditioning(self) -> "ImageModel":
+        if self.kind == "pixart" and self.text_encoder is None:
+            raise ValueError(f"pixart model {self.name!r} needs a 'text_encoder'")
+        if self.kind == "dit" and self.text_encoder is not None:
+            raise ValueError(f"dit model {self.name!r} is class-conditional and takes no 'text_encoder'")
+        if self.kind == "pixart" and self.labels is not None:
+            raise ValueError(f"pixart model {self.name!r} is prompt-conditional and takes no 'labels'")
+        return self
+
+
+class ChatBase(_Strict):
+    name: Name
+    source: Source
+    quantization: Literal["nf4", "none"] = "nf4"
+    placeholder: bool = False
+
+
+class Domain(_Strict):
+    name: Name
+    order: int = Field(ge=0)
+    stacks: list[Artifact] = Field(default_factory=list)
+
+
+class ChatSection(_Strict):
+    base: ChatBase
+    domains: list[Domain] = Field(default_factory=list)
+    router: Artifact | None = None
+
+    @field_validator("domains")
+    @classmethod
+    def _ordered_unique(cls, domains: list[Domain]) -> list[Domain]:
+        names = [d.name for d in domains]
+        orders = [d.order for d in domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate domain names: {names}")
+        if len(set(orders)) != len(orders):
+            raise ValueError(f"duplicate domain orders: {orders}")
+        return sorted(domains, key=lambda d: d.order)
+
+
+class Manifest(_Strict):
+    version: Literal[1]
+    image: list[ImageModel] = Field(default_factory=list)
+    chat: ChatSection | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _unique_names(cls, models: list[ImageModel]) -> list[ImageModel]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate image model names: {names}")
+        return models
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Parse and validate a manifest file; ManifestError names the file and what is wrong."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ManifestError(f"invalid manifest {path}: {problems}") from exc
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of either."""
+    text = yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a folder, keyed by relative path (what a build records)."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+class ArtifactResolver:
+    """Turns manifest paths into verified local paths, inside one artifact root."""
+
+    def __init__(self, manifest_path: Path, artifact_root: Path, allow_network: bool = False):
+        self.base = Path(manifest_path).resolve().parent
+        self.root = Path(artifact_root).resolve()
+        self.allow_network = allow_network
+
+    def resolve(self, relative: str) -> Path:
+        path = (self.base / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise ArtifactError(relative, f"resolves to {path}, outside the artifact root {self.root}")
+        return path
+
+    def artifact(self, artifact: Artifact) -> Path:
+        """A verified safetensors file: inside the root, present, checksummed, readable."""
+        path = self.resolve(artifact.path)
+        if path.suffix != ".safetensors":
+            raise ArtifactError(path, "only .safetensors artifacts are loaded (no pickle formats)")
+        if not path.is_file():
+            raise ArtifactError(path, "file does not exist")
+        if artifact.sha256 is None:
+            raise ArtifactError(path, "no sha256 recorded in the manifest; rebuild it with `python -m training`")
+        actual = sha256_file(path)
+        if actual != artifact.sha256:
+            raise ArtifactError(path, f"sha256 mismatch: manifest says {artifact.sha256}, file is {actual}")
+        check_safetensors_header(path)
+        return path
+
+    def source(self, source: Source, subfolders: tuple[str, ...] = ()) -> Path:
+        """A model folder with every listed file checksummed and every weight file safetensors."""
+        if source.hub is not None:
+            folder = self._snapshot(source)
+            if not source.files:
+                # A pinned revision identifies the content; the hub client checks LFS hashes itself.
+                return folder
+        else:
+            folder = self.resolve(source.path)
+            if not folder.is_dir():
+                raise ArtifactError(folder, "model folder does not exist")
+            if not source.files:
+                raise ArtifactError(
+                    folder, "no file checksums recorded in the manifest; rebuild it with `python -m training`"
+                )
+        wanted = [folder / sub for sub in subfolders] if subfolders else [folder]
+        for part in wanted:
+            for file in part.rglob("*"):
+                if file.suffix in PICKLE_SUFFIXES:
+                    raise ArtifactError(file, "pickle-format weights are never loaded; convert to safetensors")
+                if file.suffix == ".safetensors" and file.relative_to(folder).as_posix() not in source.files:
+                    raise ArtifactError(file, "weight file has no sha256 in the manifest")
+        for rel, expected in source.files.items():
+            file = (folder / rel).resolve()
+            if not file.is_relative_to(folder.resolve()):
+                raise ArtifactError(rel, f"listed file leaves its model folder {folder}")
+            if not subfolders or any(file.is_relative_to(p.resolve()) for p in wanted):
+                if not file.is_file():
+                    raise ArtifactError(file, "listed in the manifest but missing")
+                actual = sha256_file(file)
+                if actual != expected:
+                    raise ArtifactError(file, f"sha256 mismatch: manifest says {expected}, file is {actual}")
+        return folder
+
+    def _snapshot(self, source: Source) -> Path:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(
+                snapshot_download(
+                    source.hub,
+                    revision=source.revision,
+                    # Only safetensors weights and text files: a pickle never reaches the disk.
+                    allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                    local_files_only=not self.allow_network,
+                )
+            )
+        except LocalEntryNotFoundError as exc:
+            raise ArtifactError(
+                source.hub,
+                "not in the local hub cache and network access is off (set LOOPSTACK_ALLOW_NETWORK=true)",
+            ) from exc
+
+
+def check_safetensors_header(path: Path) -> None:
+    """A half-written or foreign file fails here with a clear reason, not deep inside a loader."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise ArtifactError(path, f"not a readable safetensors file ({exc})") from exc

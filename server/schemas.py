@@ -1,0 +1,130 @@
+"""Request, response and error bodies: the whole HTTP contract in one place.
+
+Static bounds live here; bounds an operator can tune (max steps, max images, ...) come from
+Settings and are checked in the routes with the same error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**63 - 1
+
+
+class _Request(BaseModel):
+    # strict: "10" is not a number of steps, true is not a seed; unknown fields are typos, refused.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ImageRequest(_Request):
+    model: str = Field(min_length=1, max_length=64, description="An image model from GET /v1/models.")
+    prompt: str | None = Field(None, description="Text prompt (text-to-image models).")
+    class_label: int | str | None = Field(None, description="Class id or name (class-conditional models).")
+    steps: int | None = Field(None, ge=1, description="Denoising steps; default: the model's.")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance; <= 1 turns it off.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Default: random.")
+    n: int = Field(1, ge=1, description="Images to generate.")
+    width: int | None = Field(None, ge=1, description="Pixels; default: the model's native size.")
+    height: int | None = Field(None, ge=1, description="Pixels; default: the model's native size.")
+    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    mode: Literal["ilf", "baseline"] | None = Field(
+        None, description="ilf needs a trained ILF artifact; default: ilf where one exists, else baseline."
+    )
+    response_format: Literal["json", "png"] = Field(
+        "json", description="png (or Accept: image/png) returns the image itself; n > 1 gives a row of images."
+    )
+
+
+class ImageResponse(BaseModel):
+    model: str
+    mode: Literal["ilf", "baseline"]
+    scheduler: str
+    steps: int
+    block_evaluations: int
+    guidance_scale: float
+    seeds: list[int]
+    width: int
+    height: int
+    seconds: float
+    placeholder: bool = Field(description="True when the model is an untrained stand-in.")
+    images: list[str] = Field(description="Base64-encoded PNGs.")
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class ChatRequest(_Request):
+    model: str | None = Field(None, max_length=64, description="The chat model; default: the served one.")
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str | None = Field(None, min_length=1, description="Shorthand for one user message.")
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    route: Literal["auto", "none"] | dict[str, float] = Field(
+        "auto", description='"auto" lets the router choose, "none" is the base alone, or {domain: weight}.'
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ChatRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        return self
+
+    def as_messages(self) -> list[dict[str, str]]:
+        if self.prompt is not None:
+            return [{"role": "user", "content": self.prompt}]
+        return [m.model_dump() for m in self.messages]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RouteTrace(BaseModel):
+    route_requested: str | dict[str, float]
+    domains_applied: dict[str, float] = Field(description="Domain -> weight applied to its stacks.")
+    gated_off: dict[str, str] = Field(description="Domain -> why it was not applied.")
+    router_probabilities: dict[str, float] | None = Field(description="The router's output, when it ran.")
+    reason: str
+    queue_seconds: float
+    time_to_first_token_seconds: float | None
+    generation_seconds: float
+
+
+class ChatResponse(BaseModel):
+    model: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    seed: int
+    placeholder: bool
+    usage: Usage
+    trace: RouteTrace
+
+
+class ModelCard(BaseModel):
+    id: str
+    kind: Literal["dit", "pixart", "causal-lm"]
+    placeholder: bool
+    details: dict
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,52 @@
+"""Every server knob, read from the environment (prefix LOOPSTACK_) or a .env file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOPSTACK_", env_file=".env", extra="ignore")
+
+    manifest: Path = Field(REPO_ROOT / "weights_manifest.yaml", description="The weights manifest to serve.")
+    artifact_root: Path | None = Field(
+        None, description="Folder every artifact must live in; default: the manifest's folder / 'artifacts'."
+    )
+    allow_network: bool = Field(
+        False, description="Let hub ids in the manifest download. Off by default: nothing is fetched."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice.")
+
+    # Request bounds: every field a client sends is checked against these.
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_steps: int = Field(200, ge=1)
+    max_images_per_request: int = Field(8, ge=1)
+    max_image_side: int = Field(1024, ge=8)
+    max_guidance_scale: float = Field(20.0, gt=0)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_chat_messages: int = Field(32, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+
+    # Each engine runs one job at a time; this many more may wait before clients get 429.
+    image_queue_size: int = Field(16, ge=0)
+    chat_queue_size: int = Field(16, ge=0)
+    retry_after_seconds: int = Field(2, ge=1)
+
+    def resolved_artifact_root(self) -> Path:
+        if self.artifact_root is not None:
+            return self.artifact_root.resolve()
+        return (self.manifest.resolve().parent / "artifacts").resolve()
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,198 @@
+"""Health, model listing, OpenAPI, one error shape for every bad input, metrics, and the queue."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.imaging import engine as image_engine
+from tests.conftest import assert_error_shape, make_settings
+
+
+def test_health_endpoints(client):
+    assert client.get("/livez").json() == {"status": "alive"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["image_models"] == ["tiny-dit", "tiny-dit-latent", "tiny-pixart"]
+    assert ready.json()["chat_model"] == "tiny-lm"
+
+
+def test_not_ready_until_models_load(tmp_path):
+    missing = tmp_path / "weights_manifest.yaml"  # never written: loading fails
+    with TestClient(create_app(make_settings(missing), load_in_background=False)) as c:
+        assert c.get("/livez").status_code == 200
+        error = c.get("/readyz")
+        assert error.status_code == 503 and error.json()["error"]["type"] == "not_ready"
+        assert "weights_manifest.yaml" in error.json()["error"]["message"]
+        assert c.post("/chat", json={"prompt": "hi"}).status_code == 503
+
+
+def test_models_are_listed(client):
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert cards["tiny-dit"]["kind"] == "dit" and cards["tiny-dit"]["details"]["classes"][7] == "seven"
+    assert cards["tiny-dit-latent"]["details"]["latent"] is True
+    assert cards["tiny-pixart"]["details"]["native_size"] == 16
+    lm = cards["tiny-lm"]["details"]
+    assert (lm["quantization"], lm["domains"], lm["router"]) == ("nf4", ["chat", "math"], False)
+
+
+def test_openapi_documents_the_routes(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/generate-image", "/chat", "/v1/models", "/readyz", "/livez", "/metrics"} <= set(spec["paths"])
+    assert "ErrorBody" in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+
+
+IMAGE = {"model": "tiny-dit", "class_label": 1}
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (IMAGE | {"steps": -1}, 422, "steps"),
+        (IMAGE | {"steps": 0}, 422, "steps"),
+        (IMAGE | {"steps": 100_000}, 422, "steps"),
+        (IMAGE | {"steps": "ten"}, 422, "steps"),
+        (IMAGE | {"steps": "10"}, 422, "steps"),
+        (IMAGE | {"steps": 2.5}, 422, "steps"),
+        (IMAGE | {"n": 0}, 422, "n"),
+        (IMAGE | {"n": 1000}, 422, "n"),
+        (IMAGE | {"guidance_scale": -1}, 422, "guidance_scale"),
+        (IMAGE | {"guidance_scale": 1e9}, 422, "guidance_scale"),
+        (IMAGE | {"seed": -3}, 422, "seed"),
+        (IMAGE | {"seed": True}, 422, "seed"),
+        (IMAGE | {"width": 17, "height": 17}, 422, "height"),
+        (IMAGE | {"width": 16, "height": 32}, 422, "width"),
+        (IMAGE | {"width": 100_000, "height": 100_000}, 422, "height"),
+        (IMAGE | {"class_label": 10}, 422, "class_label"),
+        (IMAGE | {"class_label": "eleven"}, 422, "class_label"),
+        (IMAGE | {"prompt": "a seven"}, 422, "prompt"),
+        (IMAGE | {"scheduler": "euler"}, 422, "scheduler"),
+        (IMAGE | {"mode": "fast"}, 422, "mode"),
+        (IMAGE | {"colour": "red"}, 422, "colour"),
+        ({"class_label": 1}, 422, "model"),
+        ({"model": "tiny-dit"}, 422, "class_label"),
+        ({"model": "nope", "class_label": 1}, 404, "model"),
+        ({"model": "tiny-pixart", "prompt": ""}, 422, "prompt"),
+        ({"model": "tiny-pixart", "prompt": "   "}, 422, "prompt"),
+        ({"model": "tiny-pixart", "prompt": "x" * 5000}, 422, "prompt"),
+        ({"model": "tiny-pixart", "class_label": 2}, 422, "class_label"),
+    ],
+)
+def test_bad_image_requests_get_a_4xx_in_the_error_shape(client, body, status, param):
+    assert_error_shape(client.post("/generate-image", json=body), status, param)
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": ""}, 422, "prompt"),
+        ({"prompt": "   "}, 422, "prompt"),
+        ({}, 422, None),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 422, None),
+        ({"messages": []}, 422, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
+        ({"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 100_000}, 422, "max_tokens"),
+        ({"prompt": "hi", "temperature": 5}, 422, "temperature"),
+        ({"prompt": "hi", "temperature": "hot"}, 422, "temperature"),
+        ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+        ({"prompt": "hi", "route": {"poetry": 1.0}}, 422, "route"),
+        ({"prompt": "hi", "route": "sometimes"}, 422, "route"),
+        ({"prompt": "x" * 5000}, 422, "prompt"),
+    ],
+)
+def test_bad_chat_requests_get_a_4xx_in_the_error_shape(client, body, status, param):
+    assert_error_shape(client.post("/chat", json=body), status, param)
+
+
+def test_malformed_and_oversized_bodies(client):
+    error = assert_error_shape(client.post("/generate-image", content=b"{not json",
+                                           headers={"content-type": "application/json"}), 422)
+    assert "JSON" in error["message"]
+    assert_error_shape(client.post("/generate-image", json=["a", "list"]), 422)
+    huge = {"model": "tiny-pixart", "prompt": "x" * 200_000}
+    assert assert_error_shape(client.post("/generate-image", json=huge), 413)["type"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: the limit is counted as the body streams in
+        for _ in range(100):
+            yield b"x" * 1024
+
+    assert_error_shape(client.post("/chat", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client):
+    assert assert_error_shape(client.get("/nowhere"), 404)["type"] == "not_found"
+    assert_error_shape(client.get("/generate-image"), 405)
+
+
+def metric_value(client, name: str, **labels) -> float:
+    text = client.get("/metrics").text
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = rf"^{name}{{{selector}}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_change_after_requests(client):
+    before = {
+        "ok": metric_value(client, "loopstack_requests_total", endpoint="/generate-image", status="200"),
+        "bad": metric_value(client, "loopstack_requests_total", endpoint="/generate-image", status="422"),
+        "steps": metric_value(client, "loopstack_image_denoise_steps_total", model="tiny-dit", mode="baseline"),
+        "images": metric_value(client, "loopstack_image_seconds_count", model="tiny-dit", mode="baseline"),
+        "gen": metric_value(client, "loopstack_chat_generation_tokens_total"),
+        "ttft": metric_value(client, "loopstack_chat_time_to_first_token_seconds_count"),
+    }
+    client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "steps": 3, "n": 2})
+    client.post("/generate-image", json={"model": "tiny-dit", "steps": -1})
+    chat = client.post("/chat", json={"prompt": "hello", "max_tokens": 5}).json()
+
+    assert metric_value(client, "loopstack_requests_total", endpoint="/generate-image", status="200") == before["ok"] + 1
+    assert metric_value(client, "loopstack_requests_total", endpoint="/generate-image", status="422") == before["bad"] + 1
+    assert metric_value(client, "loopstack_image_denoise_steps_total", model="tiny-dit", mode="baseline") == before["steps"] + 6
+    assert metric_value(client, "loopstack_image_seconds_count", model="tiny-dit", mode="baseline") == before["images"] + 1
+    assert metric_value(client, "loopstack_chat_generation_tokens_total") == before["gen"] + chat["usage"]["completion_tokens"]
+    assert metric_value(client, "loopstack_chat_time_to_first_token_seconds_count") == before["ttft"] + 1
+    text = client.get("/metrics").text
+    for name in ("loopstack_queue_depth", "loopstack_request_duration_seconds", "loopstack_chat_prompt_tokens_total",
+                 "loopstack_chat_inter_token_latency_seconds", "loopstack_artifact_reloads_total"):
+        assert name in text
+
+
+def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
+    release = threading.Event()
+    real_run = image_engine.run_job
+
+    def blocked_run(backbone, job):
+        release.wait(timeout=30)
+        return real_run(backbone, job)
+
+    monkeypatch.setattr(image_engine, "run_job", blocked_run)
+    app = create_app(make_settings(manifest_path, image_queue_size=1, retry_after_seconds=7),
+                     load_in_background=False)
+    body = {"model": "tiny-dit", "class_label": 0, "steps": 1}
+    with TestClient(app) as c:
+        results = []
+        workers = [threading.Thread(target=lambda: results.append(c.post("/generate-image", json=body)))
+                   for _ in range(2)]
+        for w in workers:
+            w.start()
+        engine = app.state.engines["image"]
+        deadline = time.time() + 20
+        while engine.waiting < 1 and time.time() < deadline:  # one running, one waiting
+            time.sleep(0.01)
+        assert engine.waiting == 1
+        assert metric_value(c, "loopstack_queue_depth", engine="image") == 1
+        refused = c.post("/generate-image", json=body)
+        assert_error_shape(refused, 429)
+        assert refused.headers["retry-after"] == "7"
+        assert c.post("/chat", json={"prompt": "hi", "max_tokens": 1}).status_code == 200  # other engine free
+        release.set()
+        for w in workers:
+            w.join(timeout=30)
+        assert [r.status_code for r in results] == [200, 200]

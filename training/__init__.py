@@ -1,0 +1,1 @@
+"""Offline training for Loopstack: builds every artifact the server loads."""
