@@ -21,7 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The image zoo trains once (about 20 minutes on 2 CPU cores); entries still missing after it
+# (the chat model, for now) get untrained placeholders so the service starts.
 zoo: venv
+	$(PY) -m training zoo images --if-missing
 	$(PY) -m training zoo placeholder --if-missing
 
 serve: zoo

@@ -105,7 +105,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
                          "latent": b.vae is not None, "classes": b.class_names() if b.spec.kind == "dit" else None,
                          "default_steps": b.spec.default_steps,
                          "default_guidance_scale": b.spec.default_guidance_scale,
-                         "ilf": b.spec.ilf is not None},
+                         "ilf": None if b.ilf is None else {"steps": b.ilf.config.steps,
+                                                            "scheduler": b.ilf.config.scheduler,
+                                                            "blocks_per_step": b.ilf.config.blocks_per_step}},
             )
             for b in models.images.values()
         ]
@@ -130,7 +132,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         if backbone is None:
             raise ApiError(404, f"unknown image model {req.model!r}; known: {sorted(models.images)}", "model")
         job = image_engine.plan_job(req, backbone, settings)
-        mode = "baseline"  # ILF sampling arrives with trained ILF artifacts
+        mode = job.mode
         result = await engines["image"].submit(image_engine.run_job, backbone, job)
         metrics.image_seconds.labels(model=backbone.name, mode=mode).observe(result.seconds)
         metrics.image_denoise_steps.labels(model=backbone.name, mode=mode).inc(result.steps * len(job.seeds))

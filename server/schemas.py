@@ -38,7 +38,9 @@ class ImageRequest(_Request):
     n: int = Field(1, ge=1, description="Images to generate.")
     width: int | None = Field(None, ge=1, description="Pixels; default: the model's native size.")
     height: int | None = Field(None, ge=1, description="Pixels; default: the model's native size.")
-    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    scheduler: Literal["ddim", "dpm++"] | None = Field(
+        None, description="Default: the ILF module's scheduler in ilf mode, else ddim."
+    )
     mode: Literal["ilf", "baseline"] | None = Field(
         None, description="ilf needs a trained ILF artifact; default: ilf where one exists, else baseline."
     )

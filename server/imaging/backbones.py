@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 
+from server.imaging.ilf import LoadedILF, load_ilf
 from server.manifest import ArtifactError, ArtifactResolver, ImageModel, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ class PromptEncoder:
         model_dir = folder / "text_encoder" if nested else folder
         tokenizer_dir = folder / "tokenizer" if nested else folder
         model_cls = T5EncoderModel if spec.kind == "t5" else AutoModel
+        extra = {} if spec.kind == "t5" else {"add_pooling_layer": False}  # token states only
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        self.model = model_cls.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, local_files_only=True)
+        self.model = model_cls.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                               **extra)
         self.model.to(device).eval().requires_grad_(False)
         self.max_length = spec.max_length
         self.device = device
@@ -57,6 +60,7 @@ class ImageBackbone:
     prompt_encoder: PromptEncoder | None
     device: str
     dtype: torch.dtype
+    ilf: LoadedILF | None = None
     _empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -117,13 +121,14 @@ class ImageBackbone:
             mask = torch.cat([empty_mask.expand(n, -1), mask])
         return {"encoder_hidden_states": states.to(self.dtype), "encoder_attention_mask": mask}
 
-    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The transformer's output in its scheduler's prediction type (epsilon for DiT-XL/2)."""
         timestep = t.expand(x.shape[0]).to(self.device)
         kwargs = dict(cond)
         if self.spec.kind == "pixart":
             kwargs["added_cond_kwargs"] = self._size_conditions(x)
         out = self.transformer(x.to(self.dtype), timestep=timestep, return_dict=False, **kwargs)[0]
-        if out.shape[1] == 2 * self.latent_channels:  # learned-sigma models: keep the epsilon half
+        if out.shape[1] == 2 * self.latent_channels:  # learned-sigma models: keep the prediction half
             out = out[:, : self.latent_channels]
         return out.float()
 
@@ -173,7 +178,14 @@ def load_image_backbone(spec: ImageModel, resolver: ArtifactResolver, device: st
                 f"text encoder width {prompt_encoder.width} does not match {spec.name}'s caption_channels {expected}",
             )
 
-    backbone = ImageBackbone(spec, transformer, scheduler_config, vae, prompt_encoder, device, dtype)
+    ilf = None
+    if spec.ilf is not None:
+        path = resolver.artifact(spec.ilf)
+        ilf = load_ilf(path, transformer, spec.name)
+        if ilf.config.steps != spec.ilf.steps:
+            raise ArtifactError(path, f"manifest says {spec.ilf.steps} steps, the module was trained for {ilf.config.steps}")
+
+    backbone = ImageBackbone(spec, transformer, scheduler_config, vae, prompt_encoder, device, dtype, ilf)
     if spec.labels is not None and len(spec.labels) != backbone.num_classes:
         raise ArtifactError(folder, f"manifest lists {len(spec.labels)} labels, the model has {backbone.num_classes} classes")
     if spec.placeholder:

@@ -19,9 +19,22 @@ from server.settings import Settings
 
 def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
     """Check a request against the model and the operator's bounds; every refusal names its field."""
-    if req.mode == "ilf" and backbone.spec.ilf is None:
+    mode = req.mode or ("ilf" if backbone.ilf is not None else "baseline")
+    if mode == "ilf" and backbone.ilf is None:
         raise ApiError(400, f"model {backbone.name!r} has no trained ILF module; use mode 'baseline'", "mode")
-    steps = req.steps if req.steps is not None else backbone.spec.default_steps
+    if mode == "ilf":
+        trained = backbone.ilf.config
+        steps = req.steps if req.steps is not None else trained.steps
+        scheduler = req.scheduler or trained.scheduler
+        if steps != trained.steps:
+            raise ApiError(422, f"steps: the ILF module of {backbone.name} was trained for {trained.steps} steps; "
+                                f"use {trained.steps} or mode 'baseline'", "steps")
+        if scheduler != trained.scheduler:
+            raise ApiError(422, f"scheduler: the ILF module of {backbone.name} was trained with "
+                                f"{trained.scheduler!r}; use it or mode 'baseline'", "scheduler")
+    else:
+        steps = req.steps if req.steps is not None else backbone.spec.default_steps
+        scheduler = req.scheduler or "ddim"
     if steps > settings.max_steps:
         raise ApiError(422, f"steps: at most {settings.max_steps}", "steps")
     guidance = req.guidance_scale if req.guidance_scale is not None else backbone.spec.default_guidance_scale
@@ -51,7 +64,8 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
         guidance_scale=guidance,
         height=height,
         width=width,
-        scheduler=req.scheduler,
+        scheduler=scheduler,
+        mode=mode,
     )
 
 

@@ -8,6 +8,7 @@ must not (DiTPipeline's null class 1000 and mandatory VAE).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,7 @@ class SampleJob:
     height: int
     width: int
     scheduler: SchedulerName = "ddim"
+    mode: Literal["baseline", "ilf"] = "baseline"
 
 
 @dataclass(frozen=True)
@@ -57,22 +59,35 @@ def initial_noise(backbone: ImageBackbone, job: SampleJob) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(backbone: ImageBackbone, job: SampleJob) -> SampleResult:
+    """The sampling loop; in ILF mode the same loop runs the backbone with its feedback loop inside."""
+    if job.mode == "ilf" and backbone.ilf is None:
+        raise ValueError(f"{backbone.name} has no ILF module")
     start = time.perf_counter()
     scheduler = make_scheduler(job.scheduler, backbone.scheduler_config)
     scheduler.set_timesteps(job.steps, device=backbone.device)
     guided = job.guidance_scale > 1.0
     cond = backbone.conditioning(job.conditions, guided)
 
+    ilf = backbone.ilf if job.mode == "ilf" else None
     x = initial_noise(backbone, job) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_in = torch.cat([x, x]) if guided else x
-        model_in = scheduler.scale_model_input(model_in, t)
-        eps = backbone.predict_noise(model_in, t, cond)
-        if guided:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + job.guidance_scale * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x, return_dict=False)[0]
+    with ilf.enabled(backbone.transformer) if ilf else nullcontext():
+        for t in scheduler.timesteps:
+            x = denoise_step(backbone, scheduler, x, t, cond, job.guidance_scale)
 
     images = backbone.decode(x)
     steps = len(scheduler.timesteps)
-    return SampleResult(images, steps, steps * backbone.num_blocks, time.perf_counter() - start)
+    blocks_per_step = ilf.config.blocks_per_step if ilf else backbone.num_blocks
+    return SampleResult(images, steps, steps * blocks_per_step, time.perf_counter() - start)
+
+
+def denoise_step(backbone: ImageBackbone, scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor,
+                 cond: dict, guidance_scale: float) -> torch.Tensor:
+    """One scheduler step with classifier-free guidance (what ILF distillation also runs through)."""
+    guided = guidance_scale > 1.0
+    model_in = torch.cat([x, x]) if guided else x
+    model_in = scheduler.scale_model_input(model_in, t)
+    out = backbone.predict(model_in, t, cond)  # epsilon, x0 or v: the scheduler's config says which
+    if guided:
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + guidance_scale * (out_cond - out_uncond)
+    return scheduler.step(out, t, x, return_dict=False)[0]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from server.manifest import ChatBase, ChatSection, ImageModel, Manifest, Source, TextEncoder, folder_digests, load_manifest, write_manifest
+from server.manifest import (
+    ChatBase, ChatSection, ImageModel, Manifest, Source, TextEncoder, folder_digests, load_manifest, write_manifest,
+)
 from training.zoo import placeholders as ph
 
 log = logging.getLogger(__name__)
@@ -33,26 +35,26 @@ def default_manifest() -> Manifest:
     )
 
 
-def _is_built(manifest: Manifest, manifest_dir: Path) -> bool:
-    sources = [m.source for m in manifest.image] + [m.text_encoder.source for m in manifest.image if m.text_encoder]
-    if manifest.chat:
-        sources.append(manifest.chat.base.source)
-    return all(s.path is None or (s.files and (manifest_dir / s.path).is_dir()) for s in sources)
+def _needs_build(source: Source, manifest_dir: Path, if_missing: bool) -> bool:
+    if source.path is None:  # a hub model: nothing of ours to build
+        return False
+    return not (if_missing and source.files and (manifest_dir / source.path).is_dir())
 
 
 def build_placeholder_zoo(manifest_path: Path, if_missing: bool = False) -> bool:
-    """Untrained stand-ins for the zoo so the service starts; returns False when nothing was built."""
+    """Untrained stand-ins so the service starts; with if_missing, only for entries not built yet.
+    Returns False when nothing was built."""
     manifest_path = Path(manifest_path)
     base = manifest_path.resolve().parent
     manifest = load_manifest(manifest_path) if manifest_path.exists() else default_manifest()
-    if if_missing and _is_built(manifest, base):
-        return False
+    built_any = False
 
     image = []
     for entry in manifest.image:
-        if entry.source.path is None:
+        if not _needs_build(entry.source, base, if_missing):
             image.append(entry)
             continue
+        built_any = True
         with ph.atomic_folder(base / entry.source.path) as tmp:
             if entry.kind == "dit":
                 ph.build_dit(tmp, num_classes=len(entry.labels or ph.DIGIT_NAMES))
@@ -68,11 +70,13 @@ def build_placeholder_zoo(manifest_path: Path, if_missing: bool = False) -> bool
         image.append(entry.model_copy(update=update))
 
     chat = manifest.chat
-    if chat is not None and chat.base.source.path is not None:
+    if chat is not None and _needs_build(chat.base.source, base, if_missing):
+        built_any = True
         with ph.atomic_folder(base / chat.base.source.path) as tmp:
             ph.build_llama(tmp, hidden=128, layers=2, heads=4)
         base_entry = chat.base.model_copy(update={"source": _recorded(chat.base.source, base), "placeholder": True})
         chat = chat.model_copy(update={"base": base_entry})
 
-    write_manifest(manifest.model_copy(update={"image": image, "chat": chat}), manifest_path)
-    return True
+    if built_any:
+        write_manifest(manifest.model_copy(update={"image": image, "chat": chat}), manifest_path)
+    return built_any

@@ -30,6 +30,8 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """Build into a temporary sibling folder; swap it in only when the build finished."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.building-*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
     try:
         yield tmp
@@ -45,17 +47,30 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def ddim_scheduler_config_folder(folder: Path) -> None:
-    """The training noise schedule, saved where the server reads it (`scheduler/`)."""
+def noise_scheduler():
+    """The zoo's noise schedule: what training adds noise with and what the server samples with."""
     from diffusers import DDIMScheduler
 
-    DDIMScheduler(
+    return DDIMScheduler(
         num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
+        beta_schedule="linear",  # DiT's own schedule
+        beta_start=0.0001,
+        beta_end=0.02,
+        # The model predicts the clean image. Measured on 2 cores, same 12-block model, 350 steps
+        # (2.7 min): x0-prediction drew the asked digit 99% of the time; epsilon-prediction 55%,
+        # with salt-and-pepper noise left in every image (its low-noise estimates were still poor).
+        prediction_type="sample",
         clip_sample=True,
         set_alpha_to_one=False,
-    ).save_pretrained(folder / "scheduler")
+        # Trailing spacing starts sampling at pure noise (t=999), and a k-step schedule is every
+        # other step of a 2k-step one: what few-step sampling and ILF's teacher/student pairing need.
+        timestep_spacing="trailing",
+    )
+
+
+def ddim_scheduler_config_folder(folder: Path) -> None:
+    """Saved where the server reads it (`scheduler/`)."""
+    noise_scheduler().save_pretrained(folder / "scheduler")
 
 
 @dataclass
@@ -69,10 +84,15 @@ class TinyImageShape:
 
 
 def build_dit(folder: Path, shape: TinyImageShape = TinyImageShape(), num_classes: int = 10, seed: int = 0) -> None:
+    make_dit(shape, num_classes, seed).save_pretrained(folder / "transformer")
+    ddim_scheduler_config_folder(folder)
+
+
+def make_dit(shape: TinyImageShape, num_classes: int, seed: int = 0):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
+    return DiTTransformer2DModel(
         num_attention_heads=shape.heads,
         attention_head_dim=shape.head_dim,
         in_channels=shape.channels,
@@ -82,18 +102,21 @@ def build_dit(folder: Path, shape: TinyImageShape = TinyImageShape(), num_classe
         patch_size=shape.patch_size,
         num_embeds_ada_norm=num_classes,
     )
-    model.save_pretrained(folder / "transformer")
-    ddim_scheduler_config_folder(folder)
 
 
 def build_pixart(
     folder: Path, caption_channels: int, shape: TinyImageShape = TinyImageShape(), seed: int = 0
 ) -> None:
+    make_pixart(shape, caption_channels, seed).save_pretrained(folder / "transformer")
+    ddim_scheduler_config_folder(folder)
+
+
+def make_pixart(shape: TinyImageShape, caption_channels: int, seed: int = 0):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     inner = shape.heads * shape.head_dim
-    model = PixArtTransformer2DModel(
+    return PixArtTransformer2DModel(
         num_attention_heads=shape.heads,
         attention_head_dim=shape.head_dim,
         in_channels=shape.channels,
@@ -105,8 +128,6 @@ def build_pixart(
         caption_channels=caption_channels,
         norm_num_groups=1,
     )
-    model.save_pretrained(folder / "transformer")
-    ddim_scheduler_config_folder(folder)
 
 
 def build_vae(folder: Path, latent_channels: int = 4, seed: int = 0) -> None:

@@ -1,0 +1,161 @@
+"""Inner Loop Feedback (ILF; Gwilliam et al., arXiv 2501.13107), written for this server.
+
+No library implements ILF, so this file does, in the diffusers hooks style: the backbone's code is
+untouched; `ilf_enabled` swaps its block list for one in which the loop span is a `FeedbackLoop`:
+
+    f_b  = input of the loop (output of the head blocks)
+    f_e  = loop blocks(f_b)                               first pass
+    g    = FB(f_e)                                        the feedback module, a backbone block
+    out  = loop blocks(f_b), with s_i * g added to the input of loop block i     second pass
+
+then the tail blocks and the final layer run as usual. `s` (one vector per loop block and channel)
+starts at zero, so an untrained module reproduces the frozen backbone exactly. A step costs
+N + L + 1 block evaluations for an N-block backbone with L loop blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from server.manifest import ArtifactError
+
+
+@dataclass(frozen=True)
+class ILFConfig:
+    """Everything that defines a trained module; saved as the artifact's metadata."""
+
+    backbone: str  # the image model (manifest name) it was trained on
+    num_blocks: int  # N of that backbone
+    width: int  # D of that backbone
+    loop_start: int  # first loop block (b + 1); >= 1, so block 0 stays the backbone's own
+    loop_end: int  # last loop block (e), inclusive
+    steps: int  # ILF sampling steps the module was distilled for
+    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    teacher_steps: int = 20
+    guidance_scale: float | None = None  # guidance used in distillation (None: the model's default)
+    feedback_init: Literal["copy", "scratch"] = "copy"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.loop_start <= self.loop_end < self.num_blocks:
+            raise ValueError(
+                f"loop blocks {self.loop_start}..{self.loop_end} must lie in 1..{self.num_blocks - 1}"
+            )
+
+    @property
+    def loop_length(self) -> int:
+        return self.loop_end - self.loop_start + 1
+
+    @property
+    def blocks_per_step(self) -> int:
+        return self.num_blocks + self.loop_length + 1
+
+
+class FeedbackModule(nn.Module):
+    """FB (a block of the backbone's own class and settings) and the rescaling s, shape [L, D]."""
+
+    def __init__(self, block: nn.Module, loop_length: int, width: int):
+        super().__init__()
+        self.block = block
+        self.scale = nn.Parameter(torch.zeros(loop_length, width))
+
+    @classmethod
+    def for_backbone(cls, transformer: nn.Module, config: ILFConfig, seed: int = 0) -> "FeedbackModule":
+        template = transformer.transformer_blocks[config.loop_end]
+        block = copy.deepcopy(template)
+        if config.feedback_init == "scratch":
+            torch.manual_seed(seed)
+            for module in block.modules():
+                if hasattr(module, "reset_parameters") and module is not block:
+                    module.reset_parameters()
+        block.requires_grad_(True)
+        return cls(block, config.loop_length, config.width)
+
+
+class FeedbackLoop(nn.Module):
+    """Stands in for the loop span of the block list; every block gets the backbone's own kwargs."""
+
+    def __init__(self, loop_blocks: list[nn.Module], feedback: FeedbackModule):
+        super().__init__()
+        self.loop_blocks = nn.ModuleList(loop_blocks)
+        self.feedback = feedback
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        f_b = hidden_states
+        for block in self.loop_blocks:
+            hidden_states = block(hidden_states, *args, **kwargs)
+        g = self.feedback.block(hidden_states, *args, **kwargs)
+        hidden_states = f_b
+        for i, block in enumerate(self.loop_blocks):
+            hidden_states = block(hidden_states + self.feedback.scale[i].to(g.dtype) * g, *args, **kwargs)
+        return hidden_states
+
+
+@contextmanager
+def ilf_enabled(transformer: nn.Module, feedback: FeedbackModule, config: ILFConfig) -> Iterator[None]:
+    """Run the transformer with the feedback loop inside this block; restores it afterwards."""
+    blocks = transformer.transformer_blocks
+    looped = nn.ModuleList(
+        list(blocks[: config.loop_start])
+        + [FeedbackLoop(list(blocks[config.loop_start : config.loop_end + 1]), feedback)]
+        + list(blocks[config.loop_end + 1 :])
+    )
+    transformer.transformer_blocks = looped
+    try:
+        yield
+    finally:
+        transformer.transformer_blocks = blocks
+
+
+@dataclass
+class LoadedILF:
+    feedback: FeedbackModule
+    config: ILFConfig
+
+    def enabled(self, transformer: nn.Module):
+        return ilf_enabled(transformer, self.feedback, self.config)
+
+
+def check_attachable(transformer: nn.Module, config: ILFConfig, name: str) -> None:
+    blocks = len(transformer.transformer_blocks)
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if (config.num_blocks, config.width) != (blocks, width):
+        raise ValueError(
+            f"ILF module is for a {config.num_blocks}-block, width-{config.width} backbone; "
+            f"{name} has {blocks} blocks of width {width}"
+        )
+
+
+def save_ilf(path: Path, feedback: FeedbackModule, config: ILFConfig) -> None:
+    """safetensors with the configuration in its metadata (what the server checks on load)."""
+    tensors = {f"feedback.{k}": v.detach().contiguous() for k, v in feedback.state_dict().items()}
+    save_file(tensors, str(path), metadata={"ilf_config": json.dumps(asdict(config))})
+
+
+def load_ilf(path: Path, transformer: nn.Module, model_name: str) -> LoadedILF:
+    """Refuses (naming the file) a module that does not belong to this backbone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            config = ILFConfig(**json.loads(f.metadata()["ilf_config"]))
+            tensors = {k.removeprefix("feedback."): f.get_tensor(k) for k in f.keys()}
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise ArtifactError(path, f"not an ILF artifact ({exc})") from exc
+    if config.backbone != model_name:
+        raise ArtifactError(path, f"ILF module was trained for {config.backbone!r}, not {model_name!r}")
+    try:
+        check_attachable(transformer, config, model_name)
+        feedback = FeedbackModule.for_backbone(transformer, config)
+        feedback.load_state_dict(tensors, strict=True)
+    except (ValueError, RuntimeError) as exc:
+        raise ArtifactError(path, f"does not match {model_name}: {exc}") from exc
+    param = next(transformer.parameters())
+    return LoadedILF(feedback.to(param.device, param.dtype).eval().requires_grad_(False), config)

@@ -1,0 +1,142 @@
+"""The ILF module: exact identity at s = 0, the looped forward, its artifact, and serving it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.imaging.backbones import load_image_backbone
+from server.imaging.ilf import FeedbackModule, ILFConfig, LoadedILF, ilf_enabled, load_ilf, save_ilf
+from server.imaging.sampler import SampleJob, sample
+from server.manifest import ArtifactError, ArtifactResolver, ILFArtifact, load_manifest, sha256_file, write_manifest
+from tests.conftest import assert_error_shape, make_settings, zoo_manifest
+
+
+def backbone_named(manifest_path, name):
+    manifest = load_manifest(manifest_path)
+    spec = next(m for m in manifest.image if m.name == name)
+    return load_image_backbone(spec, ArtifactResolver(manifest_path, manifest_path.parent / "artifacts"), "cpu")
+
+
+def ilf_config(model, **overrides) -> ILFConfig:
+    t = model.transformer
+    fields = dict(backbone=model.name, num_blocks=len(t.transformer_blocks),
+                  width=t.config.num_attention_heads * t.config.attention_head_dim,
+                  loop_start=1, loop_end=1, steps=3)
+    return ILFConfig(**(fields | overrides))
+
+
+def model_inputs(backbone, batch=2):
+    x = torch.randn(batch, backbone.latent_channels, 8 if "latent" in backbone.name else 16,
+                    8 if "latent" in backbone.name else 16, generator=torch.Generator().manual_seed(0))
+    conditions = [0, 1][:batch] if backbone.spec.kind == "dit" else ["the digit 1", "a handwritten two"][:batch]
+    return x, torch.tensor(500), backbone.conditioning(conditions, guided=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-dit-latent", "tiny-pixart"])
+def test_untrained_feedback_reproduces_the_frozen_backbone_exactly(manifest_path, name):
+    backbone = backbone_named(manifest_path, name)
+    config = ilf_config(backbone)
+    feedback = FeedbackModule.for_backbone(backbone.transformer, config)
+    x, t, cond = model_inputs(backbone)
+    with torch.no_grad():
+        plain = backbone.predict(x, t, cond)
+        with ilf_enabled(backbone.transformer, feedback, config):
+            looped = backbone.predict(x, t, cond)
+        assert torch.equal(plain, looped)
+
+        torch.nn.init.normal_(feedback.scale, std=0.5)
+        with ilf_enabled(backbone.transformer, feedback, config):
+            changed = backbone.predict(x, t, cond)
+    assert not torch.allclose(plain, changed)
+    assert len(backbone.transformer.transformer_blocks) == config.num_blocks  # restored after the loop
+
+
+def test_looped_forward_runs_the_loop_twice_and_the_feedback_block_once(manifest_path):
+    backbone = backbone_named(manifest_path, "tiny-dit")
+    config = ilf_config(backbone)
+    feedback = FeedbackModule.for_backbone(backbone.transformer, config)
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+             for i, b in enumerate(backbone.transformer.transformer_blocks)]
+    hooks.append(feedback.block.register_forward_hook(lambda *a: calls.append("FB")))
+    x, t, cond = model_inputs(backbone)
+    with torch.no_grad(), ilf_enabled(backbone.transformer, feedback, config):
+        backbone.predict(x, t, cond)
+    for h in hooks:
+        h.remove()
+    assert calls == [0, 1, "FB", 1]
+    assert len(calls) == config.blocks_per_step
+
+
+def test_loop_must_leave_block_zero_to_the_backbone():
+    with pytest.raises(ValueError, match="must lie in"):
+        ILFConfig(backbone="m", num_blocks=4, width=8, loop_start=0, loop_end=1, steps=4)
+
+
+def test_artifact_round_trip_and_refusals(manifest_path, tmp_path):
+    backbone = backbone_named(manifest_path, "tiny-dit")
+    config = ilf_config(backbone)
+    feedback = FeedbackModule.for_backbone(backbone.transformer, config)
+    torch.nn.init.normal_(feedback.scale)
+    save_ilf(tmp_path / "ilf.safetensors", feedback, config)
+
+    loaded = load_ilf(tmp_path / "ilf.safetensors", backbone.transformer, "tiny-dit")
+    assert loaded.config == config and torch.equal(loaded.feedback.scale, feedback.scale)
+    assert not any(p.requires_grad for p in loaded.feedback.parameters())
+    with pytest.raises(ArtifactError, match="trained for 'tiny-dit', not 'tiny-pixart'"):
+        load_ilf(tmp_path / "ilf.safetensors", backbone.transformer, "tiny-pixart")
+    pixart = backbone_named(manifest_path, "tiny-pixart")
+    wrong = ilf_config(pixart, backbone="tiny-dit")
+    save_ilf(tmp_path / "wrong.safetensors", FeedbackModule.for_backbone(pixart.transformer, wrong), wrong)
+    with pytest.raises(ArtifactError, match="does not match tiny-dit"):
+        load_ilf(tmp_path / "wrong.safetensors", backbone.transformer, "tiny-dit")
+
+
+@pytest.fixture(scope="module")
+def ilf_client(zoo_dir, manifest_path):
+    """The tiny zoo with an ILF module (random, non-zero s) attached to tiny-dit."""
+    path = zoo_dir / "weights_manifest_ilf.yaml"
+    manifest = zoo_manifest(zoo_dir)
+    dit = backbone_named(manifest_path, "tiny-dit")
+    config = ilf_config(dit)
+    feedback = FeedbackModule.for_backbone(dit.transformer, config)
+    torch.nn.init.normal_(feedback.scale, std=0.3, generator=torch.Generator().manual_seed(0))
+    artifact = zoo_dir / "artifacts" / "ilf" / "tiny-dit.safetensors"
+    artifact.parent.mkdir(exist_ok=True)
+    save_ilf(artifact, feedback, config)
+    entry = ILFArtifact(path="artifacts/ilf/tiny-dit.safetensors", sha256=sha256_file(artifact), steps=3)
+    image = [m.model_copy(update={"ilf": entry}) if m.name == "tiny-dit" else m for m in manifest.image]
+    write_manifest(manifest.model_copy(update={"image": image}), path)
+    with TestClient(create_app(make_settings(path), load_in_background=False)) as c:
+        yield c
+
+
+def test_ilf_is_the_default_mode_where_a_module_exists(ilf_client):
+    body = ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "seed": 4}).json()
+    assert body["mode"] == "ilf" and body["steps"] == 3
+    assert body["block_evaluations"] == 3 * (2 + 1 + 1)  # steps x (N + L + 1)
+    baseline = ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "seed": 4,
+                                                        "mode": "baseline", "steps": 3}).json()
+    assert baseline["mode"] == "baseline" and baseline["block_evaluations"] == 3 * 2
+    assert baseline["images"] != body["images"]
+    card = next(m for m in ilf_client.get("/v1/models").json()["data"] if m["id"] == "tiny-dit")
+    assert card["details"]["ilf"] == {"steps": 3, "scheduler": "ddim", "blocks_per_step": 4}
+
+
+def test_ilf_with_an_untrained_schedule_is_a_clear_4xx(ilf_client):
+    error = assert_error_shape(ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2,
+                                                                        "steps": 8}), 422, "steps")
+    assert "trained for 3 steps" in error["message"]
+    assert_error_shape(ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2,
+                                                                "scheduler": "dpm++"}), 422, "scheduler")
+
+
+def test_tampered_ilf_artifact_is_refused_at_load(zoo_dir, ilf_client):
+    manifest = load_manifest(zoo_dir / "weights_manifest_ilf.yaml")
+    spec = next(m for m in manifest.image if m.name == "tiny-dit")
+    bad = spec.model_copy(update={"ilf": spec.ilf.model_copy(update={"sha256": "1" * 64})})
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        load_image_backbone(bad, ArtifactResolver(zoo_dir / "weights_manifest.yaml", zoo_dir / "artifacts"), "cpu")

@@ -1,0 +1,221 @@
+"""`python -m training eval images`: the image yardstick, on the models the server would serve.
+
+Fixed protocol (written down in PROTOCOL and in the JSON): the same seeds, conditions, guidance and
+samplers every run. Per model it reports, per sampler: seconds per image, class accuracy (DiT) or
+prompt accuracy on held-out phrasings (PixArt), Digit-FID against held-out real digits, and the
+fidelity (PSNR, SSIM) of each image to the 20-step DDIM image from the same seed and condition.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from server.imaging.backbones import ImageBackbone, load_image_backbone
+from server.imaging.sampler import SampleJob, sample
+from server.manifest import ArtifactResolver, load_manifest
+from server.settings import Settings
+from training.data.digits import HELDOUT_TEMPLATES, caption, digit_split
+from training.eval.classifier import DigitClassifier, accuracy, load_or_train_classifier
+from training.eval.metrics import bootstrap_interval, frechet_distance, psnr, ssim
+
+
+@dataclass(frozen=True)
+class Protocol:
+    per_class: int = 30  # images per digit (PixArt: spread over the held-out phrasings)
+    seed_base: int = 10_000
+    batch_size: int = 30
+    latency_images: int = 7  # batch-1 timings per sampler; the fastest counts (the machine is shared)
+    # (scheduler, steps, mode); a model with an ILF module also gets its ILF row
+    samplers: tuple[tuple[str, int, str], ...] = (
+        ("ddim", 20, "baseline"), ("ddim", 15, "baseline"), ("ddim", 10, "baseline"), ("ddim", 8, "baseline"),
+        ("dpm++", 10, "baseline"), ("dpm++", 8, "baseline"),
+    )
+    reference: tuple[str, int, str] = ("ddim", 20, "baseline")
+    bootstrap_rounds: int = 200
+    guidance: dict[str, float] = field(default_factory=dict)  # per model; default: the manifest's
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    conditions: list  # class ids or prompts
+    labels: torch.Tensor
+    seeds: list[int]
+
+
+def eval_set(backbone: ImageBackbone, protocol: Protocol) -> EvalSet:
+    conditions, labels, seeds = [], [], []
+    for digit in range(10):
+        for k in range(protocol.per_class):
+            if backbone.spec.kind == "dit":
+                conditions.append(digit)
+            else:
+                conditions.append(caption(HELDOUT_TEMPLATES[k % len(HELDOUT_TEMPLATES)], digit))
+            labels.append(digit)
+            seeds.append(protocol.seed_base + 1000 * digit + k)
+    return EvalSet(conditions, torch.tensor(labels), seeds)
+
+
+def _job(backbone: ImageBackbone, data: EvalSet, sl: slice, sampler: tuple, guidance: float) -> SampleJob:
+    scheduler, steps, mode = sampler
+    size = backbone.native_size
+    return SampleJob(data.conditions[sl], data.seeds[sl], steps, guidance, size, size, scheduler, mode)
+
+
+def generate(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: float,
+             batch_size: int) -> tuple[torch.Tensor, float, int]:
+    images, seconds = [], 0.0
+    for start in range(0, len(data.seeds), batch_size):
+        result = sample(backbone, _job(backbone, data, slice(start, start + batch_size), sampler, guidance))
+        images.append(result.images)
+        seconds += result.seconds
+    return torch.cat(images), seconds / len(data.seeds), result.block_evaluations
+
+
+def batch1_latency(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: float, count: int) -> float:
+    times = []
+    for i in range(count + 1):  # the first run warms up
+        job = _job(backbone, data, slice(i, i + 1), sampler, guidance)
+        start = time.perf_counter()
+        sample(backbone, job)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def sampler_name(sampler: tuple) -> str:
+    scheduler, steps, mode = sampler
+    return f"ilf-{steps}" if mode == "ilf" else f"{scheduler}-{steps}"
+
+
+@torch.no_grad()
+def features(classifier: DigitClassifier, images01: torch.Tensor) -> np.ndarray:
+    return classifier.embed(images01 * 2 - 1).numpy().astype(np.float64)
+
+
+def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_features: np.ndarray,
+                   protocol: Protocol) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    data = eval_set(backbone, protocol)
+    guidance = protocol.guidance.get(backbone.name, backbone.spec.default_guidance_scale)
+    generated: dict[str, torch.Tensor] = {}
+    rows = []
+    samplers = list(protocol.samplers)
+    if backbone.ilf is not None:
+        samplers.append((backbone.ilf.config.scheduler, backbone.ilf.config.steps, "ilf"))
+    for sampler in tqdm(samplers, desc=f"eval {backbone.name}", unit="sampler"):
+        scheduler, steps, mode = sampler
+        name = sampler_name(sampler)
+        images, per_image, blocks = generate(backbone, data, sampler, guidance, protocol.batch_size)
+        generated[name] = images
+        latency = batch1_latency(backbone, data, sampler, guidance, protocol.latency_images)
+        feats = features(classifier, images)
+        with torch.no_grad():
+            correct = (classifier(images * 2 - 1).argmax(1) == data.labels).numpy().astype(np.float64)
+        rows.append({
+            "sampler": name, "scheduler": scheduler, "steps": steps, "mode": mode, "guidance_scale": guidance,
+            "block_evaluations": blocks,
+            "seconds_per_image_batched": per_image, "seconds_per_image_batch1": latency,
+            "accuracy": float(correct.mean()),
+            "accuracy_ci95": bootstrap_interval(np.mean, correct, rounds=protocol.bootstrap_rounds),
+            "digit_fid": frechet_distance(feats, real_features),
+            "digit_fid_ci95": bootstrap_interval(frechet_distance, feats, real_features,
+                                                 rounds=protocol.bootstrap_rounds, recentre=True),
+        })
+    reference = generated[sampler_name(protocol.reference)]
+    for row in rows:
+        images = generated[row["sampler"]]
+        row["psnr_vs_reference_db"] = float(psnr(images, reference).mean())
+        row["ssim_vs_reference"] = float(ssim(images, reference).mean())
+    base = next(r for r in rows if r["sampler"] == sampler_name(protocol.reference))
+    for row in rows:
+        row["speedup_batch1"] = base["seconds_per_image_batch1"] / row["seconds_per_image_batch1"]
+    return rows, generated
+
+
+def real_floor(classifier: DigitClassifier, protocol: Protocol, real_features: np.ndarray) -> dict:
+    """Real-vs-real Digit-FID: as many training digits as a model's eval set, vs the held-out set."""
+    split = digit_split()
+    n = 10 * protocol.per_class
+    pick = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(0))[:n]
+    feats = features(classifier, (split.train_images[pick] + 1) / 2)
+    return {"digit_fid": frechet_distance(feats, real_features), "images": n,
+            "digit_fid_ci95": bootstrap_interval(frechet_distance, feats, real_features,
+                                                 rounds=protocol.bootstrap_rounds, recentre=True)}
+
+
+def format_table(name: str, rows: list[dict], floor: dict) -> str:
+    head = (f"{'sampler':<10}{'steps':>6}{'blocks':>7}{'guid':>6}{'s/img b1':>10}{'s/img bN':>10}{'speedup':>8}"
+            f"{'acc':>7}{'acc 95% CI':>15}{'Digit-FID':>11}{'FID 95% CI':>17}{'PSNR dB':>9}{'SSIM':>7}")
+    lines = [f"== {name}  (real-vs-real Digit-FID floor {floor['digit_fid']:.2f}, "
+             f"95% CI {floor['digit_fid_ci95'][0]:.2f}-{floor['digit_fid_ci95'][1]:.2f})", head]
+    for r in rows:
+        lines.append(
+            f"{r['sampler']:<10}{r['steps']:>6}{r['block_evaluations']:>7}{r['guidance_scale']:>6.1f}"
+            f"{r['seconds_per_image_batch1']:>10.3f}{r['seconds_per_image_batched']:>10.4f}{r['speedup_batch1']:>7.2f}x"
+            f"{r['accuracy']:>7.3f}{'%.3f-%.3f' % tuple(r['accuracy_ci95']):>15}{r['digit_fid']:>11.2f}"
+            f"{'%.2f-%.2f' % tuple(r['digit_fid_ci95']):>17}{r['psnr_vs_reference_db']:>9.2f}"
+            f"{r['ssim_vs_reference']:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def save_grid(path: Path, name: str, generated: dict[str, torch.Tensor], data: EvalSet, per_class: int,
+              columns: int = 6) -> None:
+    """Rows = digits (or prompts); a block of columns per sampler, the same seeds in each block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(columns, per_class)
+    blocks = []
+    for images in generated.values():
+        rows = [torch.cat(list(images[d * per_class : d * per_class + columns, 0]), dim=1) for d in range(10)]
+        blocks.append(torch.cat(rows, dim=0))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(2.2 * len(blocks), 4.2))
+    for ax, title, block in zip(np.atleast_1d(axes), generated, blocks):
+        ax.imshow(block.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    first = [c if isinstance(c, str) else f"class {c}" for c in data.conditions[::per_class]]
+    fig.suptitle(f"{name}: rows {first[0]!r} ... {first[-1]!r}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_image_eval(manifest_path: Path, out_dir: Path, protocol: Protocol = Protocol(),
+                   models: list[str] | None = None) -> dict:
+    torch.set_grad_enabled(False)
+    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
+    manifest = load_manifest(manifest_path)
+    resolver = ArtifactResolver(manifest_path, settings.resolved_artifact_root())
+    split = digit_split()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classifier = load_or_train_classifier(out_dir / "digit-classifier.safetensors", split)
+    real_features = features(classifier, (split.heldout_images + 1) / 2)
+    report = {
+        "protocol": asdict(protocol),
+        "classifier_heldout_accuracy": accuracy(classifier, split.heldout_images, split.heldout_labels),
+        "real_vs_real": real_floor(classifier, protocol, real_features),
+        "machine": f"{torch.get_num_threads()} torch threads, CPU",
+        "models": {},
+    }
+    for spec in manifest.image:
+        if models and spec.name not in models:
+            continue
+        backbone = load_image_backbone(spec, resolver, "cpu")
+        rows, generated = evaluate_model(backbone, classifier, real_features, protocol)
+        report["models"][spec.name] = rows
+        save_grid(out_dir / f"{spec.name}.png", spec.name, generated, eval_set(backbone, protocol),
+                  protocol.per_class)
+        print(format_table(spec.name, rows, report["real_vs_real"]), flush=True)
+    (out_dir / "images.json").write_text(json.dumps(report, indent=1))
+    print(f"digit classifier accuracy on held-out real digits: {report['classifier_heldout_accuracy']:.3f}")
+    print(f"wrote {out_dir / 'images.json'} and one PNG grid per model")
+    return report
