@@ -15,10 +15,11 @@ from tests.conftest import make_settings
 
 
 def without_local_build(manifest):
-    """What a local build adds (checksums, the placeholder flag) removed again."""
+    """What a local build adds (checksums, the placeholder flag, ILF modules) removed again."""
     data = manifest.model_dump(mode="json", exclude_none=True)
     for entry in data["image"] + [data["chat"]["base"]]:
         entry.pop("placeholder", None)
+        entry.pop("ilf", None)
         entry["source"].pop("files", None)
         entry.get("text_encoder", {}).get("source", {}).pop("files", None)
     return data

@@ -32,10 +32,11 @@ from training.data.digits import TRAIN_TEMPLATES, caption
 
 @dataclass(frozen=True)
 class ILFTraining:
-    loop_start: int = 5
-    loop_end: int = 6
-    steps: int = 10
-    updates: int = 1500
+    # Chosen by `training ilf-sweep` on digits-dit (docs/ilf.md): an early two-block loop, 8 steps.
+    loop_start: int = 2
+    loop_end: int = 3
+    steps: int = 8
+    updates: int = 1000
     batch_size: int = 32
     pool_size: int = 256  # teacher trajectories generated per refresh
     refresh_every: int = 300  # updates between pool refreshes (fresh noise and conditions)
@@ -133,7 +134,10 @@ def write_ilf_history(out_dir: Path, cfg: ILFTraining, config: ILFConfig, histor
     (out_dir / "training.json").write_text(json.dumps({"training": asdict(cfg), "config": asdict(config),
                                                        "history": history}, indent=1))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["update"] for h in history], [h["loss"] for h in history], ".", ms=3)
+    # the loss spans decades across the schedule, so each point is coloured by its step index
+    points = ax.scatter([h["update"] for h in history], [h["loss"] for h in history],
+                        c=[h["step_index"] for h in history], cmap="viridis", s=8)
+    fig.colorbar(points, ax=ax, label="student step index")
     ax.set(xlabel="update", ylabel="x-space MSE to the teacher", yscale="log",
            title=f"ILF {config.backbone}: loop {config.loop_start}-{config.loop_end}, {config.steps} steps")
     fig.tight_layout()
