@@ -89,17 +89,20 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
                                               "seed": 3, "steps": 4}).json()
         assert body["placeholder"] is False and len(body["images"]) == 1
 
-    protocol = Protocol(per_class=2, samplers=(("ddim", 4, "baseline"), ("dpm++", 2, "baseline")),
+    protocol = Protocol(per_class=2, samplers=(("ddim", 4, "baseline"), ("dpm++", 2, "baseline"),
+                                               ("ddim", 4, "cache:taylorseer-2")),
                         reference=("ddim", 4, "baseline"),
                         latency_images=1, bootstrap_rounds=10)
     report = run_image_eval(first, tmp_path / "eval", protocol)
     saved = json.loads((tmp_path / "eval" / "images.json").read_text())
     assert saved["models"].keys() == {"digits-dit", "digits-pixart"}
     rows = saved["models"]["digits-dit"]
-    assert [r["sampler"] for r in rows] == ["ddim-4", "dpm++-2"]
+    assert [r["sampler"] for r in rows] == ["ddim-4", "dpm++-2", "taylorseer-2@ddim-4"]
+    assert rows[2]["block_evaluations"] is None and rows[2]["psnr_vs_reference_db"] < PSNR_CAP_DB
     assert rows[0]["psnr_vs_reference_db"] == PSNR_CAP_DB and rows[0]["ssim_vs_reference"] == pytest.approx(1.0)
     assert rows[1]["psnr_vs_reference_db"] < PSNR_CAP_DB
     lo, hi = rows[1]["digit_fid_ci95"]
     assert 0 <= rows[1]["accuracy"] <= 1 and np.isfinite(rows[1]["digit_fid"]) and lo <= hi
     assert report["real_vs_real"]["images"] == 20
-    assert (tmp_path / "eval" / "digits-dit.png").is_file() and (tmp_path / "eval" / "digits-pixart.png").is_file()
+    for name in ("digits-dit.png", "digits-pixart.png", "digits-dit-frontier.png"):
+        assert (tmp_path / "eval" / name).is_file()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, ContextManager, Literal
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -58,8 +58,12 @@ def initial_noise(backbone: ImageBackbone, job: SampleJob) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(backbone: ImageBackbone, job: SampleJob) -> SampleResult:
-    """The sampling loop; in ILF mode the same loop runs the backbone with its feedback loop inside."""
+def sample(backbone: ImageBackbone, job: SampleJob,
+           step_context: Callable[[int, torch.Tensor], ContextManager] | None = None) -> SampleResult:
+    """The sampling loop; in ILF mode the same loop runs the backbone with its feedback loop inside.
+
+    step_context(i, t), if given, wraps each step: where diffusers' cache hooks learn the step.
+    """
     if job.mode == "ilf" and backbone.ilf is None:
         raise ValueError(f"{backbone.name} has no ILF module")
     start = time.perf_counter()
@@ -71,8 +75,9 @@ def sample(backbone: ImageBackbone, job: SampleJob) -> SampleResult:
     ilf = backbone.ilf if job.mode == "ilf" else None
     x = initial_noise(backbone, job) * scheduler.init_noise_sigma
     with ilf.enabled(backbone.transformer) if ilf else nullcontext():
-        for t in scheduler.timesteps:
-            x = denoise_step(backbone, scheduler, x, t, cond, job.guidance_scale)
+        for i, t in enumerate(scheduler.timesteps):
+            with step_context(i, t) if step_context else nullcontext():
+                x = denoise_step(backbone, scheduler, x, t, cond, job.guidance_scale)
 
     images = backbone.decode(x)
     steps = len(scheduler.timesteps)
