@@ -222,7 +222,7 @@ class ArtifactResolver:
         check_safetensors_header(path)
         return path
 
-    def source(self, source: Source, subfolders: tuple[str, ...] = ()) -> Path:
+    def source(self, source: Source) -> Path:
         """A model folder with every listed file checksummed and every weight file safetensors."""
         if source.hub is not None:
             folder = self._snapshot(source)
@@ -237,23 +237,20 @@ class ArtifactResolver:
                 raise ArtifactError(
                     folder, "no file checksums recorded in the manifest; rebuild it with `python -m training`"
                 )
-        wanted = [folder / sub for sub in subfolders] if subfolders else [folder]
-        for part in wanted:
-            for file in part.rglob("*"):
-                if file.suffix in PICKLE_SUFFIXES:
-                    raise ArtifactError(file, "pickle-format weights are never loaded; convert to safetensors")
-                if file.suffix == ".safetensors" and file.relative_to(folder).as_posix() not in source.files:
-                    raise ArtifactError(file, "weight file has no sha256 in the manifest")
+        for file in folder.rglob("*"):
+            if file.suffix in PICKLE_SUFFIXES:
+                raise ArtifactError(file, "pickle-format weights are never loaded; convert to safetensors")
+            if file.suffix == ".safetensors" and file.relative_to(folder).as_posix() not in source.files:
+                raise ArtifactError(file, "weight file has no sha256 in the manifest")
         for rel, expected in source.files.items():
-            file = (folder / rel).resolve()
-            if not file.is_relative_to(folder.resolve()):
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ArtifactError(rel, f"listed file leaves its model folder {folder}")
-            if not subfolders or any(file.is_relative_to(p.resolve()) for p in wanted):
-                if not file.is_file():
-                    raise ArtifactError(file, "listed in the manifest but missing")
-                actual = sha256_file(file)
-                if actual != expected:
-                    raise ArtifactError(file, f"sha256 mismatch: manifest says {expected}, file is {actual}")
+            file = folder / rel  # not resolved: a hub snapshot's files are links into its blob store
+            if not file.is_file():
+                raise ArtifactError(file, "listed in the manifest but missing")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise ArtifactError(file, f"sha256 mismatch: manifest says {expected}, file is {actual}")
         return folder
 
     def _snapshot(self, source: Source) -> Path:

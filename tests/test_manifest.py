@@ -184,3 +184,12 @@ def test_failed_reload_keeps_the_old_models_serving(tmp_path, zoo_dir):
     assert "sha256 mismatch" in registry.last_error
     assert metrics.artifact_reloads.labels(result="refused")._value.get() == 1
     assert metrics.artifact_reloads.labels(result="loaded")._value.get() == 1
+
+
+def test_listed_file_outside_its_model_folder_is_refused(tmp_path, zoo_dir):
+    folder = copy_model(zoo_dir, tmp_path, "dit")
+    from server.manifest import folder_digests
+
+    files = folder_digests(folder) | {"../dit/transformer/config.json": "0" * 64}
+    with pytest.raises(ArtifactError, match="leaves its model folder"):
+        resolver_for(tmp_path).source(Source(path="artifacts/dit", files=files))
