@@ -21,11 +21,8 @@ def backbone_named(manifest_path, name):
 
 
 def ilf_config(model, **overrides) -> ILFConfig:
-    t = model.transformer
-    fields = dict(backbone=model.name, num_blocks=len(t.transformer_blocks),
-                  width=t.config.num_attention_heads * t.config.attention_head_dim,
-                  loop_start=1, loop_end=1, steps=3)
-    return ILFConfig(**(fields | overrides))
+    fields = dict(loop_start=1, loop_end=1, steps=3) | overrides
+    return ILFConfig.for_transformer(model.transformer, fields.pop("backbone", model.name), **fields)
 
 
 def model_inputs(backbone, batch=2):

@@ -80,10 +80,8 @@ def teacher_pool(backbone: ImageBackbone, cfg: ILFTraining, guidance: float, rng
 def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tuple[FeedbackModule, ILFConfig, list[dict]]:
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else backbone.spec.default_guidance_scale
     t = backbone.transformer
-    config = ILFConfig(
-        backbone=backbone.name, num_blocks=len(t.transformer_blocks),
-        width=t.config.num_attention_heads * t.config.attention_head_dim,
-        loop_start=cfg.loop_start, loop_end=cfg.loop_end, steps=cfg.steps, scheduler="ddim",
+    config = ILFConfig.for_transformer(
+        t, backbone.name, loop_start=cfg.loop_start, loop_end=cfg.loop_end, steps=cfg.steps, scheduler="ddim",
         teacher_steps=2 * cfg.steps, guidance_scale=guidance, feedback_init=cfg.feedback_init,
     )
     torch.manual_seed(cfg.seed)

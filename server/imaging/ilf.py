@@ -51,6 +51,12 @@ class ILFConfig:
                 f"loop blocks {self.loop_start}..{self.loop_end} must lie in 1..{self.num_blocks - 1}"
             )
 
+    @classmethod
+    def for_transformer(cls, transformer: nn.Module, name: str, **settings) -> "ILFConfig":
+        """A config whose backbone fields (name, N, D) are read off the transformer itself."""
+        return cls(backbone=name, num_blocks=len(transformer.transformer_blocks),
+                   width=transformer_width(transformer), **settings)
+
     @property
     def loop_length(self) -> int:
         return self.loop_end - self.loop_start + 1
@@ -116,6 +122,10 @@ def ilf_enabled(transformer: nn.Module, feedback: FeedbackModule, config: ILFCon
         transformer.transformer_blocks = blocks
 
 
+def transformer_width(transformer: nn.Module) -> int:
+    return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+
 @dataclass
 class LoadedILF:
     feedback: FeedbackModule
@@ -127,7 +137,7 @@ class LoadedILF:
 
 def check_attachable(transformer: nn.Module, config: ILFConfig, name: str) -> None:
     blocks = len(transformer.transformer_blocks)
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    width = transformer_width(transformer)
     if (config.num_blocks, config.width) != (blocks, width):
         raise ValueError(
             f"ILF module is for a {config.num_blocks}-block, width-{config.width} backbone; "
