@@ -90,15 +90,19 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
         assert body["placeholder"] is False and len(body["images"]) == 1
 
     protocol = Protocol(per_class=2, samplers=(("ddim", 4, "baseline"), ("dpm++", 2, "baseline"),
-                                               ("ddim", 4, "cache:taylorseer-2")),
+                                               ("ddim", 4, "cache:taylorseer-2"), ("ddim", 4, "cache:pab-2"),
+                                               ("ddim", 4, "cache:fastercache-2")),
                         reference=("ddim", 4, "baseline"),
-                        latency_images=1, bootstrap_rounds=10)
+                        latency_images=1, latency_batch=4, latency_repeats=1, bootstrap_rounds=10)
     report = run_image_eval(first, tmp_path / "eval", protocol)
     saved = json.loads((tmp_path / "eval" / "images.json").read_text())
     assert saved["models"].keys() == {"digits-dit", "digits-pixart"}
     rows = saved["models"]["digits-dit"]
-    assert [r["sampler"] for r in rows] == ["ddim-4", "dpm++-2", "taylorseer-2@ddim-4"]
-    assert rows[2]["block_evaluations"] is None and rows[2]["psnr_vs_reference_db"] < PSNR_CAP_DB
+    assert [r["sampler"] for r in rows] == ["ddim-4", "dpm++-2", "taylorseer-2@ddim-4", "pab-2@ddim-4",
+                                            "fastercache-2@ddim-4"]
+    for cached in rows[2:]:  # each cache skips work, so its images leave the reference's
+        assert cached["block_evaluations"] is None and cached["psnr_vs_reference_db"] < PSNR_CAP_DB
+        assert cached["seconds_per_image_batch4"] > 0 and cached["speedup_batch4"] > 0
     assert rows[0]["psnr_vs_reference_db"] == PSNR_CAP_DB and rows[0]["ssim_vs_reference"] == pytest.approx(1.0)
     assert rows[1]["psnr_vs_reference_db"] < PSNR_CAP_DB
     lo, hi = rows[1]["digit_fid_ci95"]

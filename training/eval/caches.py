@@ -2,7 +2,9 @@
 
 DiT and PixArt transformers do not inherit diffusers' `CacheMixin`, so the benchmark samples with
 a copy of the backbone whose class adds it; TaylorSeer needs its cache identifiers pointed at the
-transformer blocks, or it hooks nothing on these models.
+transformer blocks, or it hooks nothing on these models. PyramidAttentionBroadcast and FasterCache
+read the current timestep through a callback; FasterCache's classifier-free-guidance cache splits
+the batch's unconditional half off the inputs it is told about, so DiT's `class_labels` is added.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import dataclasses
 from contextlib import contextmanager
 
 import torch
-from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import (
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 from diffusers.models.cache_utils import CacheMixin
 
 from server.imaging.backbones import ImageBackbone
@@ -19,13 +26,35 @@ from server.imaging.backbones import ImageBackbone
 BLOCKS = [r"^transformer_blocks\.\d+$"]
 
 
-def cache_config(name: str):
+class CurrentTimestep:
+    """What PAB and FasterCache ask for each call: the step's timestep, set by `caching`."""
+
+    def __init__(self) -> None:
+        self.value = 1000
+
+    def __call__(self) -> int:
+        return self.value
+
+
+def cache_config(name: str, timestep: CurrentTimestep | None = None):
     kind, value = name.rsplit("-", 1)
+    timestep = timestep or CurrentTimestep()
     if kind == "fbc":
         return FirstBlockCacheConfig(threshold=float(value))
     if kind == "taylorseer":
         return TaylorSeerCacheConfig(cache_interval=int(value), disable_cache_before_step=2, max_order=1,
                                      taylor_factors_dtype=torch.float32, cache_identifiers=BLOCKS)
+    if kind == "pab":  # recompute self- (and cross-) attention every N steps inside timesteps 100-800
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(value),
+                                               cross_attention_block_skip_range=2 * int(value),
+                                               current_timestep_callback=timestep)
+    if kind == "fastercache":  # attention reuse every 2nd step; the unconditional pass every N-th
+        return FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=int(value),
+                                 tensor_format="BCHW", current_timestep_callback=timestep,
+                                 attention_weight_callback=lambda _: 0.5,
+                                 _unconditional_conditional_input_kwargs_identifiers=[
+                                     "hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
+                                     "encoder_attention_mask", "class_labels"])
     raise ValueError(f"unknown cache setting {name!r}")
 
 
@@ -42,9 +71,11 @@ def cache_capable(backbone: ImageBackbone) -> ImageBackbone:
 def caching(backbone: ImageBackbone, name: str, steps: int):
     """Yields the step_context for `sample`: fresh cache state per image batch, step info per call."""
     transformer = backbone.transformer
-    transformer.enable_cache(cache_config(name))
+    timestep = CurrentTimestep()
+    transformer.enable_cache(cache_config(name, timestep))
 
     def step_context(i: int, t: torch.Tensor):
+        timestep.value = int(t)
         if i == 0:
             transformer._reset_stateful_cache()
         return transformer.cache_context("cfg", step_index=i, num_inference_steps=steps, timestep=t)
