@@ -1,0 +1,268 @@
+"""MoE-LoRA stacks over a frozen (4-bit) causal LM: Brainstacks §3.1-3.2 (arXiv 2604.01152).
+
+No library does this, so it is written here, in PEFT's wrap-and-add shape: every targeted
+projection of every decoder layer becomes a `StackedMoELoRALinear` that keeps the frozen base layer
+and a list of stacks, and returns
+
+    y = base(x) + sum over stacks j of  w_domain(j) * MoELoRA_j(x)
+
+One `MoELoRA` is one stack on one projection: N LoRA experts (A Kaiming-uniform, B zero, so a new
+stack is an exact no-op), the rsLoRA scale alpha/sqrt(r), and a noisy top-k router (noise only in
+training). Its Switch load-balancing loss N * sum_e f_e P_e is kept on the module with its graph,
+so its gradient reaches the router (the authors' code computes it on detached tensors).
+Training and serving share this file; the per-domain weights `w` come from the meta-router.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from server.manifest import ArtifactError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class MoELoRAConfig:
+    experts: int = 4
+    rank: int = 16
+    alpha: float = 16.0
+    top_k: int = 2
+    aux_weight: float = 0.01  # Switch load-balancing loss weight
+    targets: tuple[str, ...] = PROJECTIONS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank)  # rsLoRA: stable as the rank grows
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top_k {self.top_k} must lie in 1..{self.experts}")
+        if unknown := set(self.targets) - set(PROJECTIONS):
+            raise ValueError(f"unknown projections {sorted(unknown)}")
+
+
+class MoELoRA(nn.Module):
+    """One stack on one projection: a router and N rank-r LoRA experts."""
+
+    def __init__(self, d_in: int, d_out: int, config: MoELoRAConfig):
+        super().__init__()
+        self.config = config
+        n, r = config.experts, config.rank
+        self.lora_A = nn.Parameter(torch.empty(n, r, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(n, d_out, r))
+        for a in self.lora_A:  # each expert's A as nn.Linear would initialise it
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.router = nn.Linear(d_in, n, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.noise = nn.Linear(d_in, n, bias=False)
+        nn.init.zeros_(self.noise.weight)
+        # d_out x d_out projector of directions this stack may not write (null-space training)
+        self.register_buffer("output_projector", None, persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        self.last_routing: torch.Tensor | None = None  # [tokens, experts] gate weights, for utilisation
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-k softmax gates per token, [tokens, experts] (zero outside the top k)."""
+        logits = self.router(x)
+        if self.training:
+            logits = logits + F.softplus(self.noise(x)) * torch.randn_like(logits)
+        top, index = logits.topk(self.config.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(-1, index, top.softmax(-1))
+        if self.training:
+            # Switch: f_e = share of routed (token, slot) pairs, P_e = mean router probability
+            share = torch.zeros_like(logits).scatter(-1, index, 1.0).mean(0) / self.config.top_k
+            self.aux_loss = self.config.experts * (share.detach() * logits.softmax(-1).mean(0)).sum()
+        return gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.lora_A.dtype)
+        gates = self.gates(x)
+        self.last_routing = gates.detach()
+        n, r = self.config.experts, self.config.rank
+        hidden = (x @ self.lora_A.reshape(n * r, -1).T).view(-1, n, r) * gates.unsqueeze(-1)
+        delta = hidden.reshape(-1, n * r) @ self.lora_B.permute(0, 2, 1).reshape(n * r, -1)
+        delta = delta * self.config.scale
+        if self.output_projector is not None:
+            delta = delta - delta @ self.output_projector
+        return delta.view(*shape[:-1], -1)
+
+
+class StackedMoELoRALinear(nn.Module):
+    """A frozen base projection plus the stacks of every domain, each weighted by its domain's route."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.stacks = nn.ModuleList()
+        self.stack_domains: list[str] = []
+        self.route: dict[str, float] | None = None  # None: every stack at weight 1 (ungated)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        for domain, stack in zip(self.stack_domains, self.stacks):
+            weight = 1.0 if self.route is None else self.route.get(domain, 0.0)
+            if weight != 0.0:
+                out = out + (weight * stack(x)).to(out.dtype)
+        return out
+
+
+def wrapped_layers(model: nn.Module) -> dict[str, StackedMoELoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, StackedMoELoRALinear)}
+
+
+def wrap_projections(model: nn.Module, targets: tuple[str, ...] = PROJECTIONS) -> dict[str, StackedMoELoRALinear]:
+    """Replace each targeted projection of every decoder layer by a StackedMoELoRALinear (idempotent)."""
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                child = getattr(parent, name, None)
+                if child is not None and not isinstance(child, StackedMoELoRALinear):
+                    setattr(parent, name, StackedMoELoRALinear(child))
+    return wrapped_layers(model)
+
+
+def disable_cpu_weight_packing(model: nn.Module) -> None:
+    """bitsandbytes' CPU fast path repacks 4-bit weights after an eval-mode, no-grad forward and has
+    no autograd kernel: later training then silently loses the gradient through the base. Turn it off
+    before training (serving may keep it)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_stack(model: nn.Module, domain: str, config: MoELoRAConfig, seed: int = 0) -> list[MoELoRA]:
+    """A fresh, trainable stack of `domain` on every wrapped projection (an exact no-op until trained)."""
+    layers = wrap_projections(model, config.targets)
+    torch.manual_seed(seed)
+    param = next(model.parameters())
+    dtype = param.dtype if param.is_floating_point() else torch.float32
+    added = []
+    for layer in layers.values():
+        stack = MoELoRA(layer.in_features, layer.out_features, config).to(param.device, dtype)
+        layer.stacks.append(stack)
+        layer.stack_domains.append(domain)
+        added.append(stack)
+    return added
+
+
+def freeze(stacks: list[MoELoRA]) -> None:
+    """Freeze a trained stack: no gradients, eval mode (no router noise), its projection folded into B."""
+    for stack in stacks:
+        if stack.output_projector is not None:
+            with torch.no_grad():  # (I - P) B_k: writes at inference what it was trained to write
+                eye = torch.eye(stack.lora_B.shape[1], dtype=stack.lora_B.dtype, device=stack.lora_B.device)
+                stack.lora_B.copy_(torch.einsum("oi,eir->eor", eye - stack.output_projector.T, stack.lora_B))
+            stack.output_projector = None
+        stack.requires_grad_(False).eval()
+        for param in stack.parameters():
+            param.grad = None
+        stack.aux_loss = None
+
+
+def aux_loss(stacks: list[MoELoRA]) -> torch.Tensor:
+    """The load-balancing loss of the last forward, averaged over the wrapped projections."""
+    losses = [s.aux_loss for s in stacks if s.aux_loss is not None]
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+@contextmanager
+def routed(model: nn.Module, route: dict[str, float] | None) -> Iterator[None]:
+    """Apply per-domain weights to every wrapped projection for the duration of one request."""
+    layers = list(wrapped_layers(model).values())
+    previous = [layer.route for layer in layers]
+    for layer in layers:
+        layer.route = route
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.route = old
+
+
+# ---------------------------------------------------------------- artifacts
+def stack_modules(model: nn.Module, domain: str, index: int) -> dict[str, MoELoRA]:
+    """The `index`-th stack of `domain` on every wrapped projection, keyed by the projection's name."""
+    out = {}
+    for name, layer in wrapped_layers(model).items():
+        mine = [s for d, s in zip(layer.stack_domains, layer.stacks) if d == domain]
+        out[name] = mine[index]
+    return out
+
+
+def save_stack(path: Path, modules: dict[str, MoELoRA], domain: str, config: MoELoRAConfig,
+               extra: dict | None = None) -> None:
+    tensors = {}
+    for name, stack in modules.items():
+        for key in ("lora_A", "lora_B"):
+            tensors[f"{name}.{key}"] = getattr(stack, key).detach().contiguous()
+        tensors[f"{name}.router"] = stack.router.weight.detach().contiguous()
+        tensors[f"{name}.noise"] = stack.noise.weight.detach().contiguous()
+    meta = {"domain": domain, "config": asdict(config), **(extra or {})}
+    save_file(tensors, str(path), metadata={"moe_lora": json.dumps(meta)})
+
+
+def read_stack_metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["moe_lora"])
+        meta["config"] = MoELoRAConfig(**{**meta["config"], "targets": tuple(meta["config"]["targets"])})
+        return meta
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError, OSError) as exc:
+        raise ArtifactError(path, f"not a MoE-LoRA stack ({exc})") from exc
+
+
+def load_stack(model: nn.Module, path: Path) -> dict:
+    """Append a saved stack (frozen) to the model; refuses, naming the file, one that does not fit."""
+    meta = read_stack_metadata(path)
+    config: MoELoRAConfig = meta["config"]
+    added = add_stack(model, meta["domain"], config)
+    layers = wrapped_layers(model)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            expected = {f"{name}.{k}" for name in layers for k in ("lora_A", "lora_B", "router", "noise")}
+            if keys != expected:
+                raise ValueError(f"{len(keys ^ expected)} tensors differ from this model's wrapped projections")
+            with torch.no_grad():
+                for name, stack in zip(layers, added):
+                    for key, target in (("lora_A", stack.lora_A), ("lora_B", stack.lora_B),
+                                        ("router", stack.router.weight), ("noise", stack.noise.weight)):
+                        tensor = f.get_tensor(f"{name}.{key}")
+                        if tensor.shape != target.shape:
+                            raise ValueError(f"{name}.{key} has shape {tuple(tensor.shape)}, "
+                                             f"expected {tuple(target.shape)}")
+                        target.copy_(tensor)
+    except (ValueError, OSError) as exc:
+        remove_last_stack(model, meta["domain"])
+        raise ArtifactError(path, f"does not fit this model: {exc}") from exc
+    freeze(added)
+    return meta
+
+
+def remove_last_stack(model: nn.Module, domain: str) -> None:
+    for layer in wrapped_layers(model).values():
+        index = max(i for i, d in enumerate(layer.stack_domains) if d == domain)
+        del layer.stacks[index]
+        del layer.stack_domains[index]

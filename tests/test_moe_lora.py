@@ -1,0 +1,143 @@
+"""MoE-LoRA stacks over the 4-bit base: the properties Brainstacks' claims rest on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.chat.base import load_chat_model
+from server.chat.moe_lora import (
+    MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, routed,
+    save_stack, stack_modules, wrapped_layers,
+)
+from server.manifest import ArtifactError, ArtifactResolver, load_manifest
+
+SMALL = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
+
+
+@pytest.fixture()
+def lm(manifest_path):
+    manifest = load_manifest(manifest_path)
+    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
+    model = load_chat_model(manifest.chat.base, resolver, "cpu").model
+    disable_cpu_weight_packing(model)
+    return model
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def train_steps(model, stacks, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW([p for s in stacks for p in s.parameters()], lr=1e-2)
+    for step in range(steps):
+        for s in stacks:
+            s.train()
+        ids = tokens(step)
+        loss = model(input_ids=ids, labels=ids).loss + 0.01 * aux_loss(stacks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_a_new_stack_wraps_all_seven_projections_and_is_an_exact_no_op(lm):
+    ids = tokens()
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    stacks = add_stack(lm, "math", SMALL)
+    assert len(stacks) == 2 * 7 and len(wrapped_layers(lm)) == 14
+    assert all(torch.count_nonzero(s.lora_B) == 0 and s.lora_A.abs().sum() > 0 for s in stacks)
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, before)
+
+
+def test_top2_gates_sum_to_one_and_noise_is_only_on_in_training():
+    stack = MoELoRA(32, 64, SMALL)
+    torch.nn.init.normal_(stack.noise.weight, std=1.0)  # trained noise weights are non-zero
+    x = torch.randn(50, 32)
+    stack.eval()
+    gates = stack.gates(x)
+    assert torch.allclose(gates.sum(-1), torch.ones(50))
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.equal(gates, stack.gates(x))  # no noise in eval
+    stack.train()
+    assert not torch.equal(stack.gates(x), stack.gates(x))
+
+
+def test_aux_loss_gradient_reaches_the_router():
+    stack = MoELoRA(32, 64, SMALL).train()
+    stack(torch.randn(40, 32))
+    aux = aux_loss([stack])
+    assert aux.requires_grad
+    aux.backward()
+    assert stack.router.weight.grad is not None and stack.router.weight.grad.abs().sum() > 0
+    assert stack.lora_B.grad is None  # the balance loss trains only the router
+
+
+def test_4bit_base_passes_gradients_to_adapters_after_an_eval_forward(lm):
+    with torch.no_grad():
+        lm.eval()(input_ids=tokens())  # the forward after which bitsandbytes would repack on CPU
+    stacks = add_stack(lm, "math", SMALL)
+    for s in stacks:
+        s.train()
+    ids = tokens(1)
+    lm(input_ids=ids, labels=ids).loss.backward()
+    first_layer_q = stacks[0]  # gradient must flow back through every later 4-bit layer to reach it
+    assert first_layer_q.lora_B.grad is not None and first_layer_q.lora_B.grad.abs().sum() > 0
+
+
+def test_frozen_stacks_stay_bit_identical_through_later_training(lm):
+    first = add_stack(lm, "chat", SMALL)
+    train_steps(lm, first)
+    freeze(first)
+    snapshot = [{k: v.clone() for k, v in s.state_dict().items()} for s in first]
+    assert any(torch.count_nonzero(s.lora_B) for s in first)
+    second = add_stack(lm, "math", SMALL, seed=1)
+    train_steps(lm, second)
+    assert all(torch.equal(v, snap[k]) for s, snap in zip(first, snapshot) for k, v in s.state_dict().items())
+    assert all(p.grad is None for s in first for p in s.parameters())
+
+
+def test_save_load_round_trips_exactly_and_routes_weight_domains(lm, manifest_path, tmp_path):
+    stacks = add_stack(lm, "math", SMALL)
+    train_steps(lm, stacks)
+    freeze(stacks)
+    ids = tokens(7)
+    with torch.no_grad():
+        trained = lm(input_ids=ids).logits
+    path = tmp_path / "math-1.safetensors"
+    save_stack(path, stack_modules(lm, "math", 0), "math", SMALL, {"round": 1})
+
+    manifest = load_manifest(manifest_path)
+    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
+    fresh = load_chat_model(manifest.chat.base, resolver, "cpu").model
+    meta = load_stack(fresh, path)
+    assert meta["domain"] == "math" and meta["round"] == 1 and meta["config"] == SMALL
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, trained)
+        with routed(fresh, {"math": 0.0}):  # a route that gates the domain off is the base
+            base = fresh(input_ids=ids).logits
+        with routed(fresh, {"math": 0.5}):
+            half = fresh(input_ids=ids).logits
+    assert not torch.equal(base, trained) and not torch.equal(half, trained) and not torch.equal(half, base)
+
+    other = tmp_path / "wider.safetensors"
+    save_stack(other, stack_modules(lm, "math", 0), "math", MoELoRAConfig(experts=4, rank=8, alpha=8.0))
+    with pytest.raises(ArtifactError, match="does not fit"):
+        load_stack(fresh, other)
+    assert len(next(iter(wrapped_layers(fresh).values())).stacks) == 1  # the refused stack left nothing behind
+
+
+def test_projection_folds_into_the_frozen_stack():
+    torch.manual_seed(0)
+    stack = MoELoRA(32, 64, SMALL).eval()
+    torch.nn.init.normal_(stack.lora_B)
+    basis, _ = torch.linalg.qr(torch.randn(64, 3))
+    stack.output_projector = basis @ basis.T
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        projected = stack(x)
+        assert (projected @ basis).abs().max() < 1e-4  # nothing written into the claimed directions
+        freeze([stack])
+        assert stack.output_projector is None
+        torch.testing.assert_close(stack(x), projected, rtol=1e-5, atol=1e-5)
