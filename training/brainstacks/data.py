@@ -1,0 +1,47 @@
+"""Examples of the generated world as token batches: the loss counts the assistant's reply only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from training.data.world import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [batch, length], right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # IGNORE outside the reply (and its end-of-sequence token)
+
+
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    return tokenizer.apply_chat_template(example.messages(), add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
+def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    prompt = prompt_ids(tokenizer, example)
+    reply = tokenizer(example.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt + reply, [IGNORE] * len(prompt) + reply
+
+
+def collate(tokenizer, items: list[Example]) -> Batch:
+    encoded = [encode(tokenizer, e) for e in items]
+    length = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(items), length), pad, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return Batch(input_ids, mask, labels)
+
+
+def batches(tokenizer, items: list[Example], size: int) -> list[Batch]:
+    return [collate(tokenizer, items[i : i + size]) for i in range(0, len(items), size)]

@@ -1,0 +1,35 @@
+"""Exact match of final answers: greedy replies from the model as it stands, batched with left padding."""
+
+from __future__ import annotations
+
+import torch
+
+from training.brainstacks.data import prompt_ids
+from training.data.world import Example, final_answer
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, items: list[Example], max_new_tokens: int = 48,
+                     batch_size: int = 32) -> list[str]:
+    replies = []
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(items), batch_size):
+        prompts = [prompt_ids(tokenizer, e) for e in items[start : start + batch_size]]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, length - len(ids):] = torch.tensor(ids)
+            mask[row, length - len(ids):] = 1
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        replies += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+    return replies
+
+
+def exact_match(model, tokenizer, items: list[Example], **kwargs) -> tuple[float, list[dict]]:
+    """Share of replies whose stated final answer equals the expected one, and the per-item record."""
+    replies = generate_replies(model, tokenizer, items, **kwargs)
+    records = [{"prompt": e.prompt, "expected": e.final, "reply": r, "correct": final_answer(r) == e.final}
+               for e, r in zip(items, replies)]
+    return sum(r["correct"] for r in records) / max(len(records), 1), records

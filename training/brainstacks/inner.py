@@ -1,0 +1,148 @@
+"""The inner loop: residual boosting of one domain (Brainstacks §3.3, Algorithm 1).
+
+Round after round, a fresh MoE-LoRA stack is trained on top of the frozen earlier ones: keep the
+best-validation checkpoint, stop early on a validation spike or when validation stops improving,
+freeze, and stop adding rounds once a round gains less than `min_gain` (that round's stack is
+dropped: it would cost compute and add nothing).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from server.chat.moe_lora import MoELoRA, MoELoRAConfig, add_stack, aux_loss, freeze, remove_last_stack
+from training.brainstacks.data import Batch, batches
+from training.data.world import Example
+
+
+@dataclass(frozen=True)
+class BoostingConfig:
+    stack: MoELoRAConfig = field(default_factory=MoELoRAConfig)
+    max_rounds: int = 2
+    steps_per_round: int = 500
+    batch_size: int = 16
+    lr: float = 2e-3
+    eval_every: int = 50
+    patience: int = 4  # evaluations without improvement before a round stops
+    spike: float = 0.25  # a validation loss this much above the round's best stops the round
+    min_gain: float = 0.002  # validation-loss gain below which no further round is added (paper: 0.002)
+    seed: int = 0
+
+
+@dataclass
+class RoundResult:
+    round: int
+    start_loss: float
+    best_loss: float
+    best_step: int
+    steps: int
+    stop: str  # "budget", "plateau" or "spike"
+    seconds: float
+    curve: list[tuple[int, float]]  # (step, validation loss)
+    kept: bool = True
+
+    @property
+    def gain(self) -> float:
+        return self.start_loss - self.best_loss
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, val: list[Batch]) -> float:
+    """Mean cross-entropy per reply token (token-weighted over all batches)."""
+    total, count = 0.0, 0
+    for batch in val:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def _snapshot(stacks: list[MoELoRA]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in s.state_dict().items()} for s in stacks]
+
+
+def train_round(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
+                round_index: int, start_loss: float, steps: int | None = None) -> tuple[RoundResult, list[MoELoRA]]:
+    """Train one fresh stack of `domain`; returns its result and the (frozen, best-checkpoint) stack."""
+    started = time.perf_counter()
+    stacks = add_stack(model, domain, cfg.stack, seed=cfg.seed * 1000 + round_index)
+    params = [p for s in stacks for p in s.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(f"{cfg.seed}/{domain}/{round_index}")
+    order = list(train)
+    best, best_step, best_state = start_loss, 0, _snapshot(stacks)
+    curve, stale, stop = [(0, start_loss)], 0, "budget"
+    budget = steps or cfg.steps_per_round
+
+    def shuffled_batches():
+        while True:
+            rng.shuffle(order)
+            yield from batches(tokenizer, order, cfg.batch_size)
+
+    stream = shuffled_batches()
+    bar = tqdm(range(1, budget + 1), desc=f"{domain} round {round_index + 1}", unit="step", leave=False)
+    step = 0
+    for step in bar:
+        for s in stacks:
+            s.train()  # router noise on for the active stack only; frozen stacks stay in eval
+        batch = next(stream)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        loss = out.loss + cfg.stack.aux_weight * aux_loss(stacks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % cfg.eval_every == 0 or step == budget:
+            for s in stacks:
+                s.eval()
+            current = validation_loss(model, val)
+            curve.append((step, current))
+            bar.set_postfix(val=f"{current:.4f}", best=f"{best:.4f}")
+            if current < best:
+                best, best_step, best_state, stale = current, step, _snapshot(stacks), 0
+            else:
+                stale += 1
+            if current > best * (1 + cfg.spike):
+                stop = "spike"
+                break
+            if stale >= cfg.patience:
+                stop = "plateau"
+                break
+    for s, state in zip(stacks, best_state):
+        s.load_state_dict(state)
+    freeze(stacks)
+    result = RoundResult(round_index + 1, start_loss, best, best_step, step, stop,
+                         time.perf_counter() - started, curve)
+    return result, stacks
+
+
+def boost_domain(model, tokenizer, domain: str, train: list[Example], val: list[Batch],
+                 cfg: BoostingConfig) -> tuple[list[RoundResult], list[list[MoELoRA]]]:
+    """Residual boosting: rounds of frozen stacks while each round still gains `min_gain`."""
+    results, kept = [], []
+    current = validation_loss(model, val)
+    for round_index in itertools.count():
+        if round_index >= cfg.max_rounds:
+            break
+        result, stacks = train_round(model, tokenizer, domain, train, val, cfg, round_index, current)
+        if round_index > 0 and result.gain < cfg.min_gain:
+            remove_last_stack(model, domain)
+            result.kept = False
+            results.append(result)
+            break
+        results.append(result)
+        kept.append(stacks)
+        current = result.best_loss
+    return results, kept
+
+
+def round_summary(results: list[RoundResult]) -> list[dict]:
+    return [{**asdict(r), "gain": r.gain} for r in results]
