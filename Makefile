@@ -21,10 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The image zoo trains once (about 20 minutes on 2 CPU cores); entries still missing after it
-# (the chat model, for now) get untrained placeholders so the service starts.
+# The image zoo and its ILF modules train once (about 35 minutes on 2 CPU cores); entries still
+# missing after it (the chat model, for now) get untrained placeholders so the service starts.
 zoo: venv
 	$(PY) -m training zoo images --if-missing
+	$(PY) -m training ilf --model digits-dit --if-missing
+	$(PY) -m training ilf --model digits-pixart --if-missing
 	$(PY) -m training zoo placeholder --if-missing
 
 serve: zoo

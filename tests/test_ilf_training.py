@@ -43,3 +43,6 @@ def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, t
     with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
         body = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1}).json()
         assert body["mode"] == "ilf" and body["steps"] == 2 and body["block_evaluations"] == 2 * 4
+    # `make serve` distils with --if-missing: a second run leaves the module alone
+    assert train_ilf(manifest, "tiny-dit", TINY, runs_dir=tmp_path / "runs", if_missing=True) is None
+    assert next(m for m in load_manifest(manifest).image if m.name == "tiny-dit").ilf == entry

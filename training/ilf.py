@@ -143,14 +143,20 @@ def write_ilf_history(out_dir: Path, cfg: ILFTraining, config: ILFConfig, histor
     plt.close(fig)
 
 
-def train_ilf(manifest_path: Path, model: str, cfg: ILFTraining, runs_dir: Path | None = None) -> Path:
-    """Distil, save atomically, record in the manifest with its checksum; returns the artifact path."""
+def train_ilf(manifest_path: Path, model: str, cfg: ILFTraining, runs_dir: Path | None = None,
+              if_missing: bool = False) -> Path | None:
+    """Distil, save atomically, record in the manifest with its checksum; returns the artifact path
+    (None when `if_missing` and the model already has a module)."""
     manifest_path = Path(manifest_path)
     base = manifest_path.resolve().parent
     manifest = load_manifest(manifest_path)
     spec = next((m for m in manifest.image if m.name == model), None)
     if spec is None:
         raise SystemExit(f"no image model {model!r} in {manifest_path}")
+    if if_missing and spec.ilf is not None:
+        return None
+    if spec.placeholder:
+        raise SystemExit(f"{model!r} is an untrained placeholder: build the image zoo first")
     settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
     backbone = load_image_backbone(spec.model_copy(update={"ilf": None}),
                                    ArtifactResolver(manifest_path, settings.resolved_artifact_root()), "cpu")
