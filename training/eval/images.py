@@ -32,9 +32,9 @@ class Protocol:
     per_class: int = 30  # images per digit (PixArt: spread over the held-out phrasings)
     seed_base: int = 10_000
     batch_size: int = 30
-    latency_images: int = 7  # batch-1 timings per sampler; the fastest counts (the machine is shared)
-    latency_batch: int = 16  # and a batch of this many, timed latency_repeats times
-    latency_repeats: int = 3
+    latency_images: int = 7  # timing rounds at batch 1; each sampler's fastest counts (the machine is shared)
+    latency_batch: int = 16  # and at this batch size,
+    latency_repeats: int = 3  # in this many rounds
     # (scheduler, steps, mode); a model with an ILF module also gets its ILF row
     samplers: tuple[tuple[str, int, str], ...] = (
         ("ddim", 20, "baseline"), ("ddim", 15, "baseline"), ("ddim", 10, "baseline"), ("ddim", 8, "baseline"),
@@ -94,17 +94,20 @@ def generate(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: f
     return torch.cat(images), seconds / len(data.seeds), blocks
 
 
-def latency(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: float, batch: int,
-            repeats: int) -> float:
-    """Per image: the fastest of `repeats` timed calls on the eval set's first `batch` images, after a
-    warm-up call (the machine is shared; the minimum is the least disturbed run)."""
+def latencies(models: list[ImageBackbone], data: EvalSet, samplers: list[tuple], guidance: float, batch: int,
+              rounds: int) -> list[float]:
+    """Seconds per image for each sampler at this batch size: one warm-up call each, then `rounds`
+    rounds that time every sampler once in turn, keeping each one's fastest. Interleaving spreads the
+    shared machine's slow spells over all samplers instead of charging them to whichever ran then."""
     batch = min(batch, len(data.seeds))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        _run(backbone, data, slice(0, batch), sampler, guidance)
-        times.append((time.perf_counter() - start) / batch)
-    return min(times[1:])
+    best = [float("inf")] * len(samplers)
+    for round_index in range(rounds + 1):
+        for i, (model, sampler) in enumerate(zip(models, samplers)):
+            start = time.perf_counter()
+            _run(model, data, slice(0, batch), sampler, guidance)
+            if round_index > 0:
+                best[i] = min(best[i], (time.perf_counter() - start) / batch)
+    return best
 
 
 def sampler_name(sampler: tuple) -> str:
@@ -129,28 +132,29 @@ def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_fe
     cached = cache_capable(backbone) if any(m.startswith("cache:") for _, _, m in samplers) else None
     if backbone.ilf is not None:
         samplers.append((backbone.ilf.config.scheduler, backbone.ilf.config.steps, "ilf"))
-    for sampler in tqdm(samplers, desc=f"eval {backbone.name}", unit="sampler"):
+    models = [cached if mode.startswith("cache:") else backbone for _, _, mode in samplers]
+    for sampler, model in tqdm(list(zip(samplers, models)), desc=f"eval {backbone.name}", unit="sampler"):
         scheduler, steps, mode = sampler
         name = sampler_name(sampler)
-        model = cached if mode.startswith("cache:") else backbone
         images, per_image, blocks = generate(model, data, sampler, guidance, protocol.batch_size)
         generated[name] = images
-        batch1 = latency(model, data, sampler, guidance, 1, protocol.latency_images)
-        batched = latency(model, data, sampler, guidance, protocol.latency_batch, protocol.latency_repeats)
         feats = features(classifier, images)
         with torch.no_grad():
             correct = (classifier(images * 2 - 1).argmax(1) == data.labels).numpy().astype(np.float64)
         rows.append({
             "sampler": name, "scheduler": scheduler, "steps": steps, "mode": mode, "guidance_scale": guidance,
             "block_evaluations": blocks,
-            "seconds_per_image_eval_batches": per_image, "seconds_per_image_batch1": batch1,
-            f"seconds_per_image_batch{protocol.latency_batch}": batched,
+            "seconds_per_image_eval_batches": per_image,
             "accuracy": float(correct.mean()),
             "accuracy_ci95": bootstrap_interval(np.mean, correct, rounds=protocol.bootstrap_rounds),
             "digit_fid": frechet_distance(feats, real_features),
             "digit_fid_ci95": bootstrap_interval(frechet_distance, feats, real_features,
                                                  rounds=protocol.bootstrap_rounds, recentre=True),
         })
+    print(f"timing {len(samplers)} samplers, interleaved", flush=True)
+    for batch, rounds in ((1, protocol.latency_images), (protocol.latency_batch, protocol.latency_repeats)):
+        for row, seconds in zip(rows, latencies(models, data, samplers, guidance, batch, rounds)):
+            row[f"seconds_per_image_batch{batch}"] = seconds
     reference = generated[sampler_name(protocol.reference)]
     for row in rows:
         images = generated[row["sampler"]]
