@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.chat.base import ChatModel, load_chat_model
+from server.chat.stacks import attach_stacks
 from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.manifest import ArtifactResolver, Manifest, load_manifest
 from server.metrics import Metrics
@@ -38,9 +39,7 @@ def load_model_set(manifest_path: Path, settings: Settings) -> ModelSet:
         log.info("loading chat model %s (%s) on %s", manifest.chat.base.name, manifest.chat.base.quantization, device)
         models.chat = load_chat_model(manifest.chat.base, resolver, device)
         # Stacks and router are verified now so a bad file is refused at load, not mid-request.
-        for domain in manifest.chat.domains:
-            for stack in domain.stacks:
-                resolver.artifact(stack)
+        models.chat.stacks = attach_stacks(models.chat.model, manifest.chat, resolver)
         if manifest.chat.router is not None:
             resolver.artifact(manifest.chat.router)
     for spec in manifest.image:

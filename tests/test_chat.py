@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
-import torch
+import shutil
 
-from server.chat.base import load_chat_model
-from server.manifest import ArtifactResolver, load_manifest
+import bitsandbytes as bnb
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tests.conftest import make_settings
+from server.app import create_app
+from server.chat.base import ChatJob, load_chat_model
+from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
+from server.chat.stacks import attach_stacks
+from server.manifest import (
+    Artifact, ArtifactError, ArtifactResolver, Domain, load_manifest, sha256_file, write_manifest,
+)
+from server.registry import load_model_set
 
 
 def test_nf4_load_yields_bitsandbytes_4bit_layers(manifest_path):
@@ -56,3 +67,64 @@ def test_sampled_replies_repeat_with_the_same_seed(client):
 def test_greedy_decoding_is_deterministic_without_a_seed(client):
     request = {"prompt": "Add 12 and 30", "max_tokens": 8}
     assert client.post("/chat", json=request).json()["text"] == client.post("/chat", json=request).json()["text"]
+
+
+@pytest.fixture(scope="module")
+def stacked_manifest(zoo_dir, manifest_path, tmp_path_factory):
+    """The tiny zoo plus one trained-looking (random, non-zero) math stack in the manifest."""
+    root = tmp_path_factory.mktemp("stacked")
+    shutil.copytree(zoo_dir / "artifacts", root / "artifacts")
+    manifest = load_manifest(manifest_path)
+    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
+    model = load_chat_model(manifest.chat.base, resolver, "cpu").model
+    config = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
+    stacks = add_stack(model, "math", config)
+    torch.manual_seed(0)
+    for stack in stacks:
+        torch.nn.init.normal_(stack.lora_B, std=0.5)
+    freeze(stacks)
+    path = root / "artifacts" / "stacks" / "math-1.safetensors"
+    path.parent.mkdir()
+    save_stack(path, stack_modules(model, "math", 0), "math", config, {"round": 1})
+    domains = [Domain(name="chat", order=0),
+               Domain(name="math", order=1, stacks=[Artifact(path="artifacts/stacks/math-1.safetensors",
+                                                             sha256=sha256_file(path))])]
+    stacked = manifest.model_copy(update={"chat": manifest.chat.model_copy(update={"domains": domains})})
+    write_manifest(stacked, root / "weights_manifest.yaml")
+    return root / "weights_manifest.yaml"
+
+
+def test_explicit_routes_apply_stacks_and_the_trace_names_them(stacked_manifest):
+    with TestClient(create_app(make_settings(stacked_manifest), load_in_background=False)) as c:
+        request = {"prompt": "Compute 23 + 45 - 12.", "max_tokens": 6}
+        routed_reply = c.post("/chat", json=request | {"route": {"math": 1.0}}).json()
+        base_reply = c.post("/chat", json=request | {"route": "none"}).json()
+        auto_reply = c.post("/chat", json=request).json()
+        zero = c.post("/chat", json=request | {"route": {"math": 0.0, "chat": 1.0}}).json()["trace"]
+    trace = routed_reply["trace"]
+    assert trace["domains_applied"] == {"math": 1.0}
+    assert trace["gated_off"] == {"chat": "not in the requested route"} and "math x 1" in trace["reason"]
+    assert zero["domains_applied"] == {} and zero["gated_off"] == {
+        "chat": "no stacks are loaded for this domain", "math": "weight 0 requested"}
+    assert "meta-router" in auto_reply["trace"]["gated_off"]["math"]
+    assert routed_reply["text"] != base_reply["text"] and auto_reply["text"] == base_reply["text"]
+
+    # the trace's weights are what was applied: the same weights outside the server give the same text
+    manifest = load_manifest(stacked_manifest)
+    resolver = ArtifactResolver(stacked_manifest, stacked_manifest.parent / "artifacts")
+    chat = load_chat_model(manifest.chat.base, resolver, "cpu")
+    attach_stacks(chat.model, manifest.chat, resolver)
+    job = ChatJob([{"role": "user", "content": request["prompt"]}], 6, 0.0, 1.0, 0)
+    assert chat.generate(job, trace["domains_applied"]).text == routed_reply["text"]
+    assert chat.generate(job).text == base_reply["text"]
+
+
+def test_a_stack_listed_under_the_wrong_domain_is_refused(stacked_manifest, tmp_path):
+    manifest = load_manifest(stacked_manifest)
+    swapped = [d.model_copy(update={"stacks": manifest.chat.domains[1 - i].stacks})
+               for i, d in enumerate(manifest.chat.domains)]
+    bad = tmp_path / "weights_manifest.yaml"
+    shutil.copytree(stacked_manifest.parent / "artifacts", tmp_path / "artifacts")
+    write_manifest(manifest.model_copy(update={"chat": manifest.chat.model_copy(update={"domains": swapped})}), bad)
+    with pytest.raises(ArtifactError, match="stack of domain 'math', listed under 'chat'"):
+        load_model_set(bad, make_settings(bad))

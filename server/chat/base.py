@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.generation.streamers import BaseStreamer
 
+from server.chat.moe_lora import routed
 from server.manifest import ArtifactError, ArtifactResolver, ChatBase
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ChatModel:
     model: torch.nn.Module
     tokenizer: object
     device: str
+    stacks: dict[str, int] = field(default_factory=dict)  # domain -> frozen stacks attached
 
     @property
     def name(self) -> str:
@@ -82,7 +84,12 @@ class ChatModel:
         return self.tokenizer(text, return_tensors="pt").input_ids
 
     @torch.no_grad()
-    def generate(self, job: ChatJob) -> ChatResult:
+    def generate(self, job: ChatJob, route: dict[str, float] | None = None) -> ChatResult:
+        """Generate with these per-domain stack weights applied ({} or None: the base alone)."""
+        with routed(self.model, route or {}):
+            return self._generate(job)
+
+    def _generate(self, job: ChatJob) -> ChatResult:
         started = time.perf_counter()
         input_ids = self.encode(job.messages).to(self.device)
         clock = _TokenClock()

@@ -1,11 +1,13 @@
 """From a chat request to a generation job, and the routing trace that explains the answer.
 
-The base model serves alone until Brainstacks domains are in the manifest; the trace says so.
+A route names the domains whose frozen stacks apply to this request, with their weights; the trace
+reports what was applied and why every other domain was left off.
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 from server.chat.base import ChatJob, ChatModel, ChatResult
 from server.errors import ApiError
@@ -42,26 +44,49 @@ def check_route(route, section: ChatSection) -> None:
                 raise ApiError(422, f"route: weight of {domain!r} must be in [0, 2]", "route")
 
 
-def base_only_trace(route, section: ChatSection, result: ChatResult, queue_seconds: float) -> RouteTrace:
-    """The trace when no stack is applied: which domains exist and why each was left off."""
+@dataclass(frozen=True)
+class RoutePlan:
+    weights: dict[str, float]  # domain -> weight applied to its stacks
+    gated_off: dict[str, str]  # domain -> why it is not applied
+    reason: str
+
+
+def plan_route(route, section: ChatSection, stacks: dict[str, int]) -> RoutePlan:
+    """The weights a request's route applies, and why every other domain stays off."""
+    domains = [d.name for d in section.domains]
     if route == "none":
-        reason = "route 'none': the base model alone was requested"
-    elif not section.domains:
-        reason = "no Brainstacks domains are loaded; the base model answered alone"
-    else:
-        reason = "the base model answered alone"
-    gated = {
-        d.name: "route 'none'" if route == "none" else "stack routing is not enabled on this server"
-        for d in section.domains
-    }
+        return RoutePlan({}, {d: "route 'none'" for d in domains}, "route 'none': the base model alone was requested")
+    if route == "auto":
+        if not domains:
+            return RoutePlan({}, {}, "no Brainstacks domains are loaded; the base model answered alone")
+        why = "no meta-router is loaded, so 'auto' applies no stacks; a {domain: weight} route applies them"
+        return RoutePlan({}, {d: why for d in domains}, "no meta-router is loaded; the base model answered alone")
+    weights, gated = {}, {}
+    for domain in domains:
+        weight = route.get(domain)
+        if weight is None:
+            gated[domain] = "not in the requested route"
+        elif weight == 0:
+            gated[domain] = "weight 0 requested"
+        elif not stacks.get(domain):
+            gated[domain] = "no stacks are loaded for this domain"
+        else:
+            weights[domain] = weight
+    applied = ", ".join(f"{d} x {w:g}" for d, w in weights.items())
+    reason = f"route requested explicitly: {applied}" if weights else \
+        "route requested explicitly, but no requested domain has stacks; the base model answered alone"
+    return RoutePlan(weights, gated, reason)
+
+
+def make_trace(route, plan: RoutePlan, result: ChatResult, queue_seconds: float) -> RouteTrace:
     ttft = result.token_times[0] - result.started if result.token_times else None
     end = result.token_times[-1] if result.token_times else result.started
     return RouteTrace(
         route_requested=route,
-        domains_applied={},
-        gated_off=gated,
+        domains_applied=plan.weights,
+        gated_off=plan.gated_off,
         router_probabilities=None,
-        reason=reason,
+        reason=plan.reason,
         queue_seconds=queue_seconds,
         time_to_first_token_seconds=ttft,
         generation_seconds=max(end - result.started, 0.0),

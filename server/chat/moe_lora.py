@@ -187,13 +187,18 @@ def aux_loss(stacks: list[MoELoRA]) -> torch.Tensor:
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
+def set_route(model: nn.Module, route: dict[str, float] | None) -> None:
+    """Per-domain weights on every wrapped projection ({}: base alone; None: every stack at 1)."""
+    for layer in wrapped_layers(model).values():
+        layer.route = route
+
+
 @contextmanager
 def routed(model: nn.Module, route: dict[str, float] | None) -> Iterator[None]:
-    """Apply per-domain weights to every wrapped projection for the duration of one request."""
+    """Apply per-domain weights for the duration of one request, then restore the previous ones."""
     layers = list(wrapped_layers(model).values())
     previous = [layer.route for layer in layers]
-    for layer in layers:
-        layer.route = route
+    set_route(model, route)
     try:
         yield
     finally:
