@@ -157,9 +157,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
             raise ApiError(404, "this server has no chat model in its manifest", "model")
         job = chat_engine.plan_job(req, models.chat, settings)
         chat_engine.check_route(req.route, models.manifest.chat)
-        plan = chat_engine.plan_route(req.route, models.manifest.chat, models.chat.stacks)
         submitted = time.perf_counter()
-        result = await engines["chat"].submit(models.chat.generate, job, plan.weights)
+        plan, result = await engines["chat"].submit(chat_engine.route_and_generate, models.chat,
+                                                    models.manifest.chat, job, req.route)
         trace = chat_engine.make_trace(req.route, plan, result, result.started - submitted)
 
         metrics.chat_prompt_tokens.inc(result.prompt_tokens)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.chat.base import ChatModel, load_chat_model
-from server.chat.stacks import attach_stacks
+from server.chat.stacks import attach_stacks, load_chat_router
 from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.manifest import ArtifactResolver, Manifest, load_manifest
 from server.metrics import Metrics
@@ -41,7 +41,7 @@ def load_model_set(manifest_path: Path, settings: Settings) -> ModelSet:
         # Stacks and router are verified now so a bad file is refused at load, not mid-request.
         models.chat.stacks = attach_stacks(models.chat.model, manifest.chat, resolver)
         if manifest.chat.router is not None:
-            resolver.artifact(manifest.chat.router)
+            models.chat.router = load_chat_router(resolver.artifact(manifest.chat.router), manifest.chat, models.chat)
     for spec in manifest.image:
         if spec.ilf is not None:
             resolver.artifact(spec.ilf)

@@ -69,6 +69,17 @@ class ChatModel:
     tokenizer: object
     device: str
     stacks: dict[str, int] = field(default_factory=dict)  # domain -> frozen stacks attached
+    router: object | None = None  # server.chat.router.MetaRouter, when the manifest has one
+
+    @torch.no_grad()
+    def router_probabilities(self, messages: list[dict[str, str]]) -> dict[str, float]:
+        """The meta-router's sigmoid per domain, from the frozen base's hidden states (stacks off)."""
+        input_ids = self.encode(messages).to(self.device)
+        mask = torch.ones_like(input_ids)
+        with routed(self.model, {}):
+            hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        probabilities = torch.sigmoid(self.router(self.router.features(hidden), mask))[0]
+        return dict(zip(self.router.config.domains, probabilities.tolist()))
 
     @property
     def name(self) -> str:

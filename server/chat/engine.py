@@ -9,6 +9,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+import torch
+
 from server.chat.base import ChatJob, ChatModel, ChatResult
 from server.errors import ApiError
 from server.manifest import ChatSection
@@ -49,18 +51,33 @@ class RoutePlan:
     weights: dict[str, float]  # domain -> weight applied to its stacks
     gated_off: dict[str, str]  # domain -> why it is not applied
     reason: str
+    probabilities: dict[str, float] | None = None  # the meta-router's output, when it ran
 
 
-def plan_route(route, section: ChatSection, stacks: dict[str, int]) -> RoutePlan:
-    """The weights a request's route applies, and why every other domain stays off."""
+def plan_route(route, section: ChatSection, chat: ChatModel, messages: list[dict[str, str]]) -> RoutePlan:
+    """The weights a request's route applies, and why every other domain stays off. Runs the
+    meta-router for "auto", so it belongs on the chat worker thread."""
     domains = [d.name for d in section.domains]
+    stacks = chat.stacks
     if route == "none":
         return RoutePlan({}, {d: "route 'none'" for d in domains}, "route 'none': the base model alone was requested")
     if route == "auto":
         if not domains:
             return RoutePlan({}, {}, "no Brainstacks domains are loaded; the base model answered alone")
-        why = "no meta-router is loaded, so 'auto' applies no stacks; a {domain: weight} route applies them"
-        return RoutePlan({}, {d: why for d in domains}, "no meta-router is loaded; the base model answered alone")
+        if chat.router is None:
+            why = "no meta-router is loaded, so 'auto' applies no stacks; a {domain: weight} route applies them"
+            return RoutePlan({}, {d: why for d in domains}, "no meta-router is loaded; the base model answered alone")
+        probabilities = chat.router_probabilities(messages)
+        weights, gated = chat.router.route(torch.tensor([probabilities[d] for d in chat.router.config.domains]))
+        for domain in list(weights):
+            if not stacks.get(domain):
+                gated[domain] = "no stacks are loaded for this domain"
+                del weights[domain]
+        for domain in domains:
+            if domain not in weights and domain not in gated:
+                gated[domain] = "the meta-router does not know this domain"
+        applied = ", ".join(f"{d} x {w:.2f}" for d, w in weights.items()) or "no domain"
+        return RoutePlan(weights, gated, f"meta-router: applied {applied}", probabilities)
     weights, gated = {}, {}
     for domain in domains:
         weight = route.get(domain)
@@ -78,6 +95,12 @@ def plan_route(route, section: ChatSection, stacks: dict[str, int]) -> RoutePlan
     return RoutePlan(weights, gated, reason)
 
 
+def route_and_generate(chat: ChatModel, section: ChatSection, job: ChatJob, route) -> tuple[RoutePlan, ChatResult]:
+    """What the chat worker runs per request: route (the meta-router for "auto"), then generate."""
+    plan = plan_route(route, section, chat, job.messages)
+    return plan, chat.generate(job, plan.weights)
+
+
 def make_trace(route, plan: RoutePlan, result: ChatResult, queue_seconds: float) -> RouteTrace:
     ttft = result.token_times[0] - result.started if result.token_times else None
     end = result.token_times[-1] if result.token_times else result.started
@@ -85,7 +108,7 @@ def make_trace(route, plan: RoutePlan, result: ChatResult, queue_seconds: float)
         route_requested=route,
         domains_applied=plan.weights,
         gated_off=plan.gated_off,
-        router_probabilities=None,
+        router_probabilities=plan.probabilities,
         reason=plan.reason,
         queue_seconds=queue_seconds,
         time_to_first_token_seconds=ttft,

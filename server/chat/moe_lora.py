@@ -160,7 +160,8 @@ def add_stack(model: nn.Module, domain: str, config: MoELoRAConfig, seed: int = 
     dtype = param.dtype if param.is_floating_point() else torch.float32
     added = []
     for layer in layers.values():
-        stack = MoELoRA(layer.in_features, layer.out_features, config).to(param.device, dtype)
+        # eval mode until a trainer switches it: no router noise unless training asks for it
+        stack = MoELoRA(layer.in_features, layer.out_features, config).to(param.device, dtype).eval()
         layer.stacks.append(stack)
         layer.stack_domains.append(domain)
         added.append(stack)

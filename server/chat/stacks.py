@@ -1,4 +1,4 @@
-"""Attach the manifest's frozen Brainstacks stacks to the loaded chat base, in domain order.
+"""Attach the manifest's frozen Brainstacks stacks (and its meta-router) to the loaded chat base.
 
 Stacks load from verified safetensors (sha256 from the manifest) and start gated off: a request
 applies the domains its route names, for the duration of that request (`moe_lora.routed`).
@@ -6,7 +6,8 @@ applies the domains its route names, for the duration of that request (`moe_lora
 
 from __future__ import annotations
 
-from server.chat.moe_lora import read_stack_metadata, load_stack, set_route
+from server.chat.moe_lora import load_stack, read_stack_metadata, set_route
+from server.chat.router import MetaRouter, load_router
 from server.manifest import ArtifactError, ArtifactResolver, ChatSection
 
 
@@ -22,3 +23,15 @@ def attach_stacks(model, section: ChatSection, resolver: ArtifactResolver) -> di
         loaded[domain.name] = len(domain.stacks)
     set_route(model, {})  # base alone until a request routes
     return loaded
+
+
+def load_chat_router(path, section: ChatSection, chat) -> MetaRouter:
+    """The meta-router, refused (naming the file) unless it reads this base and routes these domains."""
+    router, _ = load_router(path)
+    config = chat.model.config
+    if router.config.hidden_size != config.hidden_size or router.config.middle_layer > config.num_hidden_layers:
+        raise ArtifactError(path, f"router reads width {router.config.hidden_size}, layer {router.config.middle_layer}; "
+                                  f"the base has width {config.hidden_size}, {config.num_hidden_layers} layers")
+    if unknown := set(router.config.domains) - {d.name for d in section.domains}:
+        raise ArtifactError(path, f"router routes domains the manifest does not serve: {sorted(unknown)}")
+    return router.to(chat.device)

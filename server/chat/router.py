@@ -1,0 +1,94 @@
+"""The outcome-based sigmoid meta-router: Brainstacks §3.6 (arXiv 2604.01152), shared with training.
+
+It reads the frozen base's hidden states for the prompt (stacks off): a mix of a middle layer and
+the last (0.45 / 0.55), pooled over tokens by attention with a learned global query and one learned
+query per domain, then a small MLP gives one logit per domain, divided by a learned temperature,
+and one sigmoid per domain (domains are not exclusive: a dose question wants medical *and* math).
+At inference the chat domain gets a floor and a domain at or under the gate threshold is skipped.
+No library has it; it is small enough to read top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from server.manifest import ArtifactError
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    domains: tuple[str, ...]
+    hidden_size: int  # the base model's
+    middle_layer: int  # index into the base's hidden_states (0 = embeddings)
+    middle_weight: float = 0.45  # the last layer gets the rest
+    width: int = 128
+    floor_domain: str | None = "chat"  # always applied at least at `floor`
+    floor: float = 0.2
+    gate_threshold: float = 0.12  # a domain at or under this probability is skipped
+
+
+class MetaRouter(nn.Module):
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        d, n = config.hidden_size, len(config.domains)
+        self.norm = nn.LayerNorm(d)
+        self.query = nn.Parameter(torch.randn(d) * 0.02)
+        self.domain_queries = nn.Parameter(torch.randn(n, d) * 0.02)
+        self.mlp = nn.Sequential(nn.Linear(2 * d, config.width), nn.GELU(), nn.Linear(config.width, 1))
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        c = self.config
+        return c.middle_weight * hidden_states[c.middle_layer] + (1 - c.middle_weight) * hidden_states[-1]
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, domains] from mixed hidden states [batch, tokens, d]."""
+        h = self.norm(states.float())
+        scale = 1 / math.sqrt(h.shape[-1])
+        pad = attention_mask[:, None, :] == 0
+        queries = torch.cat([self.query[None], self.domain_queries])  # [1 + n, d]
+        scores = torch.einsum("btd,qd->bqt", h, queries) * scale
+        pooled = scores.masked_fill(pad, float("-inf")).softmax(-1) @ h  # [batch, 1 + n, d]
+        n = len(self.config.domains)
+        pairs = torch.cat([pooled[:, :1].expand(-1, n, -1), pooled[:, 1:]], dim=-1)
+        return self.mlp(pairs).squeeze(-1) / self.log_temperature.exp()
+
+    def route(self, probabilities: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:
+        """One prompt's probabilities -> (weights applied, domains gated off and why)."""
+        c = self.config
+        weights, gated = {}, {}
+        for domain, p in zip(c.domains, probabilities.tolist()):
+            if domain == c.floor_domain and p < c.floor:
+                weights[domain] = c.floor
+            elif p <= c.gate_threshold:
+                gated[domain] = f"router probability {p:.3f} <= gate threshold {c.gate_threshold}"
+            else:
+                weights[domain] = round(p, 6)
+        return weights, gated
+
+
+def save_router(path, router: MetaRouter, extra: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in router.state_dict().items()}
+    save_file(tensors, str(path), metadata={"meta_router": json.dumps({"config": asdict(router.config),
+                                                                       **(extra or {})})})
+
+
+def load_router(path) -> tuple[MetaRouter, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta_router"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = RouterConfig(**{**meta["config"], "domains": tuple(meta["config"]["domains"])})
+        router = MetaRouter(config)
+        router.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError, OSError) as exc:
+        raise ArtifactError(path, f"not a meta-router artifact ({exc})") from exc
+    return router.eval().requires_grad_(False), meta
