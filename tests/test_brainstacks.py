@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import replace
-
 import pytest
 import torch
 
-from server.chat.moe_lora import load_stack, wrapped_layers
-from server.manifest import load_manifest, sha256_file
+from server.chat.moe_lora import wrapped_layers
 from training.brainstacks.data import IGNORE, batches, collate
 from training.brainstacks.inner import BoostingConfig, boost_domain, validation_loss
-from training.brainstacks.zoo import MICRO_CHAT, build_chat_zoo, load_base
+from training.brainstacks.continual import load_base
 from training.data.world import examples
 
 
@@ -43,29 +39,17 @@ def test_boosting_keeps_best_checkpoints_and_stops_adding_rounds(manifest_path):
     assert all(len(s) == 1 and not any(p.requires_grad for p in s[0].parameters()) for s in stacks)
 
 
-def test_micro_chat_zoo_writes_stacks_and_manifest(tmp_path):
-    manifest = tmp_path / "weights_manifest.yaml"
-    from server.manifest import write_manifest
-    from training.zoo.build import default_manifest
+def test_zoo_lm_keeps_digits_single_and_projections_multiples_of_32(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
 
-    write_manifest(default_manifest().model_copy(update={"image": []}), manifest)
-    summary = build_chat_zoo(manifest, MICRO_CHAT, runs_dir=tmp_path / "runs")
-    chat = load_manifest(manifest).chat
-    assert not chat.base.placeholder and chat.base.source.files
-    assert [d.name for d in chat.domains] == ["chat", "math"] and [d.order for d in chat.domains] == [0, 1]
-    for domain in chat.domains:
-        assert 1 <= len(domain.stacks) <= 2
-        for stack in domain.stacks:
-            assert stack.sha256 == sha256_file(tmp_path / stack.path)
-    assert not list((tmp_path / "artifacts").rglob(".*.tmp"))
-    reports = {r["domain"]: r for r in summary["domains"]}
-    assert set(reports) == {"chat", "math"} and 0 <= reports["math"]["stacks_exact_match"] <= 1
-    assert (tmp_path / "runs" / "math" / "report.json").is_file()
+    from training.zoo.language import MICRO_LM, build_zoo_lm
 
-    base = load_base(manifest)  # the stacks load back onto the base the build recorded
-    meta = load_stack(base.model, tmp_path / chat.domains[1].stacks[0].path)
-    assert meta["domain"] == "math" and meta["round"] == 1
-
-    # --if-missing rebuilds nothing; a fresh build of one domain replaces only that entry
-    again = build_chat_zoo(manifest, MICRO_CHAT, if_missing=True, runs_dir=tmp_path / "runs")
-    assert again["base"] is None and again["domains"] == []
+    summary = build_zoo_lm(tmp_path / "lm", MICRO_LM, tmp_path / "runs")
+    config = AutoConfig.from_pretrained(tmp_path / "lm")
+    assert config.model_type == "llama"
+    assert all(size % 32 == 0 for size in (config.hidden_size, config.intermediate_size, config.vocab_size))
+    assert (tmp_path / "lm" / "model.safetensors").is_file() and summary["parameters"] > 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    pieces = tokenizer.tokenize("12 + 305 = 317")
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("12305317")
+    assert (tmp_path / "runs" / "pretrain.png").is_file()

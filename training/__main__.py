@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     zoo = sub.add_parser("zoo", help="build the embedded default models")
     zoo.add_argument("what", choices=["images", "chat", "placeholder"],
                      help="images: train digits-dit and digits-pixart (about 20 CPU-minutes); "
-                          "chat: pretrain zoo-lm and train each domain's MoE-LoRA stacks; "
+                          "chat: pretrain zoo-lm, train the domains' MoE-LoRA stacks one after another, then the router; "
                           "placeholder: untrained stand-ins, built in seconds")
     zoo.add_argument("--micro", action="store_true", help="a few dozen steps of everything (for tests)")
     zoo.add_argument("--manifest", type=Path, default=Settings().manifest)
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--updates", type=int, default=300)
     sweep.add_argument("--out", type=Path, default=Path("runs/ilf"))
     ev = sub.add_parser("eval", help="measure the served models against the yardstick")
-    ev.add_argument("what", choices=["images", "moe-lora"])
+    ev.add_argument("what", choices=["images", "moe-lora", "brainstacks"])
     ev.add_argument("--manifest", type=Path, default=Settings().manifest)
     ev.add_argument("--out", type=Path, default=Path("runs/eval"))
     ev.add_argument("--models", nargs="*", help="only these image models")
@@ -74,8 +74,12 @@ def main(argv: list[str] | None = None) -> None:
 
         comparison = MoEComparison() if args.steps is None else MoEComparison(steps=args.steps)
         run_moe_lora_eval(args.manifest, args.out, comparison)
+    if args.command == "eval" and args.what == "brainstacks":
+        from training.brainstacks.eval_brainstacks import run_brainstacks_eval
+
+        run_brainstacks_eval(args.manifest, args.out)
     if args.command == "zoo" and args.what == "chat":
-        from training.brainstacks.zoo import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
+        from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
 
         build_chat_zoo(args.manifest, MICRO_CHAT if args.micro else ChatZooRecipe(), if_missing=args.if_missing)
     if args.command == "zoo" and args.what == "placeholder":

@@ -18,13 +18,14 @@ class Batch:
     labels: torch.Tensor  # IGNORE outside the reply (and its end-of-sequence token)
 
 
-def prompt_ids(tokenizer, example: Example) -> list[int]:
-    return tokenizer.apply_chat_template(example.messages(), add_generation_prompt=True, tokenize=True,
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template up to the assistant's turn: what the server feeds the model."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
 
 
 def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
-    prompt = prompt_ids(tokenizer, example)
+    prompt = prompt_ids(tokenizer, example.messages())
     reply = tokenizer(example.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt + reply, [IGNORE] * len(prompt) + reply
 

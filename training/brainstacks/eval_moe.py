@@ -21,7 +21,7 @@ from server.chat.moe_lora import MoELoRAConfig, remove_last_stack, wrap_projecti
 from training.brainstacks.data import batches
 from training.brainstacks.evaluate import exact_match
 from training.brainstacks.inner import BoostingConfig, train_round, validation_loss
-from training.brainstacks.zoo import load_base
+from training.brainstacks.continual import load_base
 from training.data.world import examples
 
 

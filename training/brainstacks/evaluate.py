@@ -14,7 +14,7 @@ def generate_replies(model, tokenizer, items: list[Example], max_new_tokens: int
     replies = []
     pad = tokenizer.pad_token_id
     for start in range(0, len(items), batch_size):
-        prompts = [prompt_ids(tokenizer, e) for e in items[start : start + batch_size]]
+        prompts = [prompt_ids(tokenizer, e.messages()) for e in items[start : start + batch_size]]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)

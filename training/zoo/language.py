@@ -29,8 +29,8 @@ class LMRecipe:
     heads: int = 4
     intermediate: int = 768
     vocab: int = 768  # BPE merges fill it up to this size (a multiple of 32)
-    context: int = 96  # tokens per training sequence
-    steps: int = 1600
+    context: int = 64  # tokens per training sequence (2-3 sentences of the world's prose)
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100

@@ -1,0 +1,134 @@
+"""Continual domains, null-space projection and the meta-router, at micro scale."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.chat.base import ChatJob
+from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, routed, wrapped_layers
+from server.chat.router import MetaRouter, RouterConfig, load_router, save_router
+from server.manifest import load_manifest, write_manifest
+from tests.conftest import make_settings
+from training.brainstacks.continual import MICRO_CHAT, build_chat_zoo, domain_data, load_base, run_continual
+from training.brainstacks.data import batches
+from training.brainstacks.nullspace import NullSpaceConfig, collect_deltas, projectors
+from training.brainstacks.routing import greedy_selection
+from training.data.world import examples
+from training.zoo.build import default_manifest
+
+
+def test_greedy_selection_follows_the_outcome_rule():
+    domains = ("chat", "math", "medical")
+    f = frozenset
+    table = {f(): 2.0, f({"chat"}): 1.9, f({"math"}): 1.5, f({"medical"}): 1.2,
+             f({"medical", "chat"}): 1.195, f({"medical", "math"}): 0.9, f({"chat", "math"}): 1.4,
+             f({"chat", "math", "medical"}): 0.895}
+    # medical alone is best (1.2); adding math drops 0.3 > margin; adding chat then drops 0.005 <= margin
+    assert greedy_selection(table, domains, margin=0.01) == ("math", "medical")
+    assert greedy_selection(table, domains, margin=0.001) == ("chat", "math", "medical")
+    assert greedy_selection({**table, f({"medical"}): 1.995, f({"math"}): 1.999, f({"chat"}): 1.991},
+                            domains, margin=0.01) == ()
+
+
+def test_gating_respects_the_chat_floor_and_the_threshold():
+    router = MetaRouter(RouterConfig(domains=("chat", "math", "medical"), hidden_size=8, middle_layer=1))
+    weights, gated = router.route(torch.tensor([0.05, 0.12, 0.7]))
+    assert weights == {"chat": 0.2, "medical": pytest.approx(0.7)}
+    assert set(gated) == {"math"} and "0.120 <= gate threshold 0.12" in gated["math"]
+    weights, _ = router.route(torch.tensor([0.9, 0.13, 0.0]))
+    assert weights == {"chat": pytest.approx(0.9), "math": pytest.approx(0.13)}
+
+
+def test_router_round_trips(tmp_path):
+    torch.manual_seed(0)
+    router = MetaRouter(RouterConfig(domains=("chat", "math"), hidden_size=16, middle_layer=1)).eval()
+    states, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    save_router(tmp_path / "router.safetensors", router)
+    loaded, _ = load_router(tmp_path / "router.safetensors")
+    assert torch.equal(loaded(states, mask), router(states, mask))
+    changed = states.clone()
+    changed[0, 3:] = 100.0  # padding never reaches the pooled features
+    assert torch.equal(router(changed, mask)[0], router(states, mask)[0])
+
+
+def test_projector_removes_earlier_directions_also_after_folding(manifest_path):
+    chat = load_base(manifest_path)
+    model, tokenizer = chat.model, chat.tokenizer
+    config = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
+    earlier = add_stack(model, "chat", config)
+    torch.manual_seed(0)
+    for stack in earlier:
+        torch.nn.init.normal_(stack.lora_B, std=0.3)
+    freeze(earlier)
+    prompts = batches(tokenizer, examples("chat", "train", 8), 4)
+    cfg = NullSpaceConfig(fraction=0.05, samples=64)
+    ps = projectors(model, prompts, ["chat"], cfg)
+    new = add_stack(model, "math", config, seed=1)
+    for stack, p in zip(new, ps):
+        torch.nn.init.normal_(stack.lora_B, std=0.3)
+        stack.output_projector = p
+    x_by_layer = collect_deltas(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0))
+    for (name, layer), stack, p in zip(wrapped_layers(model).items(), new, ps):
+        k = round(torch.trace(p).item())
+        assert k == max(1, round(0.05 * layer.out_features))
+        torch.testing.assert_close(p @ p, p, atol=1e-4, rtol=1e-4)  # an orthogonal projector
+        x = torch.randn(10, layer.in_features)
+        with torch.no_grad():
+            delta = stack(x)
+            assert (delta @ p).abs().max() < 1e-4 * max(1.0, delta.abs().max().item())
+            freeze([stack])
+            folded = stack(x)
+        assert (folded @ p).abs().max() < 1e-4 * max(1.0, folded.abs().max().item())
+        torch.testing.assert_close(folded, delta, atol=1e-5, rtol=1e-4)
+        # the earlier domain's own deltas lie mostly inside the claimed directions
+        earlier_rows = x_by_layer[name]
+        assert (earlier_rows @ p).norm() > 0.3 * earlier_rows.norm()
+
+
+def test_isolation_reproduces_the_post_freeze_loss_bit_for_bit(manifest_path):
+    chat = load_base(manifest_path)
+    recipe = replace(MICRO_CHAT, domains=("chat", "math", "medical"))
+    data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
+    out = run_continual(chat.model, chat.tokenizer, recipe, data)
+    last_isolation, last_ungated = out["forgetting_isolation"][-1], out["forgetting_ungated"][-1]
+    assert list(last_isolation) == ["chat", "math", "medical"]
+    for domain, loss in out["post_freeze"].items():
+        assert last_isolation[domain] == loss  # exactly: later stacks off is the model that was frozen
+    assert last_ungated["chat"] != out["post_freeze"]["chat"]  # later stacks do touch chat when on
+    assert [r["projection"] for r in out["domains"]] == [False, True, True]
+
+
+def test_micro_language_zoo_serves_routed_chat(tmp_path):
+    manifest = tmp_path / "weights_manifest.yaml"
+    write_manifest(default_manifest().model_copy(update={"image": []}), manifest)
+    summary = build_chat_zoo(manifest, MICRO_CHAT, runs_dir=tmp_path / "runs")
+    chat = load_manifest(manifest).chat
+    assert [d.name for d in chat.domains] == ["chat", "math"] and chat.router is not None
+    assert summary["forgetting_isolation"][1]["chat"] == summary["post_freeze"]["chat"]
+    assert (tmp_path / "runs" / "router.json").is_file() and not list(tmp_path.rglob(".*.tmp"))
+
+    with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
+        body = c.post("/chat", json={"prompt": "Compute 23 + 45 - 12.", "max_tokens": 6}).json()
+    trace = body["trace"]
+    assert set(trace["router_probabilities"]) == {"chat", "math"}
+    assert trace["domains_applied"]["chat"] >= 0.2  # the chat floor
+    assert set(trace["domains_applied"]) | set(trace["gated_off"]) == {"chat", "math"}
+
+    # the trace's weights are the ones applied: the same weights outside the server give the same text
+    served = load_base(manifest)
+    from server.chat.stacks import attach_stacks
+    from server.manifest import ArtifactResolver
+
+    resolver = ArtifactResolver(manifest, tmp_path / "artifacts")
+    attach_stacks(served.model, chat, resolver)
+    job = ChatJob([{"role": "user", "content": "Compute 23 + 45 - 12."}], 6, 0.0, 1.0, 0)
+    assert served.generate(job, trace["domains_applied"]).text == body["text"]
+
+    again = build_chat_zoo(manifest, MICRO_CHAT, if_missing=True, runs_dir=tmp_path / "runs")
+    assert again["base"] is None and again["domains"] == []

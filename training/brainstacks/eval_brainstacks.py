@@ -1,0 +1,183 @@
+"""`python -m training eval brainstacks`: the continual system's claims, measured.
+
+(a) Forgetting matrices, isolation and ungated, with and without the null-space projection: two
+    continual runs at a reduced budget (the same data, seeds and steps; only the projection differs).
+(b) On each domain's test set and on the cross-domain set, for the served zoo (manifest stacks and
+    router): base, ungated (every stack at 1), routed (the meta-router, per prompt) and oracle (per
+    prompt, the subset of domains with the lowest answer loss): answer loss and exact match.
+(c) The router's top-1 accuracy on single-domain prompts, and the domain combinations it applies to
+    cross-domain prompts beside the combinations outcome discovery found best.
+Prints tables, writes JSON and a PNG of the forgetting matrices.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from server.chat.moe_lora import load_stack, routed
+from server.chat.stacks import load_chat_router
+from server.manifest import ArtifactResolver, load_manifest
+from server.settings import Settings
+from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
+from training.brainstacks.data import collate
+from training.brainstacks.evaluate import generate_replies
+from training.brainstacks.inner import BoostingConfig
+from training.brainstacks.routing import example_losses, greedy_selection, loss_tables
+from training.data.world import examples, final_answer
+
+
+@dataclass(frozen=True)
+class BrainstacksEval:
+    test_examples: int = 40  # per domain, and for the cross-domain set
+    ablation: ChatZooRecipe = ChatZooRecipe(
+        boosting=BoostingConfig(steps_per_round=200, max_rounds=1), router=None, train_examples=2000,
+        val_examples=64, test_examples=20)
+    margin: float = 0.01
+    max_new_tokens: int = 40
+
+
+def forgetting_ablation(manifest_path: Path, cfg: BrainstacksEval) -> dict:
+    out = {}
+    for projection in (True, False):
+        chat = load_base(manifest_path)
+        recipe = replace(cfg.ablation, nullspace=replace(cfg.ablation.nullspace, enabled=projection))
+        data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
+        run = run_continual(chat.model, chat.tokenizer, recipe, data)
+        out["with_projection" if projection else "without_projection"] = {
+            k: run[k] for k in ("post_freeze", "forgetting_isolation", "forgetting_ungated")}
+    return out
+
+
+@torch.no_grad()
+def per_example(model, tokenizer, items, route_of, max_new_tokens: int) -> tuple[list[float], list[bool]]:
+    """Loss and exact match per example, each with its own route (batch 1: routes differ)."""
+    losses, correct = [], []
+    for item in items:
+        with routed(model, route_of(item)):
+            losses.append(example_losses(model, collate(tokenizer, [item]))[0].item())
+            reply = generate_replies(model, tokenizer, [item], max_new_tokens=max_new_tokens)[0]
+        correct.append(final_answer(reply) == item.final)
+    return losses, correct
+
+
+def served_comparison(manifest_path: Path, cfg: BrainstacksEval) -> dict:
+    manifest = load_manifest(manifest_path)
+    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
+    resolver = ArtifactResolver(manifest_path, settings.resolved_artifact_root())
+    chat = load_base(manifest_path)
+    model, tokenizer = chat.model, chat.tokenizer
+    for domain in manifest.chat.domains:
+        for artifact in domain.stacks:
+            load_stack(model, resolver.artifact(artifact))
+    chat.stacks = {d.name: len(d.stacks) for d in manifest.chat.domains}
+    chat.router = load_chat_router(resolver.artifact(manifest.chat.router), manifest.chat, chat)
+    domains = tuple(d.name for d in manifest.chat.domains)
+
+    sets = {d: examples(d, "test", cfg.test_examples) for d in domains}
+    sets["cross"] = examples("cross", "test", cfg.test_examples)
+    results, router_report = {}, {"top1": {}, "cross": []}
+    for name, items in sets.items():
+        tables = loss_tables(model, tokenizer, items, domains)
+        best = [min(t, key=t.get) for t in tables]
+        discovered = [greedy_selection(t, domains, cfg.margin) for t in tables]
+        routes = {}
+        for item in items:
+            probabilities = chat.router_probabilities(item.messages())
+            weights, _ = chat.router.route(torch.tensor([probabilities[d] for d in domains]))
+            routes[item.prompt] = (weights, probabilities)
+        oracle = {item.prompt: {d: 1.0 for d in b} for item, b in zip(items, best)}
+        row = {}
+        for setting, route_of in (("base", lambda item: {}), ("ungated", lambda item: None),
+                                  ("routed", lambda item: routes[item.prompt][0]),
+                                  ("oracle", lambda item: oracle[item.prompt])):
+            losses, correct = per_example(model, tokenizer, items, route_of, cfg.max_new_tokens)
+            row[setting] = {"loss": sum(losses) / len(losses), "exact_match": sum(correct) / len(correct)}
+        results[name] = row
+        if name == "cross":
+            for item, found in zip(items, discovered):
+                weights, probabilities = routes[item.prompt]
+                router_report["cross"].append({"kind": item.domain, "router_applied": sorted(weights),
+                                               "discovered": list(found),
+                                               "probabilities": {d: round(p, 3) for d, p in probabilities.items()}})
+        else:
+            top1 = [max(routes[i.prompt][1], key=routes[i.prompt][1].get) == name for i in items]
+            router_report["top1"][name] = sum(top1) / len(top1)
+    cross = router_report["cross"]
+    router_report["cross_two_or_more_domains"] = sum(len(c["router_applied"]) >= 2 for c in cross) / len(cross)
+    router_report["cross_applied_combinations"] = Counter(
+        "+".join(c["router_applied"]) or "none" for c in cross).most_common()
+    router_report["cross_discovered_combinations"] = Counter(
+        "+".join(c["discovered"]) or "none" for c in cross).most_common()
+    return {"settings": results, "router": router_report}
+
+
+def format_tables(report: dict) -> str:
+    lines = []
+    for key in ("with_projection", "without_projection"):
+        run = report["forgetting"][key]
+        lines.append(f"forgetting, {key.replace('_', ' ')} (validation loss; row = after training that domain)")
+        domains = list(run["forgetting_isolation"][-1])
+        lines.append(f"{'after':<11}" + "".join(f"{d:>22}" for d in domains))
+        for row_iso, row_all in zip(run["forgetting_isolation"], run["forgetting_ungated"]):
+            after = list(row_iso)[-1]
+            cells = "".join(f"{row_iso[d]:>10.4f} / {row_all[d]:<9.4f}" if d in row_iso else f"{'':>22}"
+                            for d in domains)
+            lines.append(f"{after:<11}{cells}")
+        lines.append("  (each cell: isolation / ungated)")
+    lines.append("served zoo: answer loss and exact match")
+    lines.append(f"{'set':<11}" + "".join(f"{s:>20}" for s in ("base", "ungated", "routed", "oracle")))
+    for name, row in report["served"]["settings"].items():
+        lines.append(f"{name:<11}" + "".join(f"{row[s]['loss']:>10.3f} {row[s]['exact_match']:>8.2f}"
+                                             for s in ("base", "ungated", "routed", "oracle")))
+    router = report["served"]["router"]
+    lines.append("router top-1 on single-domain prompts: " + ", ".join(f"{d} {a:.2f}" for d, a in router["top1"].items()))
+    lines.append(f"cross-domain prompts routed to >= 2 domains: {router['cross_two_or_more_domains']:.2f}")
+    lines.append(f"  router applied: {router['cross_applied_combinations']}")
+    lines.append(f"  outcome discovery found best: {router['cross_discovered_combinations']}")
+    return "\n".join(lines)
+
+
+def save_matrices(path: Path, forgetting: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = [(k, m) for k in ("with_projection", "without_projection") for m in ("isolation", "ungated")]
+    for ax, (key, mode) in zip(axes, panels):
+        rows = forgetting[key][f"forgetting_{mode}"]
+        domains = list(rows[-1])
+        grid = np.full((len(rows), len(domains)), np.nan)
+        for r, row in enumerate(rows):
+            for c, d in enumerate(domains):
+                grid[r, c] = row.get(d, np.nan)
+        image = ax.imshow(grid, cmap="viridis")
+        ax.set_xticks(range(len(domains)), domains, rotation=45, fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"after {list(r)[-1]}" for r in rows], fontsize=7)
+        ax.set_title(f"{mode}, {key.replace('_', ' ')}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_brainstacks_eval(manifest_path: Path, out_dir: Path, cfg: BrainstacksEval = BrainstacksEval()) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report = {"config": asdict(cfg), "machine": f"{torch.get_num_threads()} torch threads, CPU"}
+    report["served"] = served_comparison(Path(manifest_path), cfg)
+    report["forgetting"] = forgetting_ablation(Path(manifest_path), cfg)
+    report["seconds"] = time.perf_counter() - started
+    (out_dir / "brainstacks.json").write_text(json.dumps(report, indent=1, default=str))
+    save_matrices(out_dir / "forgetting.png", report["forgetting"])
+    print(format_tables(report))
+    print(f"wrote {out_dir / 'brainstacks.json'} and {out_dir / 'forgetting.png'}")
+    return report

@@ -1,0 +1,130 @@
+"""Training the meta-router on discovered outcomes (Brainstacks §3.6).
+
+Targets come from what the stacks actually do for each (prompt, answer): the answer's loss with the
+base alone, with each domain alone, then greedy forward selection, adding the domain that lowers
+the loss most while it lowers it by more than `margin`. The selected set (1 per selected domain)
+is mixed with the prompt's own domain label, 0.8 / 0.2, and the router learns it with BCE.
+Every subset of domains is scored once per batch (2^5 = 32 forwards), so the greedy walk is a
+lookup in that table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from server.chat.moe_lora import routed
+from server.chat.router import MetaRouter, RouterConfig
+from training.brainstacks.data import Batch, batches, prompt_ids
+from training.data.world import Example
+
+
+@dataclass(frozen=True)
+class RouterTraining:
+    examples_per_domain: int = 120
+    margin: float = 0.01
+    discovered_weight: float = 0.8  # the label gets the rest
+    epochs: int = 60
+    lr: float = 2e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+def greedy_selection(losses: dict[frozenset, float], domains: tuple[str, ...], margin: float) -> tuple[str, ...]:
+    """Forward selection on one example's loss table (subset of domains -> answer loss)."""
+    selected: frozenset = frozenset()
+    current = losses[selected]
+    while len(selected) < len(domains):
+        loss, domain = min((losses[selected | {d}], d) for d in domains if d not in selected)
+        if current - loss <= margin:
+            break
+        selected, current = selected | {domain}, loss
+    return tuple(d for d in domains if d in selected)
+
+
+@torch.no_grad()
+def example_losses(model, batch: Batch) -> torch.Tensor:
+    """Mean reply-token loss per example, [batch]."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(1).clamp(min=1)
+    return token.sum(1) / counts
+
+
+@torch.no_grad()
+def loss_tables(model, tokenizer, items: list[Example], domains: tuple[str, ...],
+                batch_size: int = 32) -> list[dict[frozenset, float]]:
+    subsets = [frozenset(c) for r in range(len(domains) + 1) for c in itertools.combinations(domains, r)]
+    tables: list[dict[frozenset, float]] = [{} for _ in items]
+    offset = 0
+    for batch in tqdm(batches(tokenizer, items, batch_size), desc="router targets", unit="batch"):
+        for subset in subsets:
+            with routed(model, {d: 1.0 for d in subset}):
+                losses = example_losses(model, batch)
+            for i, loss in enumerate(losses.tolist()):
+                tables[offset + i][subset] = loss
+        offset += len(batch.input_ids)
+    return tables
+
+
+def targets(items: list[Example], tables, domains: tuple[str, ...], cfg: RouterTraining) -> tuple[torch.Tensor, list]:
+    chosen = [greedy_selection(t, domains, cfg.margin) for t in tables]
+    discovered = torch.tensor([[float(d in c) for d in domains] for c in chosen])
+    label = torch.tensor([[float(item.domain == d) for d in domains] for item in items])
+    return cfg.discovered_weight * discovered + (1 - cfg.discovered_weight) * label, chosen
+
+
+@torch.no_grad()
+def base_features(model, router: MetaRouter, tokenizer, prompts: list[list[dict]], batch_size: int = 32):
+    """Mixed hidden states of the frozen base (stacks off) for chat prompts, with their masks."""
+    feats = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(tokenizer, messages) for messages in prompts[start:start + batch_size]]
+        length = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with routed(model, {}):
+            hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        feats.append((router.features(hidden).float(), mask))
+    return feats
+
+
+def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...], cfg: RouterTraining,
+                 middle_layer: int, hidden_size: int) -> tuple[MetaRouter, dict]:
+    started = time.perf_counter()
+    tables = loss_tables(model, tokenizer, items, domains, cfg.batch_size)
+    target, chosen = targets(items, tables, domains, cfg)
+    torch.manual_seed(cfg.seed)
+    router = MetaRouter(RouterConfig(domains=domains, hidden_size=hidden_size, middle_layer=middle_layer))
+    feats = base_features(model, router, tokenizer, [e.messages() for e in items], cfg.batch_size)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.01)
+    history = []
+    for epoch in tqdm(range(cfg.epochs), desc="meta-router", unit="epoch"):
+        total = 0.0
+        for (states, mask), start in zip(feats, range(0, len(items), cfg.batch_size)):
+            logits = router(states, mask)
+            loss = F.binary_cross_entropy_with_logits(logits, target[start:start + len(states)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(states)
+        history.append(total / len(items))
+    router.eval().requires_grad_(False)
+    report = {"seconds": time.perf_counter() - started, "bce": history,
+              "discovered": [{"domain": e.domain, "chosen": list(c)} for e, c in zip(items, chosen)]}
+    return router, report
+
+
+@torch.no_grad()
+def router_probabilities(model, router: MetaRouter, tokenizer, prompts: list[list[dict]]) -> torch.Tensor:
+    out = [torch.sigmoid(router(states, mask)) for states, mask in base_features(model, router, tokenizer, prompts)]
+    return torch.cat(out)
