@@ -105,10 +105,10 @@ def timed(backbone: ImageBackbone, steps: int, mode: str, batch: int, repeats: i
     return min(times[1:]), result.block_evaluations
 
 
+@torch.no_grad()
 def run(shapes: list[str], device: str, dtype: torch.dtype, batches: list[int], ilf_steps: list[int],
         repeats: int) -> list[dict]:
     rows = []
-    torch.set_grad_enabled(False)
     diffusers_logging.set_verbosity_error()
     for name in shapes:
         backbone = build(name, device, dtype)

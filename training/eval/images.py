@@ -251,9 +251,9 @@ def save_frontier(path: Path, name: str, rows: list[dict], batch: int) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()  # a decorator, not a global switch: callers (and tests after this one) keep autograd
 def run_image_eval(manifest_path: Path, out_dir: Path, protocol: Protocol = Protocol(),
                    models: list[str] | None = None) -> dict:
-    torch.set_grad_enabled(False)
     settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
     manifest = load_manifest(manifest_path)
     resolver = ArtifactResolver(manifest_path, settings.resolved_artifact_root())
