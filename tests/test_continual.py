@@ -16,7 +16,7 @@ from server.manifest import load_manifest, write_manifest
 from tests.conftest import make_settings
 from training.brainstacks.continual import MICRO_CHAT, build_chat_zoo, domain_data, load_base, run_continual
 from training.brainstacks.data import batches
-from training.brainstacks.nullspace import NullSpaceConfig, collect_deltas, projectors
+from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases, collect_deltas
 from training.brainstacks.routing import greedy_selection
 from training.data.world import examples
 from training.zoo.build import default_manifest
@@ -68,11 +68,12 @@ def test_projector_removes_earlier_directions_also_after_folding(manifest_path):
     freeze(earlier)
     prompts = batches(tokenizer, examples("chat", "train", 8), 4)
     cfg = NullSpaceConfig(fraction=0.05, samples=64)
-    ps = projectors(model, prompts, ["chat"], cfg)
+    bases = claimed_bases(model, prompts, ["chat"], cfg)
     new = add_stack(model, "math", config, seed=1)
-    for stack, p in zip(new, ps):
+    for stack, v in zip(new, bases):
         torch.nn.init.normal_(stack.lora_B, std=0.3)
-        stack.output_projector = p
+        stack.output_basis = v
+    ps = [v @ v.T for v in bases]
     x_by_layer = collect_deltas(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0))
     for (name, layer), stack, p in zip(wrapped_layers(model).items(), new, ps):
         k = round(torch.trace(p).item())
@@ -132,3 +133,23 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
 
     again = build_chat_zoo(manifest, MICRO_CHAT, if_missing=True, runs_dir=tmp_path / "runs")
     assert again["base"] is None and again["domains"] == []
+
+
+def test_brainstacks_eval_reports_every_setting(tmp_path):
+    from training.brainstacks.eval_brainstacks import BrainstacksEval, run_brainstacks_eval
+
+    manifest = tmp_path / "weights_manifest.yaml"
+    write_manifest(default_manifest().model_copy(update={"image": []}), manifest)
+    build_chat_zoo(manifest, MICRO_CHAT, runs_dir=tmp_path / "runs")
+    cfg = BrainstacksEval(test_examples=2, ablation=replace(MICRO_CHAT, router=None), max_new_tokens=4)
+    report = run_brainstacks_eval(manifest, tmp_path / "eval", cfg)
+    settings = report["served"]["settings"]
+    assert set(settings) == {"chat", "math", "cross"}
+    for row in settings.values():
+        assert set(row) == {"base", "ungated", "routed", "oracle"}
+        assert row["oracle"]["loss"] <= min(row[s]["loss"] for s in ("base", "ungated")) + 1e-4
+    assert set(report["served"]["router"]["top1"]) == {"chat", "math"}
+    for key in ("with_projection", "without_projection"):
+        run = report["forgetting"][key]
+        assert run["forgetting_isolation"][-1]["chat"] == run["post_freeze"]["chat"]
+    assert (tmp_path / "eval" / "forgetting.png").is_file()

@@ -133,11 +133,11 @@ def test_projection_folds_into_the_frozen_stack():
     stack = MoELoRA(32, 64, SMALL).eval()
     torch.nn.init.normal_(stack.lora_B)
     basis, _ = torch.linalg.qr(torch.randn(64, 3))
-    stack.output_projector = basis @ basis.T
+    stack.output_basis = basis
     x = torch.randn(20, 32)
     with torch.no_grad():
         projected = stack(x)
         assert (projected @ basis).abs().max() < 1e-4  # nothing written into the claimed directions
         freeze([stack])
-        assert stack.output_projector is None
+        assert stack.output_basis is None
         torch.testing.assert_close(stack(x), projected, rtol=1e-5, atol=1e-5)

@@ -68,8 +68,9 @@ class MoELoRA(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.noise = nn.Linear(d_in, n, bias=False)
         nn.init.zeros_(self.noise.weight)
-        # d_out x d_out projector of directions this stack may not write (null-space training)
-        self.register_buffer("output_projector", None, persistent=False)
+        # orthonormal [d_out, k] basis of directions this stack may not write (null-space training);
+        # kept as a basis, not as P = V V^T: a d_out x d_out product per token would cost more than the base
+        self.register_buffer("output_basis", None, persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.last_routing: torch.Tensor | None = None  # [tokens, experts] gate weights, for utilisation
 
@@ -95,8 +96,8 @@ class MoELoRA(nn.Module):
         hidden = (x @ self.lora_A.reshape(n * r, -1).T).view(-1, n, r) * gates.unsqueeze(-1)
         delta = hidden.reshape(-1, n * r) @ self.lora_B.permute(0, 2, 1).reshape(n * r, -1)
         delta = delta * self.config.scale
-        if self.output_projector is not None:
-            delta = delta - delta @ self.output_projector
+        if self.output_basis is not None:  # delta (I - V V^T)
+            delta = delta - (delta @ self.output_basis) @ self.output_basis.T
         return delta.view(*shape[:-1], -1)
 
 
@@ -171,11 +172,11 @@ def add_stack(model: nn.Module, domain: str, config: MoELoRAConfig, seed: int = 
 def freeze(stacks: list[MoELoRA]) -> None:
     """Freeze a trained stack: no gradients, eval mode (no router noise), its projection folded into B."""
     for stack in stacks:
-        if stack.output_projector is not None:
-            with torch.no_grad():  # (I - P) B_k: writes at inference what it was trained to write
-                eye = torch.eye(stack.lora_B.shape[1], dtype=stack.lora_B.dtype, device=stack.lora_B.device)
-                stack.lora_B.copy_(torch.einsum("oi,eir->eor", eye - stack.output_projector.T, stack.lora_B))
-            stack.output_projector = None
+        if stack.output_basis is not None:
+            with torch.no_grad():  # B_k <- (I - V V^T) B_k: writes at inference what it was trained to write
+                v = stack.output_basis
+                stack.lora_B.sub_(v @ (v.T @ stack.lora_B))  # [E, d_out, r], batched over experts
+            stack.output_basis = None
         stack.requires_grad_(False).eval()
         for param in stack.parameters():
             param.grad = None

@@ -31,7 +31,7 @@ from server.settings import Settings
 from training.brainstacks.data import batches
 from training.brainstacks.evaluate import exact_match
 from training.brainstacks.inner import BoostingConfig, boost_domain, round_summary, validation_loss
-from training.brainstacks.nullspace import NullSpaceConfig, projectors
+from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases
 from training.brainstacks.routing import RouterTraining, train_router
 from training.data.world import DOMAINS, examples
 from training.zoo.language import MICRO_LM, LMRecipe, build_zoo_lm
@@ -135,9 +135,9 @@ def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, Domai
         with routed(model, isolation_route(domains, j)):  # earlier domains on; this one's stacks as they come
             start_loss = validation_loss(model, data[domain].val)
             base_accuracy, _ = exact_match(model, tokenizer, data[domain].test, max_new_tokens=recipe.max_new_tokens)
-            projection = projectors(model, prompts, earlier, recipe.nullspace)
+            bases = claimed_bases(model, prompts, earlier, recipe.nullspace)
             results, kept = boost_domain(model, tokenizer, domain, data[domain].train, data[domain].val,
-                                         recipe.boosting, projection)
+                                         recipe.boosting, bases)
         route = isolation_route(domains, j)
         with routed(model, route):
             post_freeze[domain] = validation_loss(model, data[domain].val)

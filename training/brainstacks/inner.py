@@ -72,14 +72,14 @@ def _snapshot(stacks: list[MoELoRA]) -> list[dict[str, torch.Tensor]]:
 
 def train_round(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
                 round_index: int, start_loss: float, steps: int | None = None,
-                projectors: list[torch.Tensor | None] | None = None) -> tuple[RoundResult, list[MoELoRA]]:
+                bases: list[torch.Tensor | None] | None = None) -> tuple[RoundResult, list[MoELoRA]]:
     """Train one fresh stack of `domain`; returns its result and the (frozen, best-checkpoint) stack.
-    `projectors` (one per wrapped projection, in model order) confine its output to the null space of
-    earlier domains' deltas while it trains; freezing folds them into the stack."""
+    `bases` (one per wrapped projection, in model order) confine its output to the null space of
+    earlier domains' deltas while it trains; freezing folds the projection into the stack."""
     started = time.perf_counter()
     stacks = add_stack(model, domain, cfg.stack, seed=cfg.seed * 1000 + round_index)
-    for stack, projector in zip(stacks, projectors or []):
-        stack.output_projector = projector
+    for stack, basis in zip(stacks, bases or []):
+        stack.output_basis = basis
     params = [p for s in stacks for p in s.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(f"{cfg.seed}/{domain}/{round_index}")
@@ -130,7 +130,7 @@ def train_round(model, tokenizer, domain: str, train: list[Example], val: list[B
 
 
 def boost_domain(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
-                 projectors: list[torch.Tensor | None] | None = None) -> tuple[list[RoundResult], list[list[MoELoRA]]]:
+                 bases: list[torch.Tensor | None] | None = None) -> tuple[list[RoundResult], list[list[MoELoRA]]]:
     """Residual boosting: rounds of frozen stacks while each round still gains `min_gain`."""
     results, kept = [], []
     current = validation_loss(model, val)
@@ -138,7 +138,7 @@ def boost_domain(model, tokenizer, domain: str, train: list[Example], val: list[
         if round_index >= cfg.max_rounds:
             break
         result, stacks = train_round(model, tokenizer, domain, train, val, cfg, round_index, current,
-                                     projectors=projectors)
+                                     bases=bases)
         if round_index > 0 and result.gain < cfg.min_gain:
             remove_last_stack(model, domain)
             result.kept = False

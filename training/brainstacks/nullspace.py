@@ -4,7 +4,7 @@ Before a domain trains, the earlier domains' frozen stacks are run on the earlie
 and their summed output delta is collected at every wrapped projection (one row per token, up to
 `samples` rows). The top-K right singular vectors V of that matrix (`torch.svd_lowrank`) are the
 directions the earlier domains write in; P = V V^T, and the new stack's delta is trained as
-delta - delta P. K scales with the projection's width and with the number of earlier domains
+delta - delta P (computed as (delta V) V^T: V is thin). K scales with the projection's width and with the number of earlier domains
 (`fraction` of the width per domain: the paper's 64 of 3,840 is 1.7%), so later domains keep room.
 The authors built P from the *new* domain's data; here it is built from the earlier domains'.
 """
@@ -64,8 +64,9 @@ def collect_deltas(model, prompts: list[Batch], earlier: list[str], samples: int
     return out
 
 
-def projectors(model, prompts: list[Batch], earlier: list[str], cfg: NullSpaceConfig) -> list[torch.Tensor | None]:
-    """One P = V V^T per wrapped projection (in model order), or Nones when disabled / nothing earlier."""
+def claimed_bases(model, prompts: list[Batch], earlier: list[str], cfg: NullSpaceConfig) -> list[torch.Tensor | None]:
+    """One orthonormal V [d_out, K] per wrapped projection (in model order; P = V V^T), or Nones when
+    disabled or when no domain came earlier."""
     layers = wrapped_layers(model)
     if not cfg.enabled or not earlier:
         return [None] * len(layers)
@@ -76,6 +77,5 @@ def projectors(model, prompts: list[Batch], earlier: list[str], cfg: NullSpaceCo
         k = directions(layer.out_features, len(earlier), cfg)
         torch.manual_seed(cfg.seed)  # svd_lowrank draws a random sketch
         _, _, v = torch.svd_lowrank(deltas[name], q=min(k + 8, min(deltas[name].shape)), niter=4)
-        basis = v[:, :k]
-        out.append((basis @ basis.T).to(next(layer.stacks[0].parameters()).dtype))
+        out.append(v[:, :k].contiguous().to(next(layer.stacks[0].parameters()).dtype))
     return out
