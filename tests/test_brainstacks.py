@@ -53,3 +53,31 @@ def test_zoo_lm_keeps_digits_single_and_projections_multiples_of_32(tmp_path):
     pieces = tokenizer.tokenize("12 + 305 = 317")
     assert [p for p in pieces if any(c.isdigit() for c in p)] == list("12305317")
     assert (tmp_path / "runs" / "pretrain.png").is_file()
+
+
+def test_steps_to_reach_reads_the_first_crossing():
+    from training.brainstacks.eval_moe import steps_to_reach
+
+    curve = [(0, 3.0), (25, 2.0), (50, 1.5), (75, 1.6)]
+    assert steps_to_reach(curve, 1.6) == 50 and steps_to_reach(curve, 2.0) == 25
+    assert steps_to_reach(curve, 1.0) is None
+
+
+def test_moe_lora_eval_compares_parameter_matched_adapters(manifest_path, tmp_path):
+    from server.chat.moe_lora import MoELoRAConfig
+    from training.brainstacks.eval_moe import MoEComparison, run_moe_lora_eval
+
+    cmp = MoEComparison(domains=("math",), steps=4, second_round_steps=2,
+                        moe=MoELoRAConfig(experts=4, rank=4, alpha=4.0),
+                        single=MoELoRAConfig(experts=1, rank=16, alpha=16.0, top_k=1),
+                        boosting=BoostingConfig(eval_every=2, batch_size=4, patience=10**9, spike=float("inf")),
+                        train_examples=16, val_examples=8, test_examples=2, max_new_tokens=4)
+    report = run_moe_lora_eval(manifest_path, tmp_path, cmp)
+    row = report["domains"][0]
+    moe, single = row["moe_run"], row["single_run"]
+    inputs = 2 * (6 * 64 + 128)  # summed input widths of the 14 wrapped projections (down_proj reads 128)
+    router_params, single_router = 2 * 4 * inputs, 2 * 1 * inputs  # W_r and W_n per projection
+    assert moe["parameters"] - router_params == single["parameters"] - single_router  # same LoRA size
+    assert sum(moe["expert_shares"]) == pytest.approx(1.0, abs=1e-5) and len(moe["expert_shares"]) == 4
+    assert [s for s, _ in moe["curve"]] == [0, 2, 4] and row["round2"]["start_loss"] == pytest.approx(moe["best_loss"])
+    assert (tmp_path / "moe_lora.json").is_file() and (tmp_path / "moe_lora.png").is_file()

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "eval" and args.what == "moe-lora":
         from training.brainstacks.eval_moe import MoEComparison, run_moe_lora_eval
 
-        comparison = MoEComparison() if args.steps is None else MoEComparison(steps=args.steps)
+        comparison = MoEComparison() if args.steps is None else MoEComparison(steps=args.steps,
+                                                                            second_round_steps=args.steps // 2)
         run_moe_lora_eval(args.manifest, args.out, comparison)
     if args.command == "eval" and args.what == "brainstacks":
         from training.brainstacks.eval_brainstacks import run_brainstacks_eval
