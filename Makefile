@@ -21,12 +21,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The image zoo and its ILF modules train once (about 35 minutes on 2 CPU cores); entries still
-# missing after it (the chat model, for now) get untrained placeholders so the service starts.
+# The embedded zoo trains once, with progress bars: the image models and their ILF modules, then
+# zoo-lm and its domain stacks. Entries still missing after that get untrained placeholders.
 zoo: venv
 	$(PY) -m training zoo images --if-missing
 	$(PY) -m training ilf --model digits-dit --if-missing
 	$(PY) -m training ilf --model digits-pixart --if-missing
+	$(PY) -m training zoo chat --if-missing
 	$(PY) -m training zoo placeholder --if-missing
 
 serve: zoo
