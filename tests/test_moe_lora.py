@@ -7,8 +7,8 @@ import torch
 
 from server.chat.base import load_chat_model
 from server.chat.moe_lora import (
-    MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, routed,
-    save_stack, stack_modules, wrapped_layers,
+    MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, remove_last_stack,
+    routed, save_stack, stack_modules, wrapped_layers,
 )
 from server.manifest import ArtifactError, ArtifactResolver, load_manifest
 
@@ -141,3 +141,30 @@ def test_projection_folds_into_the_frozen_stack():
         freeze([stack])
         assert stack.output_basis is None
         torch.testing.assert_close(stack(x), projected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_frozen_stacks_equal_the_per_stack_sum(lm):
+    groups = []
+    for i, domain in enumerate(("chat", "math", "medical")):
+        stacks = add_stack(lm, domain, SMALL, seed=i)
+        for stack in stacks:
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+            torch.nn.init.normal_(stack.router.weight, std=1.0)
+        freeze(stacks)
+        groups.append(stacks)
+    layer = next(iter(wrapped_layers(lm).values()))
+    x = torch.randn(2, 5, layer.in_features)
+    route = {"chat": 1.0, "math": 0.5, "medical": 2.0}
+    with torch.no_grad():
+        layer.route = route
+        fused = layer(x) - layer.base_layer(x)
+        by_stack = sum(w * s(x) for w, s in zip(route.values(), (g[0] for g in groups)))
+        torch.testing.assert_close(fused, by_stack, rtol=1e-5, atol=1e-5)
+        # replacing a stack (same position, new weights) is never served from a stale fusion
+        remove_last_stack(lm, "medical")
+        replacement = add_stack(lm, "medical", SMALL, seed=9)
+        for stack in replacement:
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+        freeze(replacement)
+        expected = by_stack - 2.0 * groups[2][0](x) + 2.0 * replacement[0](x)
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
