@@ -54,6 +54,18 @@ def test_zoo_lm_keeps_digits_single_and_projections_multiples_of_32(tmp_path):
     assert [p for p in pieces if any(c.isdigit() for c in p)] == list("12305317")
     assert (tmp_path / "runs" / "pretrain.png").is_file()
 
+    # the copying probe scores the second copy's tokens: a model that peeks at the next token scores
+    # 1, one that always says the same token scores about nothing
+    from types import SimpleNamespace
+
+    from training.zoo.language import copy_accuracy
+
+    vocab = config.vocab_size
+    peek = lambda input_ids: SimpleNamespace(logits=torch.nn.functional.one_hot(input_ids.roll(-1, 1), vocab).float())
+    constant = lambda input_ids: SimpleNamespace(logits=torch.zeros(*input_ids.shape, vocab))
+    assert copy_accuracy(peek, tokenizer) == 1.0 and copy_accuracy(constant, tokenizer) < 0.1
+    assert 0.0 <= summary["copy_accuracy"] <= 1.0
+
 
 def test_steps_to_reach_reads_the_first_crossing():
     from training.brainstacks.eval_moe import steps_to_reach

@@ -34,6 +34,16 @@ def test_pretraining_prose_has_no_task_format():
     assert not any("Answer:" in text or "?" in text.replace("how are you?", "") for text in corpus)
 
 
+def test_pretraining_prose_repeats_itself_for_copying():
+    corpus = general_corpus(2000)
+    retold = [t for t in corpus if " again: " in t or " unpacked " in t or " aloud." in t or " from the " in t]
+    assert 0.2 < len(retold) / len(corpus) < 0.4
+    for text in retold:
+        if " again: " in text:  # the list said again is the list said first
+            first, second = text.split(" again: ")
+            assert first.split("The list was ")[1].split(".")[0] == second.rstrip(".")
+
+
 def test_final_answer_reads_the_last_answer_line():
     assert final_answer("12 + 3 = 15. Answer: 15") == "15"
     assert final_answer("Answer: 1\nmore text. Answer: 2.") == "2"

@@ -210,8 +210,30 @@ def examples(domain: str, split: str, count: int, seed: int = 0) -> list[Example
 
 
 # ---------------------------------------------------------------- general text (pretraining)
+def retelling_text(rng: random.Random) -> str:
+    """Prose that says something twice, so that predicting the later words rewards copying the
+    earlier ones: every domain's answer repeats words, names or operands of its prompt, and a base
+    pretrained without such prose gave stacks that miscopied them (docs/brainstacks.md)."""
+    kind = rng.randrange(4)
+    a, b = rng.sample(NAMES, 2)
+    if kind == 0:
+        items = [f"the {w}" for w in rng.sample(WORDS, rng.randint(2, 5))]
+        listed = ", ".join(items[:-1]) + " and " + items[-1]
+        return f"{a} packed {listed}. Later {b} unpacked {listed}."
+    if kind == 1:
+        numbers = [str(rng.randint(1, 99)) for _ in range(rng.randint(2, 4))]
+        return f"{a} wrote {' and '.join(numbers)} on a card, and {b} read {' and '.join(numbers)} aloud."
+    if kind == 2:
+        place, thing = rng.sample(WORDS, 2)
+        return f"{a} met {b} near the {place}. Later {b} gave {a} the {thing} from the {place}."
+    items = rng.sample(WORDS + NAMES, rng.randint(3, 5))
+    return f"The list was {' '.join(items)}. {a} said it again: {' '.join(items)}."
+
+
 def general_text(rng: random.Random) -> str:
     """Prose about the world's facts: no questions, no "Answer:" lines, no task formats."""
+    if rng.random() < 0.3:
+        return retelling_text(rng)
     kind = rng.randrange(7)
     if kind == 0:
         condition, symptoms, drug, dose = rng.choice(MEDICAL_TABLE)
