@@ -162,6 +162,12 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
                                                     models.manifest.chat, job, req.route)
         trace = chat_engine.make_trace(req.route, plan, result, result.started - submitted)
 
+        route_kind = req.route if isinstance(req.route, str) else "explicit"
+        for domain, weight in plan.weights.items():
+            metrics.chat_domain_applied.labels(domain=domain, route=route_kind).inc()
+            metrics.chat_domain_weight.labels(domain=domain).observe(weight)
+        for domain, probability in (plan.probabilities or {}).items():
+            metrics.chat_router_probability.labels(domain=domain).observe(probability)
         metrics.chat_prompt_tokens.inc(result.prompt_tokens)
         metrics.chat_generation_tokens.inc(result.completion_tokens)
         if trace.time_to_first_token_seconds is not None:

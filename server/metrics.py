@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+WEIGHT_BUCKETS = (0.05, 0.12, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -38,6 +39,19 @@ class Metrics:
         self.chat_prompt_tokens = Counter("loopstack_chat_prompt_tokens", "Prompt tokens read", registry=r)
         self.chat_generation_tokens = Counter(
             "loopstack_chat_generation_tokens", "Tokens generated", registry=r
+        )
+        # which Brainstacks domains answer the traffic, and how sure the meta-router is about them
+        self.chat_domain_applied = Counter(
+            "loopstack_chat_domain_applied", "Chat requests that applied a domain's stacks, by how it was routed",
+            ["domain", "route"], registry=r,
+        )
+        self.chat_domain_weight = Histogram(
+            "loopstack_chat_domain_weight", "Weight applied to a domain's stacks, per chat request that applied it",
+            ["domain"], buckets=WEIGHT_BUCKETS, registry=r,
+        )
+        self.chat_router_probability = Histogram(
+            "loopstack_chat_router_probability", "The meta-router's probability for each domain, per routed request",
+            ["domain"], buckets=WEIGHT_BUCKETS, registry=r,
         )
         self.artifact_reloads = Counter(
             "loopstack_artifact_reloads", "Manifest (re)loads by result", ["result"], registry=r

@@ -101,6 +101,12 @@ def test_explicit_routes_apply_stacks_and_the_trace_names_them(stacked_manifest)
         base_reply = c.post("/chat", json=request | {"route": "none"}).json()
         auto_reply = c.post("/chat", json=request).json()
         zero = c.post("/chat", json=request | {"route": {"math": 0.0, "chat": 1.0}}).json()["trace"]
+        metrics = c.get("/metrics").text
+    # one explicit request applied math at weight 1; "none", "auto" (no router) and weight 0 applied nothing
+    assert 'loopstack_chat_domain_applied_total{domain="math",route="explicit"} 1.0' in metrics
+    assert 'loopstack_chat_domain_weight_bucket{domain="math",le="0.9"} 0.0' in metrics
+    assert 'loopstack_chat_domain_weight_bucket{domain="math",le="1.0"} 1.0' in metrics
+    assert 'route="auto"' not in metrics and "loopstack_chat_router_probability_count" not in metrics
     trace = routed_reply["trace"]
     assert trace["domains_applied"] == {"math": 1.0}
     assert trace["gated_off"] == {"chat": "not in the requested route"} and "math x 1" in trace["reason"]
