@@ -116,7 +116,11 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
 
     with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
         body = c.post("/chat", json={"prompt": "Compute 23 + 45 - 12.", "max_tokens": 6}).json()
+        metrics = c.get("/metrics").text
     trace = body["trace"]
+    for domain in trace["domains_applied"]:
+        assert f'loopstack_chat_domain_applied_total{{domain="{domain}",route="auto"}} 1.0' in metrics
+    assert 'loopstack_chat_router_probability_count{domain="math"} 1.0' in metrics
     assert set(trace["router_probabilities"]) == {"chat", "math"}
     assert trace["domains_applied"]["chat"] >= 0.2  # the chat floor
     assert set(trace["domains_applied"]) | set(trace["gated_off"]) == {"chat", "math"}
@@ -135,7 +139,7 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
     assert again["base"] is None and again["domains"] == []
 
 
-def test_brainstacks_eval_reports_every_setting(tmp_path):
+def test_brainstacks_eval_reports_every_setting(tmp_path, capsys):
     from training.brainstacks.eval_brainstacks import BrainstacksEval, run_brainstacks_eval
 
     manifest = tmp_path / "weights_manifest.yaml"
@@ -149,7 +153,13 @@ def test_brainstacks_eval_reports_every_setting(tmp_path):
         assert set(row) == {"base", "ungated", "routed", "oracle"}
         assert row["oracle"]["loss"] <= min(row[s]["loss"] for s in ("base", "ungated")) + 1e-4
     assert set(report["served"]["router"]["top1"]) == {"chat", "math"}
-    for key in ("with_projection", "without_projection"):
+    for key in ("with_projection", "without_projection", "reversed_order"):
         run = report["forgetting"][key]
-        assert run["forgetting_isolation"][-1]["chat"] == run["post_freeze"]["chat"]
+        first = run["order"][0]
+        assert run["forgetting_isolation"][-1][first] == run["post_freeze"][first]
+    assert report["forgetting"]["reversed_order"]["order"] == ["math", "chat"]
+    # reversed, math starts from the bare base; in the paper's order, on top of chat's stacks
+    forgetting = report["forgetting"]
+    assert forgetting["reversed_order"]["val_loss_before"]["math"] != forgetting["with_projection"]["val_loss_before"]["math"]
+    assert "curriculum: paper order vs reversed" in capsys.readouterr().out
     assert (tmp_path / "eval" / "forgetting.png").is_file()

@@ -1,7 +1,8 @@
 """`python -m training eval brainstacks`: the continual system's claims, measured.
 
-(a) Forgetting matrices, isolation and ungated, with and without the null-space projection: two
-    continual runs at a reduced budget (the same data, seeds and steps; only the projection differs).
+(a) Forgetting matrices, isolation and ungated, with and without the null-space projection, and
+    the curriculum order against its reverse: three continual runs at a reduced budget (the same
+    data, seeds and steps; only the projection or the order differs).
 (b) On each domain's test set and on the cross-domain set, for the served zoo (manifest stacks and
     router): base, ungated (every stack at 1), routed (the meta-router, per prompt) and oracle (per
     prompt, the subset of domains with the lowest answer loss): answer loss and exact match.
@@ -36,33 +37,71 @@ from training.data.world import examples, final_answer
 class BrainstacksEval:
     test_examples: int = 40  # per domain, and for the cross-domain set
     ablation: ChatZooRecipe = ChatZooRecipe(
-        boosting=BoostingConfig(steps_per_round=200, max_rounds=1), router=None, train_examples=2000,
+        boosting=BoostingConfig(steps_per_round=150, max_rounds=1), router=None, train_examples=2000,
         val_examples=64, test_examples=20)
     margin: float = 0.01
     max_new_tokens: int = 40
 
 
+ABLATIONS = {  # name -> (curriculum order reversed?, null-space projection on?)
+    "with_projection": (False, True),
+    "without_projection": (False, False),
+    "reversed_order": (True, True),
+}
+
+
 def forgetting_ablation(manifest_path: Path, cfg: BrainstacksEval) -> dict:
+    """Continual runs at the reduced budget, identical but for the projection or the curriculum order."""
     out = {}
-    for projection in (True, False):
+    for name, (reverse, projection) in ABLATIONS.items():
         chat = load_base(manifest_path)
-        recipe = replace(cfg.ablation, nullspace=replace(cfg.ablation.nullspace, enabled=projection))
+        order = tuple(reversed(cfg.ablation.domains)) if reverse else cfg.ablation.domains
+        recipe = replace(cfg.ablation, domains=order,
+                         nullspace=replace(cfg.ablation.nullspace, enabled=projection))
         data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
         run = run_continual(chat.model, chat.tokenizer, recipe, data)
-        out["with_projection" if projection else "without_projection"] = {
-            k: run[k] for k in ("post_freeze", "forgetting_isolation", "forgetting_ungated")}
+        out[name] = {k: run[k] for k in ("post_freeze", "forgetting_isolation", "forgetting_ungated")}
+        out[name]["order"] = list(order)
+        out[name]["val_loss_before"] = {r["domain"]: r["val_loss_before"] for r in run["domains"]}
+        out[name]["exact_match"] = {r["domain"]: r["exact_match_after"] for r in run["domains"]}
     return out
+
+
+def curriculum_table(forgetting: dict) -> list[str]:
+    """Each domain trained in the paper's order and in reverse, same budget: the loss it started from
+    (what earlier domains' stacks already gave it) and the loss its own stacks reached."""
+    paper, reverse = forgetting["with_projection"], forgetting["reversed_order"]
+    lines = ["curriculum: paper order vs reversed (validation loss; start = before the domain's own stacks)",
+             f"{'domain':<11}{'start paper':>12}{'start rev':>11}{'frozen paper':>14}{'frozen rev':>12}"
+             f"{'ungated paper':>15}{'ungated rev':>13}"]
+    columns = [(paper["val_loss_before"], reverse["val_loss_before"]), (paper["post_freeze"], reverse["post_freeze"]),
+               (paper["forgetting_ungated"][-1], reverse["forgetting_ungated"][-1])]
+    widths = (12, 11, 14, 12, 15, 13)
+    for d in paper["order"]:
+        cells = [column[d] for pair in columns for column in pair]
+        lines.append(f"{d:<11}" + "".join(f"{v:>{w}.3f}" for v, w in zip(cells, widths)))
+    means = [sum(column.values()) / len(column) for pair in columns for column in pair]
+    lines.append(f"{'mean':<11}" + "".join(f"{v:>{w}.3f}" for v, w in zip(means, widths)))
+    return lines
 
 
 @torch.no_grad()
 def per_example(model, tokenizer, items, route_of, max_new_tokens: int) -> tuple[list[float], list[bool]]:
-    """Loss and exact match per example, each with its own route (batch 1: routes differ)."""
-    losses, correct = [], []
-    for item in items:
-        with routed(model, route_of(item)):
-            losses.append(example_losses(model, collate(tokenizer, [item]))[0].item())
-            reply = generate_replies(model, tokenizer, [item], max_new_tokens=max_new_tokens)[0]
-        correct.append(final_answer(reply) == item.final)
+    """Loss and exact match per example, each with its own route. Examples that share a route (all
+    of them for base and ungated, most for oracle) run as one batch."""
+    groups: dict[tuple | None, list[int]] = {}
+    for index, item in enumerate(items):
+        route = route_of(item)
+        groups.setdefault(None if route is None else tuple(sorted(route.items())), []).append(index)
+    losses, correct = [0.0] * len(items), [False] * len(items)
+    for key, indices in groups.items():
+        group = [items[i] for i in indices]
+        with routed(model, None if key is None else dict(key)):
+            group_losses = [loss for start in range(0, len(group), 32)
+                            for loss in example_losses(model, collate(tokenizer, group[start:start + 32])).tolist()]
+            replies = generate_replies(model, tokenizer, group, max_new_tokens=max_new_tokens)
+        for i, loss, item, reply in zip(indices, group_losses, group, replies):
+            losses[i], correct[i] = loss, final_answer(reply) == item.final
     return losses, correct
 
 
@@ -119,10 +158,10 @@ def served_comparison(manifest_path: Path, cfg: BrainstacksEval) -> dict:
 
 def format_tables(report: dict) -> str:
     lines = []
-    for key in ("with_projection", "without_projection"):
+    for key in ABLATIONS:
         run = report["forgetting"][key]
         lines.append(f"forgetting, {key.replace('_', ' ')} (validation loss; row = after training that domain)")
-        domains = list(run["forgetting_isolation"][-1])
+        domains = run["order"]
         lines.append(f"{'after':<11}" + "".join(f"{d:>22}" for d in domains))
         for row_iso, row_all in zip(run["forgetting_isolation"], run["forgetting_ungated"]):
             after = list(row_iso)[-1]
@@ -130,6 +169,7 @@ def format_tables(report: dict) -> str:
                             for d in domains)
             lines.append(f"{after:<11}{cells}")
         lines.append("  (each cell: isolation / ungated)")
+    lines += curriculum_table(report["forgetting"])
     lines.append("served zoo: answer loss and exact match")
     lines.append(f"{'set':<11}" + "".join(f"{s:>20}" for s in ("base", "ungated", "routed", "oracle")))
     for name, row in report["served"]["settings"].items():
@@ -150,11 +190,11 @@ def save_matrices(path: Path, forgetting: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    panels = [(k, m) for k in ("with_projection", "without_projection") for m in ("isolation", "ungated")]
+    panels = [(k, m) for k in ABLATIONS for m in ("isolation", "ungated")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for ax, (key, mode) in zip(axes, panels):
         rows = forgetting[key][f"forgetting_{mode}"]
-        domains = list(rows[-1])
+        domains = forgetting[key]["order"]
         grid = np.full((len(rows), len(domains)), np.nan)
         for r, row in enumerate(rows):
             for c, d in enumerate(domains):
