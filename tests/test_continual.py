@@ -35,6 +35,26 @@ def test_greedy_selection_follows_the_outcome_rule():
                             domains, margin=0.01) == ()
 
 
+def test_router_targets_score_only_the_greedy_walk_and_agree_with_the_full_table(manifest_path):
+    from training.brainstacks.routing import discovered_routes, loss_tables
+
+    chat = load_base(manifest_path)
+    config = MoELoRAConfig(experts=2, rank=4, alpha=4.0)
+    domains = ("chat", "math", "medical")
+    torch.manual_seed(0)
+    for domain in domains:  # random frozen stacks, large enough to move the loss either way
+        stacks = add_stack(chat.model, domain, config)
+        for stack in stacks:
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+        freeze(stacks)
+    items = [e for d in domains for e in examples(d, "train", 4)]
+    tables = loss_tables(chat.model, chat.tokenizer, items, domains, batch_size=8)
+    for margin in (0.0, 0.05):
+        full = [greedy_selection(t, domains, margin) for t in tables]
+        assert discovered_routes(chat.model, chat.tokenizer, items, domains, margin, batch_size=8) == full
+    assert len({c for c in full}) > 1  # the stacks really change which route is best
+
+
 def test_gating_respects_the_chat_floor_and_the_threshold():
     router = MetaRouter(RouterConfig(domains=("chat", "math", "medical"), hidden_size=8, middle_layer=1))
     weights, gated = router.route(torch.tensor([0.05, 0.12, 0.7]))
