@@ -155,6 +155,7 @@ def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, Domai
             "val_loss_before": start_loss, "rounds": round_summary(results), "stacks_kept": len(kept),
             "post_freeze_val_loss": post_freeze[domain], "exact_match_before": base_accuracy,
             "exact_match_after": accuracy, "samples": records[:5], "projection": recipe.nullspace.enabled and j > 0,
+            "forgetting_isolation": row_iso, "forgetting_ungated": row_all,  # this row, kept when a build resumes
         }
         reports.append(report)
         print(f"{domain}: val loss {start_loss:.3f} -> {post_freeze[domain]:.3f}, exact match "

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from server.chat.moe_lora import load_stack, routed
 from server.chat.stacks import load_chat_router
@@ -94,7 +95,7 @@ def per_example(model, tokenizer, items, route_of, max_new_tokens: int) -> tuple
         route = route_of(item)
         groups.setdefault(None if route is None else tuple(sorted(route.items())), []).append(index)
     losses, correct = [0.0] * len(items), [False] * len(items)
-    for key, indices in groups.items():
+    for key, indices in tqdm(groups.items(), desc="routes", unit="route", leave=False):
         group = [items[i] for i in indices]
         with routed(model, None if key is None else dict(key)):
             group_losses = [loss for start in range(0, len(group), 32)
