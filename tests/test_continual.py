@@ -56,7 +56,11 @@ def test_router_targets_score_only_the_greedy_walk_and_agree_with_the_full_table
 
 
 def test_gating_respects_the_chat_floor_and_the_threshold():
-    router = MetaRouter(RouterConfig(domains=("chat", "math", "medical"), hidden_size=8, middle_layer=1))
+    gate = MetaRouter(RouterConfig(domains=("chat", "math", "medical"), hidden_size=8, middle_layer=1))
+    weights, gated = gate.route(torch.tensor([0.05, 0.12, 0.7]))
+    assert weights == {"chat": 1.0, "medical": 1.0} and set(gated) == {"math"}
+    router = MetaRouter(RouterConfig(domains=("chat", "math", "medical"), hidden_size=8, middle_layer=1,
+                                     weighting="probability"))
     weights, gated = router.route(torch.tensor([0.05, 0.12, 0.7]))
     assert weights == {"chat": 0.2, "medical": pytest.approx(0.7)}
     assert set(gated) == {"math"} and "0.120 <= gate threshold 0.12" in gated["math"]
@@ -170,7 +174,7 @@ def test_brainstacks_eval_reports_every_setting(tmp_path, capsys):
     settings = report["served"]["settings"]
     assert set(settings) == {"chat", "math", "cross"}
     for row in settings.values():
-        assert set(row) == {"base", "ungated", "routed", "oracle"}
+        assert set(row) == {"base", "ungated", "routed", "routed_at_probability", "oracle"}
         assert row["oracle"]["loss"] <= min(row[s]["loss"] for s in ("base", "ungated")) + 1e-4
     assert set(report["served"]["router"]["top1"]) == {"chat", "math"}
     for key in ("with_projection", "without_projection", "reversed_order"):

@@ -4,7 +4,8 @@ It reads the frozen base's hidden states for the prompt (stacks off): a mix of a
 the last (0.45 / 0.55), pooled over tokens by attention with a learned global query and one learned
 query per domain, then a small MLP gives one logit per domain, divided by a learned temperature,
 and one sigmoid per domain (domains are not exclusive: a dose question wants medical *and* math).
-At inference the chat domain gets a floor and a domain at or under the gate threshold is skipped.
+At inference the chat domain gets a floor, a domain at or under the gate threshold is skipped, and
+every applied domain runs at weight 1 (`weighting="gate"`) or at its probability (the paper's).
 No library has it; it is small enough to read top to bottom.
 """
 
@@ -32,6 +33,11 @@ class RouterConfig:
     floor_domain: str | None = "chat"  # always applied at least at `floor`
     floor: float = 0.2
     gate_threshold: float = 0.12  # a domain at or under this probability is skipped
+    # "gate": an applied domain runs at weight 1, the weight its stacks were trained on top of and
+    # its outcome targets were scored at; "probability": at its probability, as the paper serves it.
+    # Measured (docs/brainstacks.md): probabilities of 0.8-0.95 on the earlier domains cut the last
+    # domain's exact match from 0.60 to 0.17, since its stacks learned on top of them at 1.
+    weighting: str = "gate"
 
 
 class MetaRouter(nn.Module):
@@ -67,11 +73,13 @@ class MetaRouter(nn.Module):
         weights, gated = {}, {}
         for domain, p in zip(c.domains, probabilities.tolist()):
             if domain == c.floor_domain and p < c.floor:
-                weights[domain] = c.floor
+                weight = c.floor
             elif p <= c.gate_threshold:
                 gated[domain] = f"router probability {p:.3f} <= gate threshold {c.gate_threshold}"
+                continue
             else:
-                weights[domain] = round(p, 6)
+                weight = round(p, 6)
+            weights[domain] = 1.0 if c.weighting == "gate" else weight
         return weights, gated
 
 

@@ -4,7 +4,8 @@
     the curriculum order against its reverse: three continual runs at a reduced budget (the same
     data, seeds and steps; only the projection or the order differs).
 (b) On each domain's test set and on the cross-domain set, for the served zoo (manifest stacks and
-    router): base, ungated (every stack at 1), routed (the meta-router, per prompt) and oracle (per
+    router): base, ungated (every stack at 1), routed (the meta-router, per prompt; its domains at
+    weight 1, and at their probabilities as the paper serves them) and oracle (per
     prompt, the subset of domains with the lowest answer loss): answer loss and exact match.
 (c) The router's top-1 accuracy on single-domain prompts, and the domain combinations it applies to
     cross-domain prompts beside the combinations outcome discovery found best.
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from server.chat.moe_lora import load_stack, routed
+from server.chat.router import MetaRouter
 from server.chat.stacks import load_chat_router
 from server.manifest import ArtifactResolver, load_manifest
 from server.settings import Settings
@@ -122,6 +124,7 @@ def served_comparison(manifest_path: Path, cfg: BrainstacksEval) -> dict:
     sets = {d: examples(d, "test", cfg.test_examples) for d in domains}
     sets["cross"] = examples("cross", "test", cfg.test_examples)
     results, router_report = {}, {"top1": {}, "cross": []}
+    paper_router = MetaRouter(replace(chat.router.config, weighting="probability"))  # route() reads only the config
     for name, items in sets.items():
         tables = loss_tables(model, tokenizer, items, domains)
         best = [min(t, key=t.get) for t in tables]
@@ -130,18 +133,20 @@ def served_comparison(manifest_path: Path, cfg: BrainstacksEval) -> dict:
         for item in items:
             probabilities = chat.router_probabilities(item.messages())
             weights, _ = chat.router.route(torch.tensor([probabilities[d] for d in domains]))
-            routes[item.prompt] = (weights, probabilities)
+            at_probability, _ = paper_router.route(torch.tensor([probabilities[d] for d in domains]))
+            routes[item.prompt] = (weights, probabilities, at_probability)
         oracle = {item.prompt: {d: 1.0 for d in b} for item, b in zip(items, best)}
         row = {}
         for setting, route_of in (("base", lambda item: {}), ("ungated", lambda item: None),
                                   ("routed", lambda item: routes[item.prompt][0]),
+                                  ("routed_at_probability", lambda item: routes[item.prompt][2]),
                                   ("oracle", lambda item: oracle[item.prompt])):
             losses, correct = per_example(model, tokenizer, items, route_of, cfg.max_new_tokens)
             row[setting] = {"loss": sum(losses) / len(losses), "exact_match": sum(correct) / len(correct)}
         results[name] = row
         if name == "cross":
             for item, found in zip(items, discovered):
-                weights, probabilities = routes[item.prompt]
+                weights, probabilities, _ = routes[item.prompt]
                 router_report["cross"].append({"kind": item.domain, "router_applied": sorted(weights),
                                                "discovered": list(found),
                                                "probabilities": {d: round(p, 3) for d, p in probabilities.items()}})
@@ -172,10 +177,12 @@ def format_tables(report: dict) -> str:
         lines.append("  (each cell: isolation / ungated)")
     lines += curriculum_table(report["forgetting"])
     lines.append("served zoo: answer loss and exact match")
-    lines.append(f"{'set':<11}" + "".join(f"{s:>20}" for s in ("base", "ungated", "routed", "oracle")))
+    settings = ("base", "ungated", "routed", "routed_at_probability", "oracle")
+    lines.append(f"{'set':<11}" + "".join(f"{s:>23}" for s in settings))
     for name, row in report["served"]["settings"].items():
-        lines.append(f"{name:<11}" + "".join(f"{row[s]['loss']:>10.3f} {row[s]['exact_match']:>8.2f}"
-                                             for s in ("base", "ungated", "routed", "oracle")))
+        lines.append(f"{name:<11}" + "".join(f"{row[s]['loss']:>13.3f} {row[s]['exact_match']:>9.2f}" for s in settings))
+    lines.append("  (each cell: answer loss, exact match; routed applies the router's domains at weight 1,"
+                 " routed_at_probability at their probabilities)")
     router = report["served"]["router"]
     lines.append("router top-1 on single-domain prompts: " + ", ".join(f"{d} {a:.2f}" for d, a in router["top1"].items()))
     lines.append(f"cross-domain prompts routed to >= 2 domains: {router['cross_two_or_more_domains']:.2f}")
