@@ -64,6 +64,8 @@ def test_gating_respects_the_chat_floor_and_the_threshold():
     weights, gated = router.route(torch.tensor([0.05, 0.12, 0.7]))
     assert weights == {"chat": 0.2, "medical": pytest.approx(0.7)}
     assert set(gated) == {"math"} and "0.120 <= gate threshold 0.12" in gated["math"]
+    with pytest.raises(ValueError, match="weighting"):
+        MetaRouter(RouterConfig(domains=("chat",), hidden_size=8, middle_layer=1, weighting="probabilities"))
     weights, _ = router.route(torch.tensor([0.9, 0.13, 0.0]))
     assert weights == {"chat": pytest.approx(0.9), "math": pytest.approx(0.13)}
 

@@ -43,6 +43,8 @@ class RouterConfig:
 class MetaRouter(nn.Module):
     def __init__(self, config: RouterConfig):
         super().__init__()
+        if config.weighting not in ("gate", "probability"):
+            raise ValueError(f"router weighting must be 'gate' or 'probability', not {config.weighting!r}")
         self.config = config
         d, n = config.hidden_size, len(config.domains)
         self.norm = nn.LayerNorm(d)
