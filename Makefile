@@ -12,11 +12,11 @@ PORT ?= 8000
 
 .PHONY: serve test zoo venv clean-venv
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -e ".[training,dev]"
+	$(PY) -m pip install $(TORCH_SPEC) -c constraints.txt
+	$(PY) -m pip install -e ".[training,dev]" -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed
