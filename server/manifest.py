@@ -7,30 +7,16 @@ recorded sha256 that is checked before anything is loaded. Every refusal names t
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from server.artifacts import PICKLE_SUFFIXES, ArtifactError, atomic_write_bytes, sha256_file, verify_file
+
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-
-# Formats that unpickle on load: never accepted, wherever they appear.
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
-
-
-class ArtifactError(Exception):
-    """An artifact (file or model folder) was refused; the message names it and the reason."""
-
-    def __init__(self, path: Path | str, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"refused {self.path}: {reason}")
-
 
 class ManifestError(Exception):
     """The manifest itself cannot be read or does not validate."""
@@ -162,37 +148,6 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def folder_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under a folder, keyed by relative path (what a build records)."""
-    return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.startswith(".")
-    }
-
-
 class ArtifactResolver:
     """Turns manifest paths into verified local paths, inside one artifact root."""
 
@@ -210,16 +165,7 @@ class ArtifactResolver:
     def artifact(self, artifact: Artifact) -> Path:
         """A verified safetensors file: inside the root, present, checksummed, readable."""
         path = self.resolve(artifact.path)
-        if path.suffix != ".safetensors":
-            raise ArtifactError(path, "only .safetensors artifacts are loaded (no pickle formats)")
-        if not path.is_file():
-            raise ArtifactError(path, "file does not exist")
-        if artifact.sha256 is None:
-            raise ArtifactError(path, "no sha256 recorded in the manifest; rebuild it with `python -m training`")
-        actual = sha256_file(path)
-        if actual != artifact.sha256:
-            raise ArtifactError(path, f"sha256 mismatch: manifest says {artifact.sha256}, file is {actual}")
-        check_safetensors_header(path)
+        verify_file(path, artifact.sha256)
         return path
 
     def source(self, source: Source) -> Path:
@@ -272,14 +218,3 @@ class ArtifactResolver:
                 source.hub,
                 "not in the local hub cache and network access is off (set LOOPSTACK_ALLOW_NETWORK=true)",
             ) from exc
-
-
-def check_safetensors_header(path: Path) -> None:
-    """A half-written or foreign file fails here with a clear reason, not deep inside a loader."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as exc:  # safetensors raises several types for corrupt headers
-        raise ArtifactError(path, f"not a readable safetensors file ({exc})") from exc

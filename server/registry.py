@@ -42,9 +42,6 @@ def load_model_set(manifest_path: Path, settings: Settings) -> ModelSet:
         models.chat.stacks = attach_stacks(models.chat.model, manifest.chat, resolver)
         if manifest.chat.router is not None:
             models.chat.router = load_chat_router(resolver.artifact(manifest.chat.router), manifest.chat, models.chat)
-    for spec in manifest.image:
-        if spec.ilf is not None:
-            resolver.artifact(spec.ilf)
     return models
 
 

@@ -13,9 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.manifest import (
-    ChatBase, ChatSection, Domain, ImageModel, Manifest, Source, TextEncoder, folder_digests, write_manifest,
-)
+from server.manifest import ChatBase, ChatSection, Domain, ImageModel, Manifest, Source, TextEncoder, write_manifest
+from server.artifacts import folder_digests
 from server.settings import Settings
 from training.zoo import placeholders as ph
 

@@ -14,9 +14,8 @@ from server.app import create_app
 from server.chat.base import ChatJob, load_chat_model
 from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
 from server.chat.stacks import attach_stacks
-from server.manifest import (
-    Artifact, ArtifactError, ArtifactResolver, Domain, load_manifest, sha256_file, write_manifest,
-)
+from server.manifest import Artifact, ArtifactResolver, Domain, load_manifest, write_manifest
+from server.artifacts import ArtifactError, sha256_file
 from server.registry import load_model_set
 
 

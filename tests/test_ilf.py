@@ -10,7 +10,8 @@ from server.app import create_app
 from server.imaging.backbones import load_image_backbone
 from server.imaging.ilf import FeedbackModule, ILFConfig, LoadedILF, ilf_enabled, load_ilf, save_ilf
 from server.imaging.sampler import SampleJob, sample
-from server.manifest import ArtifactError, ArtifactResolver, ILFArtifact, load_manifest, sha256_file, write_manifest
+from server.manifest import ArtifactResolver, ILFArtifact, load_manifest, write_manifest
+from server.artifacts import ArtifactError, sha256_file
 from tests.conftest import assert_error_shape, make_settings, zoo_manifest
 
 

@@ -8,7 +8,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.manifest import load_manifest, sha256_file
+from server.manifest import load_manifest
+from server.artifacts import sha256_file
 from tests.conftest import make_settings
 from tests.test_ilf import backbone_named
 from training.ilf import ILFTraining, distil, train_ilf

@@ -10,9 +10,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from server.manifest import (
-    Artifact, ArtifactError, ArtifactResolver, ManifestError, Source, load_manifest, sha256_file, write_manifest,
-)
+from server.manifest import Artifact, ArtifactResolver, ManifestError, Source, load_manifest, write_manifest
+from server.artifacts import ArtifactError, sha256_file
 from server.metrics import Metrics
 from server.registry import Registry
 from tests.conftest import make_settings, zoo_manifest
@@ -133,7 +132,7 @@ def copy_model(zoo_dir: Path, tmp_path: Path, name: str) -> Path:
 
 def test_model_folder_with_pickle_weights_is_refused(tmp_path, zoo_dir):
     folder = copy_model(zoo_dir, tmp_path, "dit")
-    from server.manifest import folder_digests
+    from server.artifacts import folder_digests
 
     source = Source(path="artifacts/dit", files=folder_digests(folder))
     torch.save({"w": torch.zeros(2)}, folder / "transformer" / "diffusion_pytorch_model.bin")
@@ -144,7 +143,7 @@ def test_model_folder_with_pickle_weights_is_refused(tmp_path, zoo_dir):
 
 def test_model_folder_with_tampered_weights_is_refused(tmp_path, zoo_dir):
     folder = copy_model(zoo_dir, tmp_path, "dit")
-    from server.manifest import folder_digests
+    from server.artifacts import folder_digests
 
     source = Source(path="artifacts/dit", files=folder_digests(folder))
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -188,7 +187,7 @@ def test_failed_reload_keeps_the_old_models_serving(tmp_path, zoo_dir):
 
 def test_listed_file_outside_its_model_folder_is_refused(tmp_path, zoo_dir):
     folder = copy_model(zoo_dir, tmp_path, "dit")
-    from server.manifest import folder_digests
+    from server.artifacts import folder_digests
 
     files = folder_digests(folder) | {"../dit/transformer/config.json": "0" * 64}
     with pytest.raises(ArtifactError, match="leaves its model folder"):

@@ -10,7 +10,8 @@ from server.chat.moe_lora import (
     MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, remove_last_stack,
     routed, save_stack, stack_modules, wrapped_layers,
 )
-from server.manifest import ArtifactError, ArtifactResolver, load_manifest
+from server.manifest import ArtifactResolver, load_manifest
+from server.artifacts import ArtifactError
 
 SMALL = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
 

@@ -11,7 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.manifest import load_manifest, sha256_file
+from server.manifest import load_manifest
+from server.artifacts import sha256_file
 from training.data.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digit_split
 from training.eval.classifier import accuracy, train_classifier
 from training.eval.images import Protocol, run_image_eval

@@ -12,7 +12,6 @@ module the wrong way where clipping is active). Only the feedback block and s re
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,8 @@ from tqdm import tqdm
 from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.imaging.ilf import FeedbackModule, ILFConfig, ilf_enabled, save_ilf
 from server.imaging.sampler import SampleJob, denoise_step, initial_noise, make_scheduler
-from server.manifest import ArtifactResolver, ILFArtifact, load_manifest, sha256_file, write_manifest
+from server.manifest import ArtifactResolver, ILFArtifact, load_manifest, write_manifest
+from server.artifacts import write_atomically
 from server.settings import Settings
 from training.data.digits import TRAIN_TEMPLATES, caption
 
@@ -164,13 +164,10 @@ def train_ilf(manifest_path: Path, model: str, cfg: ILFTraining, runs_dir: Path 
 
     relative = f"artifacts/ilf/{model}.safetensors"
     path = base / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_ilf(tmp, feedback, config)
-    os.replace(tmp, path)
+    sha = write_atomically(path, lambda tmp: save_ilf(tmp, feedback, config))
     write_ilf_history((runs_dir or base / "runs" / "ilf") / model, cfg, config, history)
 
-    entry = ILFArtifact(path=relative, sha256=sha256_file(path), steps=config.steps)
+    entry = ILFArtifact(path=relative, sha256=sha, steps=config.steps)
     manifest = load_manifest(manifest_path)  # re-read: only this model's entry changes
     image = [m.model_copy(update={"ilf": entry}) if m.name == model else m for m in manifest.image]
     write_manifest(manifest.model_copy(update={"image": image}), manifest_path)

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.generation.streamers import BaseStreamer
 
 from server.chat.moe_lora import routed
-from server.manifest import ArtifactError, ArtifactResolver, ChatBase
+from server.manifest import ArtifactResolver, ChatBase
+from server.artifacts import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ Training and serving share this file; the per-domain weights `w` come from the m
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -26,9 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from server.manifest import ArtifactError
+from server.artifacts import ArtifactError, read_config, save_with_config
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -272,20 +270,18 @@ def save_stack(path: Path, modules: dict[str, MoELoRA], domain: str, config: MoE
     tensors = {}
     for name, stack in modules.items():
         for key in ("lora_A", "lora_B"):
-            tensors[f"{name}.{key}"] = getattr(stack, key).detach().contiguous()
-        tensors[f"{name}.router"] = stack.router.weight.detach().contiguous()
-        tensors[f"{name}.noise"] = stack.noise.weight.detach().contiguous()
-    meta = {"domain": domain, "config": asdict(config), **(extra or {})}
-    save_file(tensors, str(path), metadata={"moe_lora": json.dumps(meta)})
+            tensors[f"{name}.{key}"] = getattr(stack, key)
+        tensors[f"{name}.router"] = stack.router.weight
+        tensors[f"{name}.noise"] = stack.noise.weight
+    save_with_config(path, tensors, "moe_lora", {"domain": domain, "config": asdict(config), **(extra or {})})
 
 
 def read_stack_metadata(path: Path) -> dict:
+    meta = read_config(path, "moe_lora", "MoE-LoRA stack")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["moe_lora"])
         meta["config"] = MoELoRAConfig(**{**meta["config"], "targets": tuple(meta["config"]["targets"])})
         return meta
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError, OSError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(path, f"not a MoE-LoRA stack ({exc})") from exc
 
 

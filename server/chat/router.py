@@ -11,16 +11,12 @@ No library has it; it is small enough to read top to bottom.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from server.manifest import ArtifactError
+from server.artifacts import ArtifactError, load_with_config, save_with_config
 
 
 @dataclass(frozen=True)
@@ -86,19 +82,15 @@ class MetaRouter(nn.Module):
 
 
 def save_router(path, router: MetaRouter, extra: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in router.state_dict().items()}
-    save_file(tensors, str(path), metadata={"meta_router": json.dumps({"config": asdict(router.config),
-                                                                       **(extra or {})})})
+    save_with_config(path, router.state_dict(), "meta_router", {"config": asdict(router.config), **(extra or {})})
 
 
 def load_router(path) -> tuple[MetaRouter, dict]:
+    tensors, meta = load_with_config(path, "meta_router", "meta-router artifact")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta_router"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         config = RouterConfig(**{**meta["config"], "domains": tuple(meta["config"]["domains"])})
         router = MetaRouter(config)
         router.load_state_dict(tensors, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError, OSError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ArtifactError(path, f"not a meta-router artifact ({exc})") from exc
     return router.eval().requires_grad_(False), meta

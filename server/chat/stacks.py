@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from server.chat.moe_lora import load_stack, read_stack_metadata, set_route
 from server.chat.router import MetaRouter, load_router
-from server.manifest import ArtifactError, ArtifactResolver, ChatSection
+from server.manifest import ArtifactResolver, ChatSection
+from server.artifacts import ArtifactError
 
 
 def attach_stacks(model, section: ChatSection, resolver: ArtifactResolver) -> dict[str, int]:

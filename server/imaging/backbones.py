@@ -15,7 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 
 from server.imaging.ilf import LoadedILF, load_ilf
-from server.manifest import ArtifactError, ArtifactResolver, ImageModel, TextEncoder
+from server.manifest import ArtifactResolver, ImageModel, TextEncoder
+from server.artifacts import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ N + L + 1 block evaluations for an N-block backbone with L loop blocks.
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +23,7 @@ from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from server.manifest import ArtifactError
+from server.artifacts import ArtifactError, load_with_config, save_with_config
 
 
 @dataclass(frozen=True)
@@ -147,18 +143,18 @@ def check_attachable(transformer: nn.Module, config: ILFConfig, name: str) -> No
 
 def save_ilf(path: Path, feedback: FeedbackModule, config: ILFConfig) -> None:
     """safetensors with the configuration in its metadata (what the server checks on load)."""
-    tensors = {f"feedback.{k}": v.detach().contiguous() for k, v in feedback.state_dict().items()}
-    save_file(tensors, str(path), metadata={"ilf_config": json.dumps(asdict(config))})
+    tensors = {f"feedback.{k}": v for k, v in feedback.state_dict().items()}
+    save_with_config(path, tensors, "ilf_config", asdict(config))
 
 
 def load_ilf(path: Path, transformer: nn.Module, model_name: str) -> LoadedILF:
     """Refuses (naming the file) a module that does not belong to this backbone."""
+    tensors, meta = load_with_config(path, "ilf_config", "ILF artifact")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            config = ILFConfig(**json.loads(f.metadata()["ilf_config"]))
-            tensors = {k.removeprefix("feedback."): f.get_tensor(k) for k in f.keys()}
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        config = ILFConfig(**meta)
+    except (TypeError, ValueError) as exc:
         raise ArtifactError(path, f"not an ILF artifact ({exc})") from exc
+    tensors = {k.removeprefix("feedback."): v for k, v in tensors.items()}
     if config.backbone != model_name:
         raise ArtifactError(path, f"ILF module was trained for {config.backbone!r}, not {model_name!r}")
     try:

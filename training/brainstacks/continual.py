@@ -12,7 +12,6 @@ and renamed into place, and the manifest is rewritten after each domain.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +23,8 @@ from server.chat.moe_lora import (
     disable_cpu_weight_packing, load_stack, routed, save_stack, stack_modules, wrap_projections,
 )
 from server.chat.router import save_router
-from server.manifest import (
-    Artifact, ArtifactResolver, Domain, Source, folder_digests, load_manifest, sha256_file, write_manifest,
-)
+from server.manifest import Artifact, ArtifactResolver, Domain, Source, load_manifest, write_manifest
+from server.artifacts import folder_digests, write_atomically
 from server.settings import Settings
 from training.brainstacks.data import batches
 from training.brainstacks.evaluate import exact_match
@@ -89,14 +87,6 @@ def build_base(manifest_path: Path, recipe: ChatZooRecipe, if_missing: bool, run
     chat = manifest.chat.model_copy(update={"base": base, "domains": [], "router": None})
     write_manifest(manifest.model_copy(update={"chat": chat}), manifest_path)
     return summary
-
-
-def _atomic(path: Path, write) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-    return sha256_file(path)
 
 
 def isolation_route(domains: tuple[str, ...], index: int) -> dict[str, float]:
@@ -200,7 +190,7 @@ def build_chat_zoo(manifest_path: Path, recipe: ChatZooRecipe = ChatZooRecipe(),
         for index in range(stacks):
             rel = f"{STACKS}/{domain}-{index + 1}.safetensors"
             modules = stack_modules(model, domain, index)
-            sha = _atomic(base_dir / rel, lambda tmp: save_stack(
+            sha = write_atomically(base_dir / rel, lambda tmp: save_stack(
                 tmp, modules, domain, recipe.boosting.stack,
                 {"round": index + 1, "order": j, "base": chat.name, "projection": report["projection"]}))
             artifacts.append(Artifact(path=rel, sha256=sha))
@@ -217,7 +207,7 @@ def build_chat_zoo(manifest_path: Path, recipe: ChatZooRecipe = ChatZooRecipe(),
         config = model.config
         router, report = train_router(model, tokenizer, items, recipe.domains, recipe.router,
                                       middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size)
-        sha = _atomic(base_dir / STACKS / "router.safetensors",
+        sha = write_atomically(base_dir / STACKS / "router.safetensors",
                       lambda tmp: save_router(tmp, router, {"base": chat.name}))
         current = load_manifest(manifest_path)
         section = current.chat.model_copy(update={"router": Artifact(path=f"{STACKS}/router.safetensors", sha256=sha)})

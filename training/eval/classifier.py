@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from server.manifest import atomic_write_bytes
+from server.artifacts import atomic_write_bytes
 from training.data.digits import DigitSplit
 
 FEATURES = 32  # few enough dimensions for a stable covariance from a few hundred images

@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 from server.manifest import (
-    ChatBase, ChatSection, ImageModel, Manifest, Source, TextEncoder, folder_digests, load_manifest, write_manifest,
+    ChatBase, ChatSection, ImageModel, Manifest, Source, TextEncoder, load_manifest, write_manifest,
 )
+from server.artifacts import atomic_folder, folder_digests
 from training.zoo import placeholders as ph
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,14 @@ def build_placeholder_zoo(manifest_path: Path, if_missing: bool = False) -> bool
             image.append(entry)
             continue
         built_any = True
-        with ph.atomic_folder(base / entry.source.path) as tmp:
+        with atomic_folder(base / entry.source.path) as tmp:
             if entry.kind == "dit":
                 ph.build_dit(tmp, num_classes=len(entry.labels or ph.DIGIT_NAMES))
             else:
                 ph.build_pixart(tmp, caption_channels=384)
         update = {"source": _recorded(entry.source, base), "placeholder": True}
         if entry.text_encoder is not None and entry.text_encoder.source.path is not None:
-            with ph.atomic_folder(base / entry.text_encoder.source.path) as tmp:
+            with atomic_folder(base / entry.text_encoder.source.path) as tmp:
                 ph.copy_minilm(tmp)
             update["text_encoder"] = entry.text_encoder.model_copy(
                 update={"source": _recorded(entry.text_encoder.source, base)}
@@ -72,7 +73,7 @@ def build_placeholder_zoo(manifest_path: Path, if_missing: bool = False) -> bool
     chat = manifest.chat
     if chat is not None and _needs_build(chat.base.source, base, if_missing):
         built_any = True
-        with ph.atomic_folder(base / chat.base.source.path) as tmp:
+        with atomic_folder(base / chat.base.source.path) as tmp:
             ph.build_llama(tmp, hidden=128, layers=2, heads=4)
         base_entry = chat.base.model_copy(update={"source": _recorded(chat.base.source, base), "placeholder": True})
         chat = chat.model_copy(update={"base": base_entry})

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from server.imaging.backbones import PromptEncoder
-from server.manifest import Manifest, Source, TextEncoder, folder_digests, load_manifest, write_manifest
+from server.manifest import Manifest, Source, TextEncoder, load_manifest, write_manifest
+from server.artifacts import atomic_folder, folder_digests
 from training.data.digits import TRAIN_TEMPLATES, caption, digit_split
 from training.zoo import placeholders as ph
 from training.zoo.build import default_manifest
@@ -131,13 +132,13 @@ def build_image_zoo(manifest_path: Path, recipe: ImageZooRecipe = FULL, runs_dir
     pixart = by_name.get("digits-pixart", defaults["digits-pixart"])
 
     encoder_source = pixart.text_encoder.source
-    with ph.atomic_folder(base / encoder_source.path) as tmp:
+    with atomic_folder(base / encoder_source.path) as tmp:
         ph.copy_minilm(tmp)
     encoder_source = encoder_source.model_copy(update={"files": folder_digests(base / encoder_source.path)})
 
-    with ph.atomic_folder(base / dit.source.path) as tmp:
+    with atomic_folder(base / dit.source.path) as tmp:
         train_digits_dit(tmp, recipe, runs_dir)
-    with ph.atomic_folder(base / pixart.source.path) as tmp:
+    with atomic_folder(base / pixart.source.path) as tmp:
         train_digits_pixart(tmp, base / encoder_source.path, pixart.text_encoder.max_length, recipe, runs_dir)
 
     def recorded(entry, **update):

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from training.data.world import DOMAINS, examples, general_corpus
-from training.zoo.placeholders import atomic_folder, build_chat_tokenizer
+from server.artifacts import atomic_folder
+from training.zoo.placeholders import build_chat_tokenizer
 
 
 @dataclass(frozen=True)
