@@ -18,7 +18,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    logging.getLogger("server").info("serving manifest %s", settings.manifest)
+    logging.getLogger("server").info("serving %s", settings.manifests().current())
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 

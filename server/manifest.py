@@ -1,12 +1,18 @@
 """The weights manifest: one YAML file that says what the server serves.
 
-Parsing is strict (pydantic, unknown keys refused). Every artifact path resolves relative to the
-manifest and must stay inside the artifact root; every weight file must be safetensors with a
-recorded sha256 that is checked before anything is loaded. Every refusal names the file and why.
+Two files play the part. The *template* (`weights_manifest.yaml`, committed) names what to build
+and serve, without checksums. The *built manifest* (`<artifact root>/weights_manifest.yaml`,
+written by `training`) is the template plus the sha256 of every file a build wrote; the server
+reads it when it exists, and the template otherwise.
+
+Parsing is strict (pydantic, unknown keys refused). Every artifact path is relative to the
+artifact root and must stay inside it; every weight file must be safetensors with a recorded
+sha256 that is checked before anything is loaded. Every refusal names the file and why.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -127,6 +133,32 @@ class Manifest(_Strict):
         return models
 
 
+@dataclass(frozen=True)
+class BuiltManifest:
+    """The manifest files of one artifact root: `read` gives the built manifest, or the template
+    while nothing is built; `write` writes the built manifest (atomically)."""
+
+    template: Path
+    path: Path  # the built manifest
+    root: Path  # the artifact root: every manifest path is relative to it
+
+    def current(self) -> Path:
+        return self.path if self.path.exists() else self.template
+
+    def read(self) -> Manifest:
+        return load_manifest(self.current())
+
+    def write(self, manifest: Manifest) -> None:
+        write_manifest(manifest, self.path)
+
+    def resolver(self, allow_network: bool = False) -> ArtifactResolver:
+        return ArtifactResolver(self.root, allow_network)
+
+    def file(self, relative: str) -> Path:
+        """Where a manifest path lies on disk (for writers; readers go through the resolver)."""
+        return self.root / relative
+
+
 def load_manifest(path: Path) -> Manifest:
     """Parse and validate a manifest file; ManifestError names the file and what is wrong."""
     try:
@@ -149,15 +181,14 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
 
 
 class ArtifactResolver:
-    """Turns manifest paths into verified local paths, inside one artifact root."""
+    """Turns manifest paths (relative to the artifact root) into verified local paths inside it."""
 
-    def __init__(self, manifest_path: Path, artifact_root: Path, allow_network: bool = False):
-        self.base = Path(manifest_path).resolve().parent
+    def __init__(self, artifact_root: Path, allow_network: bool = False):
         self.root = Path(artifact_root).resolve()
         self.allow_network = allow_network
 
     def resolve(self, relative: str) -> Path:
-        path = (self.base / relative).resolve()
+        path = (self.root / relative).resolve()
         if not path.is_relative_to(self.root):
             raise ArtifactError(relative, f"resolves to {path}, outside the artifact root {self.root}")
         return path

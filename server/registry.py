@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.chat.base import ChatModel, load_chat_model
-from server.chat.stacks import attach_stacks, load_chat_router
+from server.chat.model import ChatModel, load_chat
 from server.imaging.backbones import ImageBackbone, load_image_backbone
-from server.manifest import ArtifactResolver, Manifest, load_manifest
+from server.manifest import Manifest, load_manifest
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -24,12 +22,11 @@ class ModelSet:
     manifest: Manifest
     images: dict[str, ImageBackbone] = field(default_factory=dict)
     chat: ChatModel | None = None
-    loaded_at: float = field(default_factory=time.time)
 
 
 def load_model_set(manifest_path: Path, settings: Settings) -> ModelSet:
     manifest = load_manifest(manifest_path)
-    resolver = ArtifactResolver(manifest_path, settings.resolved_artifact_root(), settings.allow_network)
+    resolver = settings.manifests().resolver(settings.allow_network)
     device = settings.torch_device()
     models = ModelSet(manifest)
     for spec in manifest.image:
@@ -37,11 +34,7 @@ def load_model_set(manifest_path: Path, settings: Settings) -> ModelSet:
         models.images[spec.name] = load_image_backbone(spec, resolver, device)
     if manifest.chat is not None:
         log.info("loading chat model %s (%s) on %s", manifest.chat.base.name, manifest.chat.base.quantization, device)
-        models.chat = load_chat_model(manifest.chat.base, resolver, device)
-        # Stacks and router are verified now so a bad file is refused at load, not mid-request.
-        models.chat.stacks = attach_stacks(models.chat.model, manifest.chat, resolver)
-        if manifest.chat.router is not None:
-            models.chat.router = load_chat_router(resolver.artifact(manifest.chat.router), manifest.chat, models.chat)
+        models.chat = load_chat(manifest.chat, resolver, device)
     return models
 
 
@@ -58,8 +51,10 @@ class Registry:
         return self._current
 
     def load(self, manifest_path: Path | None = None) -> ModelSet:
-        """Load a manifest and swap it in; on failure the previous set keeps serving and this raises."""
-        path = Path(manifest_path or self.settings.manifest)
+        """Load a manifest (default: the built one, or the template while nothing is built) and swap
+        it in; on failure the previous set keeps serving and this raises."""
+        path = Path(manifest_path or self.settings.manifests().current())
+        log.info("loading manifest %s", path)
         with self._reload_lock:
             try:
                 models = load_model_set(path, self.settings)

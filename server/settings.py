@@ -8,15 +8,22 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.manifest import BuiltManifest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOOPSTACK_", env_file=".env", extra="ignore")
 
-    manifest: Path = Field(REPO_ROOT / "weights_manifest.yaml", description="The weights manifest to serve.")
-    artifact_root: Path | None = Field(
-        None, description="Folder every artifact must live in; default: the manifest's folder / 'artifacts'."
+    template: Path = Field(
+        REPO_ROOT / "weights_manifest.yaml", description="What to build and serve: the committed template."
+    )
+    artifact_root: Path = Field(
+        REPO_ROOT / "artifacts", description="Folder every artifact lives in; manifest paths are relative to it."
+    )
+    manifest: Path | None = Field(
+        None, description="The built manifest (checksums of what was built); default: <artifact_root>/weights_manifest.yaml."
     )
     allow_network: bool = Field(
         False, description="Let hub ids in the manifest download. Off by default: nothing is fetched."
@@ -39,10 +46,9 @@ class Settings(BaseSettings):
     chat_queue_size: int = Field(16, ge=0)
     retry_after_seconds: int = Field(2, ge=1)
 
-    def resolved_artifact_root(self) -> Path:
-        if self.artifact_root is not None:
-            return self.artifact_root.resolve()
-        return (self.manifest.resolve().parent / "artifacts").resolve()
+    def manifests(self) -> BuiltManifest:
+        root = self.artifact_root.resolve()
+        return BuiltManifest(self.template, self.manifest or root / "weights_manifest.yaml", root)
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -13,10 +13,16 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.manifest import ChatBase, ChatSection, Domain, ImageModel, Manifest, Source, TextEncoder, write_manifest
 from server.artifacts import folder_digests
+from server.manifest import (
+    BuiltManifest, ChatBase, ChatSection, Domain, ImageModel, Manifest, Source, TextEncoder, load_manifest,
+    write_manifest,
+)
 from server.settings import Settings
-from training.zoo import placeholders as ph
+from tests.builders import build_text_encoder, build_vae
+from training.data.digits import DIGIT_NAMES
+from training.zoo.architectures import ImageShape, build_dit, build_pixart
+from training.zoo.language import build_llama
 
 torch.set_num_threads(2)
 
@@ -30,12 +36,12 @@ def zoo_dir(tmp_path_factory) -> Path:
     """Builds once per session (seconds): pixel DiT, latent DiT with a VAE, PixArt + encoder, Llama."""
     root = tmp_path_factory.mktemp("zoo")
     art = root / "artifacts"
-    ph.build_dit(art / "dit")
-    ph.build_dit(art / "dit-latent", ph.TinyImageShape(sample_size=8, channels=4), num_classes=3)
-    ph.build_vae(art / "dit-latent")
-    ph.build_pixart(art / "pixart", caption_channels=32)
-    ph.build_text_encoder(art / "encoder", hidden_size=32)
-    ph.build_llama(art / "lm")
+    build_dit(art / "dit")
+    build_dit(art / "dit-latent", ImageShape(sample_size=8, channels=4), num_classes=3)
+    build_vae(art / "dit-latent")
+    build_pixart(art / "pixart", caption_channels=32)
+    build_text_encoder(art / "encoder", hidden_size=32)
+    build_llama(art / "lm")
     return root
 
 
@@ -44,7 +50,7 @@ def zoo_manifest(root: Path, **chat_overrides) -> Manifest:
         version=1,
         image=[
             ImageModel(name="tiny-dit", kind="dit", source=recorded_source(root, "artifacts/dit"),
-                       labels=ph.DIGIT_NAMES, default_steps=4, default_guidance_scale=2.0),
+                       labels=DIGIT_NAMES, default_steps=4, default_guidance_scale=2.0),
             ImageModel(name="tiny-dit-latent", kind="dit", source=recorded_source(root, "artifacts/dit-latent"),
                        default_steps=3),
             ImageModel(name="tiny-pixart", kind="pixart", source=recorded_source(root, "artifacts/pixart"),
@@ -68,7 +74,24 @@ def manifest_path(zoo_dir) -> Path:
 
 
 def make_settings(manifest: Path, **overrides) -> Settings:
-    return Settings(manifest=manifest, device="cpu", _env_file=None, **overrides)
+    """Settings that serve this manifest; its paths are relative to its own folder."""
+    return Settings(manifest=manifest, artifact_root=Path(manifest).parent, device="cpu", _env_file=None,
+                    **overrides)
+
+
+def built(manifest: Path) -> BuiltManifest:
+    """A manifest as the built manifest of its own folder (what training functions read and write)."""
+    return make_settings(manifest).manifests()
+
+
+REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "weights_manifest.yaml"
+
+
+def template_without_images(tmp_path: Path) -> Path:
+    """The repository's template with its chat section only."""
+    path = tmp_path / "template.yaml"
+    write_manifest(load_manifest(REPO_TEMPLATE).model_copy(update={"image": []}), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,14 @@ import torch
 
 from server.chat.moe_lora import wrapped_layers
 from training.brainstacks.data import IGNORE, batches, collate
-from training.brainstacks.inner import BoostingConfig, boost_domain, validation_loss
+from training.brainstacks.boosting import BoostingConfig, boost_domain, validation_loss
+from tests.conftest import built
 from training.brainstacks.continual import load_base
 from training.data.world import examples
 
 
 def test_loss_counts_only_the_reply(manifest_path):
-    tokenizer = load_base(manifest_path).tokenizer
+    tokenizer = load_base(built(manifest_path)).tokenizer
     item = examples("math", "train", 1)[0]
     batch = collate(tokenizer, [item, examples("chat", "train", 1)[0]])
     reply = batch.labels[0][batch.labels[0] != IGNORE].tolist()
@@ -23,7 +24,7 @@ def test_loss_counts_only_the_reply(manifest_path):
 
 
 def test_boosting_keeps_best_checkpoints_and_stops_adding_rounds(manifest_path):
-    chat = load_base(manifest_path)
+    chat = load_base(built(manifest_path))
     train = examples("math", "train", 16)
     val = batches(chat.tokenizer, examples("math", "val", 8), 8)
     cfg = BoostingConfig(steps_per_round=6, eval_every=2, batch_size=4, max_rounds=3, lr=1e-2, min_gain=10.0)
@@ -68,7 +69,7 @@ def test_zoo_lm_keeps_digits_single_and_projections_multiples_of_32(tmp_path):
 
 
 def test_steps_to_reach_reads_the_first_crossing():
-    from training.brainstacks.eval_moe import steps_to_reach
+    from training.eval.moe_lora import steps_to_reach
 
     curve = [(0, 3.0), (25, 2.0), (50, 1.5), (75, 1.6)]
     assert steps_to_reach(curve, 1.6) == 50 and steps_to_reach(curve, 2.0) == 25
@@ -77,14 +78,14 @@ def test_steps_to_reach_reads_the_first_crossing():
 
 def test_moe_lora_eval_compares_parameter_matched_adapters(manifest_path, tmp_path):
     from server.chat.moe_lora import MoELoRAConfig
-    from training.brainstacks.eval_moe import MoEComparison, run_moe_lora_eval
+    from training.eval.moe_lora import MoEComparison, run_moe_lora_eval
 
     cmp = MoEComparison(domains=("math",), steps=4, second_round_steps=2,
                         moe=MoELoRAConfig(experts=4, rank=4, alpha=4.0),
                         single=MoELoRAConfig(experts=1, rank=16, alpha=16.0, top_k=1),
                         boosting=BoostingConfig(eval_every=2, batch_size=4, patience=10**9, spike=float("inf")),
                         train_examples=16, val_examples=8, test_examples=2, max_new_tokens=4)
-    report = run_moe_lora_eval(manifest_path, tmp_path, cmp)
+    report = run_moe_lora_eval(built(manifest_path), tmp_path, cmp)
     row = report["domains"][0]
     moe, single = row["moe_run"], row["single_run"]
     inputs = 2 * (6 * 64 + 128)  # summed input widths of the 14 wrapped projections (down_proj reads 128)

@@ -11,9 +11,8 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import make_settings
 from server.app import create_app
-from server.chat.base import ChatJob, load_chat_model
+from server.chat.model import ChatJob, load_chat, load_chat_base
 from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
-from server.chat.stacks import attach_stacks
 from server.manifest import Artifact, ArtifactResolver, Domain, load_manifest, write_manifest
 from server.artifacts import ArtifactError, sha256_file
 from server.registry import load_model_set
@@ -21,14 +20,14 @@ from server.registry import load_model_set
 
 def test_nf4_load_yields_bitsandbytes_4bit_layers(manifest_path):
     manifest = load_manifest(manifest_path)
-    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
-    chat = load_chat_model(manifest.chat.base, resolver, "cpu")
+    resolver = ArtifactResolver(manifest_path.parent)
+    chat = load_chat_base(manifest.chat.base, resolver, "cpu")
     quantised = [m for m in chat.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantised) == 2 * 7  # q, k, v, o, gate, up, down in each of two layers
     assert all(m.weight.quant_type == "nf4" for m in quantised)
     assert quantised[0].weight.dtype == torch.uint8  # packed 4-bit storage
 
-    plain = load_chat_model(manifest.chat.base.model_copy(update={"quantization": "none"}), resolver, "cpu")
+    plain = load_chat_base(manifest.chat.base.model_copy(update={"quantization": "none"}), resolver, "cpu")
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.model.modules())
 
 
@@ -74,8 +73,8 @@ def stacked_manifest(zoo_dir, manifest_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("stacked")
     shutil.copytree(zoo_dir / "artifacts", root / "artifacts")
     manifest = load_manifest(manifest_path)
-    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
-    model = load_chat_model(manifest.chat.base, resolver, "cpu").model
+    resolver = ArtifactResolver(manifest_path.parent)
+    model = load_chat_base(manifest.chat.base, resolver, "cpu").model
     config = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
     stacks = add_stack(model, "math", config)
     torch.manual_seed(0)
@@ -116,12 +115,11 @@ def test_explicit_routes_apply_stacks_and_the_trace_names_them(stacked_manifest)
 
     # the trace's weights are what was applied: the same weights outside the server give the same text
     manifest = load_manifest(stacked_manifest)
-    resolver = ArtifactResolver(stacked_manifest, stacked_manifest.parent / "artifacts")
-    chat = load_chat_model(manifest.chat.base, resolver, "cpu")
-    attach_stacks(chat.model, manifest.chat, resolver)
+    chat = load_chat(manifest.chat, ArtifactResolver(stacked_manifest.parent), "cpu")
     job = ChatJob([{"role": "user", "content": request["prompt"]}], 6, 0.0, 1.0, 0)
     assert chat.generate(job, trace["domains_applied"]).text == routed_reply["text"]
     assert chat.generate(job).text == base_reply["text"]
+    assert chat.answer(job).text == base_reply["text"]  # the job's own route: "auto", no router loaded
 
 
 def test_a_stack_listed_under_the_wrong_domain_is_refused(stacked_manifest, tmp_path):

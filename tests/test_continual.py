@@ -9,17 +9,18 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.chat.base import ChatJob
+from server.chat.model import ChatJob, load_chat
 from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, routed, wrapped_layers
 from server.chat.router import MetaRouter, RouterConfig, load_router, save_router
-from server.manifest import load_manifest, write_manifest
-from tests.conftest import make_settings
-from training.brainstacks.continual import MICRO_CHAT, build_chat_zoo, domain_data, load_base, run_continual
+from server.manifest import load_manifest
+from tests.conftest import built, make_settings, template_without_images
+from training.artifacts import open_manifest
+from training.brainstacks.continual import MICRO_CHAT, domain_data, load_base, run_continual
 from training.brainstacks.data import batches
 from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases, collect_deltas
-from training.brainstacks.routing import greedy_selection
+from training.brainstacks.router_training import greedy_selection
 from training.data.world import examples
-from training.zoo.build import default_manifest
+from training.zoo.chat import build_chat_zoo
 
 
 def test_greedy_selection_follows_the_outcome_rule():
@@ -36,9 +37,9 @@ def test_greedy_selection_follows_the_outcome_rule():
 
 
 def test_router_targets_score_only_the_greedy_walk_and_agree_with_the_full_table(manifest_path):
-    from training.brainstacks.routing import discovered_routes, loss_tables
+    from training.brainstacks.router_training import discovered_routes, loss_tables
 
-    chat = load_base(manifest_path)
+    chat = load_base(built(manifest_path))
     config = MoELoRAConfig(experts=2, rank=4, alpha=4.0)
     domains = ("chat", "math", "medical")
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def test_router_round_trips(tmp_path):
 
 
 def test_projector_removes_earlier_directions_also_after_folding(manifest_path):
-    chat = load_base(manifest_path)
+    chat = load_base(built(manifest_path))
     model, tokenizer = chat.model, chat.tokenizer
     config = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
     earlier = add_stack(model, "chat", config)
@@ -119,7 +120,7 @@ def test_projector_removes_earlier_directions_also_after_folding(manifest_path):
 
 
 def test_isolation_reproduces_the_post_freeze_loss_bit_for_bit(manifest_path):
-    chat = load_base(manifest_path)
+    chat = load_base(built(manifest_path))
     recipe = replace(MICRO_CHAT, domains=("chat", "math", "medical"))
     data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
     out = run_continual(chat.model, chat.tokenizer, recipe, data)
@@ -132,15 +133,14 @@ def test_isolation_reproduces_the_post_freeze_loss_bit_for_bit(manifest_path):
 
 
 def test_micro_language_zoo_serves_routed_chat(tmp_path):
-    manifest = tmp_path / "weights_manifest.yaml"
-    write_manifest(default_manifest().model_copy(update={"image": []}), manifest)
-    summary = build_chat_zoo(manifest, MICRO_CHAT, runs_dir=tmp_path / "runs")
-    chat = load_manifest(manifest).chat
+    manifests = open_manifest(tmp_path / "artifacts", template_without_images(tmp_path))
+    summary = build_chat_zoo(manifests, MICRO_CHAT, runs_dir=tmp_path / "runs")
+    chat = load_manifest(manifests.path).chat
     assert [d.name for d in chat.domains] == ["chat", "math"] and chat.router is not None
     assert summary["forgetting_isolation"][1]["chat"] == summary["post_freeze"]["chat"]
     assert (tmp_path / "runs" / "router.json").is_file() and not list(tmp_path.rglob(".*.tmp"))
 
-    with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
+    with TestClient(create_app(make_settings(manifests.path), load_in_background=False)) as c:
         body = c.post("/chat", json={"prompt": "Compute 23 + 45 - 12.", "max_tokens": 6}).json()
         metrics = c.get("/metrics").text
     trace = body["trace"]
@@ -152,27 +152,22 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
     assert set(trace["domains_applied"]) | set(trace["gated_off"]) == {"chat", "math"}
 
     # the trace's weights are the ones applied: the same weights outside the server give the same text
-    served = load_base(manifest)
-    from server.chat.stacks import attach_stacks
-    from server.manifest import ArtifactResolver
-
-    resolver = ArtifactResolver(manifest, tmp_path / "artifacts")
-    attach_stacks(served.model, chat, resolver)
+    served = load_chat(chat, manifests.resolver(), "cpu")
     job = ChatJob([{"role": "user", "content": "Compute 23 + 45 - 12."}], 6, 0.0, 1.0, 0)
     assert served.generate(job, trace["domains_applied"]).text == body["text"]
+    assert served.answer(job).plan.weights == trace["domains_applied"]  # "auto" again: the same route
 
-    again = build_chat_zoo(manifest, MICRO_CHAT, if_missing=True, runs_dir=tmp_path / "runs")
+    again = build_chat_zoo(manifests, MICRO_CHAT, if_missing=True, runs_dir=tmp_path / "runs")
     assert again["base"] is None and again["domains"] == []
 
 
 def test_brainstacks_eval_reports_every_setting(tmp_path, capsys):
-    from training.brainstacks.eval_brainstacks import BrainstacksEval, run_brainstacks_eval
+    from training.eval.brainstacks import BrainstacksEval, run_brainstacks_eval
 
-    manifest = tmp_path / "weights_manifest.yaml"
-    write_manifest(default_manifest().model_copy(update={"image": []}), manifest)
-    build_chat_zoo(manifest, MICRO_CHAT, runs_dir=tmp_path / "runs")
+    manifests = open_manifest(tmp_path / "artifacts", template_without_images(tmp_path))
+    build_chat_zoo(manifests, MICRO_CHAT, runs_dir=tmp_path / "runs")
     cfg = BrainstacksEval(test_examples=2, ablation=replace(MICRO_CHAT, router=None), max_new_tokens=4)
-    report = run_brainstacks_eval(manifest, tmp_path / "eval", cfg)
+    report = run_brainstacks_eval(manifests, tmp_path / "eval", cfg)
     settings = report["served"]["settings"]
     assert set(settings) == {"chat", "math", "cross"}
     for row in settings.values():

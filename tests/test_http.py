@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.imaging import engine as image_engine
+from server.imaging import serving as image_serving
 from tests.conftest import assert_error_shape, make_settings
 
 
@@ -23,13 +23,16 @@ def test_health_endpoints(client):
 
 
 def test_not_ready_until_models_load(tmp_path):
-    missing = tmp_path / "weights_manifest.yaml"  # never written: loading fails
+    missing = tmp_path / "weights_manifest.yaml"  # nothing built: the server reads the template
     with TestClient(create_app(make_settings(missing), load_in_background=False)) as c:
         assert c.get("/livez").status_code == 200
         error = c.get("/readyz")
         assert error.status_code == 503 and error.json()["error"]["type"] == "not_ready"
-        assert "weights_manifest.yaml" in error.json()["error"]["message"]
+        assert "zoo/digits-dit" in error.json()["error"]["message"]  # the template's first entry, not built
         assert c.post("/chat", json={"prompt": "hi"}).status_code == 503
+    settings = make_settings(missing, template=tmp_path / "no-template.yaml")
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        assert "no-template.yaml" in c.get("/readyz").json()["error"]["message"]
 
 
 def test_models_are_listed(client):
@@ -166,13 +169,13 @@ def test_metrics_change_after_requests(client):
 
 def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
     release = threading.Event()
-    real_run = image_engine.run_job
+    real_sample = image_serving.sample
 
-    def blocked_run(backbone, job):
+    def blocked_sample(backbone, job):
         release.wait(timeout=30)
-        return real_run(backbone, job)
+        return real_sample(backbone, job)
 
-    monkeypatch.setattr(image_engine, "run_job", blocked_run)
+    monkeypatch.setattr(image_serving, "sample", blocked_sample)
     app = create_app(make_settings(manifest_path, image_queue_size=1, retry_after_seconds=7),
                      load_in_background=False)
     body = {"model": "tiny-dit", "class_label": 0, "steps": 1}
@@ -182,7 +185,7 @@ def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
                    for _ in range(2)]
         for w in workers:
             w.start()
-        engine = app.state.engines["image"]
+        engine = app.state.services.image_engine
         deadline = time.time() + 20
         while engine.waiting < 1 and time.time() < deadline:  # one running, one waiting
             time.sleep(0.01)

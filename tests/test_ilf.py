@@ -18,7 +18,7 @@ from tests.conftest import assert_error_shape, make_settings, zoo_manifest
 def backbone_named(manifest_path, name):
     manifest = load_manifest(manifest_path)
     spec = next(m for m in manifest.image if m.name == name)
-    return load_image_backbone(spec, ArtifactResolver(manifest_path, manifest_path.parent / "artifacts"), "cpu")
+    return load_image_backbone(spec, ArtifactResolver(manifest_path.parent), "cpu")
 
 
 def ilf_config(model, **overrides) -> ILFConfig:
@@ -137,4 +137,4 @@ def test_tampered_ilf_artifact_is_refused_at_load(zoo_dir, ilf_client):
     spec = next(m for m in manifest.image if m.name == "tiny-dit")
     bad = spec.model_copy(update={"ilf": spec.ilf.model_copy(update={"sha256": "1" * 64})})
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
-        load_image_backbone(bad, ArtifactResolver(zoo_dir / "weights_manifest.yaml", zoo_dir / "artifacts"), "cpu")
+        load_image_backbone(bad, ArtifactResolver(zoo_dir), "cpu")

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.manifest import load_manifest
 from server.artifacts import sha256_file
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
 from tests.test_ilf import backbone_named
-from training.ilf import ILFTraining, distil, train_ilf
+from training.ilf_distill import ILFTraining, distil, train_ilf
 
 TINY = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size=4, pool_size=8, refresh_every=3)
 
@@ -35,7 +35,7 @@ def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, t
     shutil.copytree(zoo_dir / "artifacts", tmp_path / "artifacts")
     manifest = tmp_path / "weights_manifest.yaml"
     shutil.copy(manifest_path, manifest)
-    path = train_ilf(manifest, "tiny-dit", TINY, runs_dir=tmp_path / "runs")
+    path = train_ilf(built(manifest), "tiny-dit", TINY, runs_dir=tmp_path / "runs")
 
     entry = next(m for m in load_manifest(manifest).image if m.name == "tiny-dit").ilf
     assert entry.steps == 2 and entry.sha256 == sha256_file(path)
@@ -45,5 +45,5 @@ def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, t
         body = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1}).json()
         assert body["mode"] == "ilf" and body["steps"] == 2 and body["block_evaluations"] == 2 * 4
     # `make serve` distils with --if-missing: a second run leaves the module alone
-    assert train_ilf(manifest, "tiny-dit", TINY, runs_dir=tmp_path / "runs", if_missing=True) is None
+    assert train_ilf(built(manifest), "tiny-dit", TINY, runs_dir=tmp_path / "runs", if_missing=True) is None
     assert next(m for m in load_manifest(manifest).image if m.name == "tiny-dit").ilf == entry

@@ -70,16 +70,16 @@ def artifact_dir(tmp_path) -> Path:
 
 
 def resolver_for(tmp_path: Path) -> ArtifactResolver:
-    return ArtifactResolver(tmp_path / "weights_manifest.yaml", tmp_path / "artifacts")
+    return ArtifactResolver(tmp_path / "artifacts")
 
 
 def test_verified_artifact_loads(tmp_path, artifact_dir):
-    good = Artifact(path="artifacts/stack.safetensors", sha256=sha256_file(artifact_dir / "stack.safetensors"))
+    good = Artifact(path="stack.safetensors", sha256=sha256_file(artifact_dir / "stack.safetensors"))
     assert resolver_for(tmp_path).artifact(good) == (artifact_dir / "stack.safetensors").resolve()
 
 
 def test_checksum_mismatch_is_refused(tmp_path, artifact_dir):
-    bad = Artifact(path="artifacts/stack.safetensors", sha256="0" * 64)
+    bad = Artifact(path="stack.safetensors", sha256="0" * 64)
     with pytest.raises(ArtifactError) as err:
         resolver_for(tmp_path).artifact(bad)
     assert "stack.safetensors" in str(err.value) and "sha256 mismatch" in str(err.value)
@@ -87,13 +87,13 @@ def test_checksum_mismatch_is_refused(tmp_path, artifact_dir):
 
 def test_missing_checksum_is_refused(tmp_path, artifact_dir):
     with pytest.raises(ArtifactError, match="no sha256 recorded"):
-        resolver_for(tmp_path).artifact(Artifact(path="artifacts/stack.safetensors"))
+        resolver_for(tmp_path).artifact(Artifact(path="stack.safetensors"))
 
 
 def test_path_outside_artifact_root_is_refused(tmp_path, artifact_dir):
     outside = tmp_path / "elsewhere.safetensors"
     shutil.copy(artifact_dir / "stack.safetensors", outside)
-    escape = Artifact(path="artifacts/../elsewhere.safetensors", sha256=sha256_file(outside))
+    escape = Artifact(path="../elsewhere.safetensors", sha256=sha256_file(outside))
     with pytest.raises(ArtifactError) as err:
         resolver_for(tmp_path).artifact(escape)
     assert "outside the artifact root" in str(err.value) and "elsewhere.safetensors" in str(err.value)
@@ -103,14 +103,14 @@ def test_symlink_out_of_the_root_is_refused(tmp_path, artifact_dir):
     outside = tmp_path / "secret.safetensors"
     shutil.copy(artifact_dir / "stack.safetensors", outside)
     (artifact_dir / "link.safetensors").symlink_to(outside)
-    link = Artifact(path="artifacts/link.safetensors", sha256=sha256_file(outside))
+    link = Artifact(path="link.safetensors", sha256=sha256_file(outside))
     with pytest.raises(ArtifactError, match="outside the artifact root"):
         resolver_for(tmp_path).artifact(link)
 
 
 def test_pickle_artifact_is_refused(tmp_path, artifact_dir):
     torch.save({"w": torch.zeros(2)}, artifact_dir / "stack.pt")
-    pickled = Artifact(path="artifacts/stack.pt", sha256=sha256_file(artifact_dir / "stack.pt"))
+    pickled = Artifact(path="stack.pt", sha256=sha256_file(artifact_dir / "stack.pt"))
     with pytest.raises(ArtifactError) as err:
         resolver_for(tmp_path).artifact(pickled)
     assert "stack.pt" in str(err.value) and "safetensors" in str(err.value)
@@ -119,7 +119,7 @@ def test_pickle_artifact_is_refused(tmp_path, artifact_dir):
 def test_half_written_artifact_is_refused_even_with_matching_checksum(tmp_path, artifact_dir):
     data = (artifact_dir / "stack.safetensors").read_bytes()
     (artifact_dir / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    cut = Artifact(path="artifacts/cut.safetensors", sha256=sha256_file(artifact_dir / "cut.safetensors"))
+    cut = Artifact(path="cut.safetensors", sha256=sha256_file(artifact_dir / "cut.safetensors"))
     with pytest.raises(ArtifactError, match="not a readable safetensors file"):
         resolver_for(tmp_path).artifact(cut)
 
@@ -134,7 +134,7 @@ def test_model_folder_with_pickle_weights_is_refused(tmp_path, zoo_dir):
     folder = copy_model(zoo_dir, tmp_path, "dit")
     from server.artifacts import folder_digests
 
-    source = Source(path="artifacts/dit", files=folder_digests(folder))
+    source = Source(path="dit", files=folder_digests(folder))
     torch.save({"w": torch.zeros(2)}, folder / "transformer" / "diffusion_pytorch_model.bin")
     with pytest.raises(ArtifactError) as err:
         resolver_for(tmp_path).source(source)
@@ -145,7 +145,7 @@ def test_model_folder_with_tampered_weights_is_refused(tmp_path, zoo_dir):
     folder = copy_model(zoo_dir, tmp_path, "dit")
     from server.artifacts import folder_digests
 
-    source = Source(path="artifacts/dit", files=folder_digests(folder))
+    source = Source(path="dit", files=folder_digests(folder))
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     with pytest.raises(ArtifactError) as err:
@@ -156,7 +156,7 @@ def test_model_folder_with_tampered_weights_is_refused(tmp_path, zoo_dir):
 def test_model_folder_without_checksums_is_refused(tmp_path, zoo_dir):
     copy_model(zoo_dir, tmp_path, "dit")
     with pytest.raises(ArtifactError, match="no file checksums recorded"):
-        resolver_for(tmp_path).source(Source(path="artifacts/dit"))
+        resolver_for(tmp_path).source(Source(path="dit"))
 
 
 def test_hub_source_is_not_downloaded_when_network_is_off(tmp_path):
@@ -191,4 +191,4 @@ def test_listed_file_outside_its_model_folder_is_refused(tmp_path, zoo_dir):
 
     files = folder_digests(folder) | {"../dit/transformer/config.json": "0" * 64}
     with pytest.raises(ArtifactError, match="leaves its model folder"):
-        resolver_for(tmp_path).source(Source(path="artifacts/dit", files=files))
+        resolver_for(tmp_path).source(Source(path="dit", files=files))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.chat.base import load_chat_model
+from server.chat.model import load_chat_base
 from server.chat.moe_lora import (
     MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, remove_last_stack,
     routed, save_stack, stack_modules, wrapped_layers,
@@ -19,8 +19,8 @@ SMALL = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
 @pytest.fixture()
 def lm(manifest_path):
     manifest = load_manifest(manifest_path)
-    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
-    model = load_chat_model(manifest.chat.base, resolver, "cpu").model
+    resolver = ArtifactResolver(manifest_path.parent)
+    model = load_chat_base(manifest.chat.base, resolver, "cpu").model
     disable_cpu_weight_packing(model)
     return model
 
@@ -110,8 +110,8 @@ def test_save_load_round_trips_exactly_and_routes_weight_domains(lm, manifest_pa
     save_stack(path, stack_modules(lm, "math", 0), "math", SMALL, {"round": 1})
 
     manifest = load_manifest(manifest_path)
-    resolver = ArtifactResolver(manifest_path, manifest_path.parent / "artifacts")
-    fresh = load_chat_model(manifest.chat.base, resolver, "cpu").model
+    resolver = ArtifactResolver(manifest_path.parent)
+    fresh = load_chat_base(manifest.chat.base, resolver, "cpu").model
     meta = load_stack(fresh, path)
     assert meta["domain"] == "math" and meta["round"] == 1 and meta["config"] == SMALL
     with torch.no_grad():

@@ -1,49 +1,39 @@
-"""`python -m training zoo placeholder`: what `make serve` runs on a fresh machine."""
+"""The committed template and `python -m training zoo placeholder`: what `make serve` starts from."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
+import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.manifest import load_manifest
-from training.__main__ import main as training_main
-from training.zoo.build import default_manifest
-from tests.conftest import make_settings
+from tests.conftest import REPO_TEMPLATE, make_settings
+from training.__main__ import VERBS, main as training_main, parser
 
 
-def without_local_build(manifest):
-    """What a local build adds (checksums, the placeholder flag, ILF modules) removed again."""
-    data = manifest.model_dump(mode="json", exclude_none=True)
-    for entry in data["image"] + [data["chat"]["base"]]:
-        entry.pop("placeholder", None)
-        entry.pop("ilf", None)
-        entry["source"].pop("files", None)
-        entry.get("text_encoder", {}).get("source", {}).pop("files", None)
-    return data
+def test_the_template_names_the_embedded_zoo_and_nothing_a_build_records():
+    template = load_manifest(REPO_TEMPLATE)
+    assert [m.name for m in template.image] == ["digits-dit", "digits-pixart"]
+    assert template.chat.base.name == "zoo-lm" and template.chat.domains == [] and template.chat.router is None
+    sources = [m.source for m in template.image] + [template.image[1].text_encoder.source, template.chat.base.source]
+    assert all(s.path and not s.files for s in sources)  # checksums belong to the built manifest
+    assert not any(m.placeholder or m.ilf for m in template.image) and not template.chat.base.placeholder
 
 
-def test_repository_manifest_names_the_embedded_zoo():
-    repo = Path(__file__).resolve().parent.parent
-    committed = load_manifest(repo / "weights_manifest.yaml")  # may carry this machine's checksums
-    assert without_local_build(committed) == without_local_build(default_manifest())
+def test_placeholder_zoo_writes_the_built_manifest_and_leaves_the_template_alone(tmp_path):
+    template_text = REPO_TEMPLATE.read_text()
+    root = tmp_path / "artifacts"
+    training_main(["--artifacts", str(root), "zoo", "placeholder"])
+    assert REPO_TEMPLATE.read_text() == template_text
 
-
-def test_placeholder_zoo_builds_a_servable_manifest(tmp_path):
-    manifest = tmp_path / "weights_manifest.yaml"
-    manifest.write_text(yaml.safe_dump(default_manifest().model_dump(mode="json", exclude_none=True)))
-    training_main(["zoo", "placeholder", "--manifest", str(manifest)])
-
-    built = load_manifest(manifest)
+    built = load_manifest(root / "weights_manifest.yaml")
     assert all(m.placeholder and m.source.files for m in built.image)
     assert built.chat.base.placeholder and built.chat.base.source.files
-    stamp = manifest.stat().st_mtime_ns
-    training_main(["zoo", "placeholder", "--manifest", str(manifest), "--if-missing"])
-    assert manifest.stat().st_mtime_ns == stamp  # already built: untouched
+    stamp = (root / "weights_manifest.yaml").stat().st_mtime_ns
+    training_main(["--artifacts", str(root), "zoo", "placeholder", "--if-missing"])
+    assert (root / "weights_manifest.yaml").stat().st_mtime_ns == stamp  # already built: untouched
 
-    with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
+    with TestClient(create_app(make_settings(root / "weights_manifest.yaml"), load_in_background=False)) as c:
         assert c.get("/readyz").status_code == 200
         cards = c.get("/v1/models").json()["data"]
         assert {m["id"] for m in cards} == {"digits-dit", "digits-pixart", "zoo-lm"}
@@ -52,3 +42,10 @@ def test_placeholder_zoo_builds_a_servable_manifest(tmp_path):
                                                "steps": 2})
         assert image.status_code == 200 and image.json()["placeholder"] is True
         assert c.post("/chat", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+
+
+@pytest.mark.parametrize("verb", [" ".join(words) for words in VERBS])
+def test_every_verb_parses_with_its_defaults(verb):
+    model = ["--model", "digits-dit"] if verb.startswith("ilf") else []
+    args = parser().parse_args(verb.split() + model)
+    assert callable(args.run)

@@ -17,7 +17,8 @@ from training.data.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digit_split
 from training.eval.classifier import accuracy, train_classifier
 from training.eval.images import Protocol, run_image_eval
 from training.eval.metrics import PSNR_CAP_DB, bootstrap_interval, frechet_distance, psnr, ssim
-from training.zoo.build import build_placeholder_zoo
+from training.artifacts import open_manifest
+from training.zoo.placeholders import build_placeholder_zoo
 from training.zoo.images import MICRO, build_image_zoo
 from tests.conftest import make_settings
 
@@ -72,20 +73,19 @@ def test_classifier_recognises_heldout_real_digits():
 
 
 def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
-    first, second = tmp_path / "a" / "weights_manifest.yaml", tmp_path / "b" / "weights_manifest.yaml"
-    for manifest in (first, second):
-        manifest.parent.mkdir()
-        assert build_image_zoo(manifest, MICRO)
+    first, second = open_manifest(tmp_path / "a" / "artifacts"), open_manifest(tmp_path / "b" / "artifacts")
+    for manifests in (first, second):
+        assert build_image_zoo(manifests, MICRO)
     assert build_placeholder_zoo(first, if_missing=True)  # what `make serve` adds: the chat stand-in
-    weights = "artifacts/zoo/digits-dit/transformer/diffusion_pytorch_model.safetensors"
-    assert sha256_file(first.parent / weights) == sha256_file(second.parent / weights)
+    weights = "zoo/digits-dit/transformer/diffusion_pytorch_model.safetensors"
+    assert sha256_file(first.file(weights)) == sha256_file(second.file(weights))
     assert not build_image_zoo(first, MICRO, if_missing=True)
-    built = load_manifest(first)
+    built = load_manifest(first.path)
     assert [m.name for m in built.image] == ["digits-dit", "digits-pixart"]
     assert not any(m.placeholder for m in built.image)
-    assert (first.parent / "runs" / "zoo" / "digits-pixart" / "loss.png").is_file()
+    assert (tmp_path / "a" / "runs" / "zoo" / "digits-pixart" / "loss.png").is_file()
 
-    with TestClient(create_app(make_settings(first), load_in_background=False)) as c:
+    with TestClient(create_app(make_settings(first.path), load_in_background=False)) as c:
         body = c.post("/generate-image", json={"model": "digits-pixart", "prompt": "a handwritten seven",
                                               "seed": 3, "steps": 4}).json()
         assert body["placeholder"] is False and len(body["images"]) == 1

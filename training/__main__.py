@@ -1,99 +1,147 @@
-"""python -m training <command>: every artifact the server loads is built here."""
+"""python -m training <verb>: every artifact the server loads is built here, and measured.
+
+Each verb reads the built manifest of the artifact root (or the template while nothing is built)
+and writes what it built there; `--artifacts` and `--template` choose other ones.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
-from server.settings import Settings
+from server.manifest import BuiltManifest
+from training.artifacts import open_manifest
 
 
-def _ilf_defaults() -> dict:
+def zoo_images(m: BuiltManifest, args) -> None:
+    from training.zoo.images import FULL, MICRO, build_image_zoo
+
+    if not build_image_zoo(m, MICRO if args.micro else FULL, if_missing=args.if_missing):
+        print(f"image zoo already built ({m.path}); nothing to do")
+
+
+def zoo_chat(m: BuiltManifest, args) -> None:
+    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
+    from training.zoo.chat import build_chat_zoo
+
+    build_chat_zoo(m, MICRO_CHAT if args.micro else ChatZooRecipe(), if_missing=args.if_missing)
+
+
+def zoo_placeholder(m: BuiltManifest, args) -> None:
+    from training.zoo.placeholders import build_placeholder_zoo
+
+    if not build_placeholder_zoo(m, if_missing=args.if_missing):
+        print(f"zoo already built ({m.path}); nothing to do")
+        return
+    print("=" * 78)
+    print("Built UNTRAINED PLACEHOLDER models into", m.path)
+    print("They let the service start; their images and text are noise until the trained")
+    print("zoo replaces them.")
+    print("=" * 78)
+
+
+def ilf(m: BuiltManifest, args) -> None:
+    from training.ilf_distill import ILFTraining, train_ilf
+
+    cfg = ILFTraining(**{name: getattr(args, name) for name in _ilf_flags()})
+    path = train_ilf(m, args.model, cfg, if_missing=args.if_missing)
+    print(f"wrote {path}" if path else f"{args.model} already has an ILF module; nothing to do")
+
+
+def ilf_sweep(m: BuiltManifest, args) -> None:
+    from training.eval.ilf_sweep import run_sweep
+
+    run_sweep(m, args.model, args.updates, args.out)
+
+
+def eval_images(m: BuiltManifest, args) -> None:
+    from training.eval.images import Protocol, run_image_eval
+
+    run_image_eval(m, args.out, Protocol(per_class=args.per_class), args.models)
+
+
+def eval_moe_lora(m: BuiltManifest, args) -> None:
+    from training.eval.moe_lora import MoEComparison, run_moe_lora_eval
+
+    comparison = MoEComparison() if args.steps is None else MoEComparison(steps=args.steps,
+                                                                        second_round_steps=args.steps // 2)
+    run_moe_lora_eval(m, args.out, comparison)
+
+
+def eval_brainstacks(m: BuiltManifest, args) -> None:
+    from training.eval.brainstacks import run_brainstacks_eval
+
+    run_brainstacks_eval(m, args.out)
+
+
+def _ilf_flags() -> dict:
     """`training ilf` takes every ILFTraining field that has a scalar default as a flag."""
-    from dataclasses import fields
-
-    from training.ilf import ILFTraining
+    from training.ilf_distill import ILFTraining
 
     return {f.name: f.default for f in fields(ILFTraining) if isinstance(f.default, (int, float, str))}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    zoo = sub.add_parser("zoo", help="build the embedded default models")
-    zoo.add_argument("what", choices=["images", "chat", "placeholder"],
-                     help="images: train digits-dit and digits-pixart (about 20 CPU-minutes); "
-                          "chat: pretrain zoo-lm, train the domains' MoE-LoRA stacks one after another, then the router; "
-                          "placeholder: untrained stand-ins, built in seconds")
-    zoo.add_argument("--micro", action="store_true", help="a few dozen steps of everything (for tests)")
-    zoo.add_argument("--manifest", type=Path, default=Settings().manifest)
-    zoo.add_argument("--if-missing", action="store_true", help="do nothing when the zoo is already built")
-    sweep = sub.add_parser("ilf-sweep", help="screen ILF loop spans and step counts with short runs")
-    sweep.add_argument("--model", required=True)
-    sweep.add_argument("--manifest", type=Path, default=Settings().manifest)
-    sweep.add_argument("--updates", type=int, default=300)
-    sweep.add_argument("--out", type=Path, default=Path("runs/ilf"))
-    ev = sub.add_parser("eval", help="measure the served models against the yardstick")
-    ev.add_argument("what", choices=["images", "moe-lora", "brainstacks"])
-    ev.add_argument("--manifest", type=Path, default=Settings().manifest)
-    ev.add_argument("--out", type=Path, default=Path("runs/eval"))
-    ev.add_argument("--models", nargs="*", help="only these image models")
-    ev.add_argument("--per-class", type=int, default=30, help="images per digit (the fixed protocol uses 30)")
-    ev.add_argument("--steps", type=int, default=None, help="moe-lora: training steps per adapter")
-    ilf = sub.add_parser("ilf", help="distil an Inner Loop Feedback module for an image model")
-    ilf.add_argument("--model", required=True)
-    ilf.add_argument("--manifest", type=Path, default=Settings().manifest)
-    ilf.add_argument("--if-missing", action="store_true", help="do nothing when the model already has a module")
-    for name, default in _ilf_defaults().items():
-        ilf.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+MICRO = (("--micro",), dict(action="store_true", help="a few dozen steps of everything (for tests)"))
+IF_MISSING = (("--if-missing",), dict(action="store_true", help="do nothing when it is already built"))
+MODEL = (("--model",), dict(required=True, help="an image model of the manifest"))
+OUT = (("--out",), dict(type=Path, default=Path("runs/eval"), help="where reports, JSON and PNGs go"))
 
-    if args.command == "ilf":
-        from training.ilf import ILFTraining, train_ilf
+# verb -> (what it does, its function, its flags)
+VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
+    ("zoo", "images"): ("train digits-dit and digits-pixart (about 20 CPU-minutes)", zoo_images,
+                        [MICRO, IF_MISSING]),
+    ("zoo", "chat"): ("pretrain zoo-lm, train the domains' MoE-LoRA stacks one after another, then the router",
+                      zoo_chat, [MICRO, IF_MISSING]),
+    ("zoo", "placeholder"): ("untrained stand-ins for entries not built yet, in seconds", zoo_placeholder,
+                             [IF_MISSING]),
+    ("ilf",): ("distil an Inner Loop Feedback module for an image model", ilf,
+               [MODEL, (("--if-missing",), dict(action="store_true",
+                                                help="do nothing when the model already has a module"))]),
+    ("ilf-sweep",): ("screen ILF loop spans and step counts with short distillations", ilf_sweep,
+                     [MODEL, (("--updates",), dict(type=int, default=300)),
+                      (("--out",), dict(type=Path, default=Path("runs/ilf")))]),
+    ("eval", "images"): ("the image yardstick: speed, accuracy, Digit-FID, fidelity to DDIM-20", eval_images,
+                         [OUT, (("--models",), dict(nargs="*", help="only these image models")),
+                          (("--per-class",), dict(type=int, default=30, help="images per digit (protocol: 30)"))]),
+    ("eval", "moe-lora"): ("MoE-LoRA stacks against a parameter-matched LoRA", eval_moe_lora,
+                           [OUT, (("--steps",), dict(type=int, default=None, help="training steps per adapter"))]),
+    ("eval", "brainstacks"): ("forgetting, routing and the curriculum of the continual chat zoo", eval_brainstacks,
+                              [OUT]),
+}
 
-        cfg = ILFTraining(**{name: getattr(args, name) for name in _ilf_defaults()})
-        path = train_ilf(args.manifest, args.model, cfg, if_missing=args.if_missing)
-        print(f"wrote {path}" if path else f"{args.model} already has an ILF module; nothing to do")
-    if args.command == "ilf-sweep":
-        from training.ilf_sweep import run_sweep
 
-        run_sweep(args.manifest, args.model, args.updates, args.out)
-    if args.command == "eval" and args.what == "images":
-        from training.eval.images import Protocol, run_image_eval
-
-        run_image_eval(args.manifest, args.out, Protocol(per_class=args.per_class), args.models)
-    if args.command == "zoo" and args.what == "images":
-        from training.zoo.images import FULL, MICRO, build_image_zoo
-
-        if not build_image_zoo(args.manifest, MICRO if args.micro else FULL, if_missing=args.if_missing):
-            print(f"image zoo already built ({args.manifest}); nothing to do")
-    if args.command == "eval" and args.what == "moe-lora":
-        from training.brainstacks.eval_moe import MoEComparison, run_moe_lora_eval
-
-        comparison = MoEComparison() if args.steps is None else MoEComparison(steps=args.steps,
-                                                                            second_round_steps=args.steps // 2)
-        run_moe_lora_eval(args.manifest, args.out, comparison)
-    if args.command == "eval" and args.what == "brainstacks":
-        from training.brainstacks.eval_brainstacks import run_brainstacks_eval
-
-        run_brainstacks_eval(args.manifest, args.out)
-    if args.command == "zoo" and args.what == "chat":
-        from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
-
-        build_chat_zoo(args.manifest, MICRO_CHAT if args.micro else ChatZooRecipe(), if_missing=args.if_missing)
-    if args.command == "zoo" and args.what == "placeholder":
-        from training.zoo.build import build_placeholder_zoo
-
-        if build_placeholder_zoo(args.manifest, if_missing=args.if_missing):
-            print("=" * 78)
-            print("Built UNTRAINED PLACEHOLDER models into the manifest", args.manifest)
-            print("They let the service start; their images and text are noise until the trained")
-            print("zoo replaces them.")
-            print("=" * 78)
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    top.add_argument("--artifacts", type=Path, default=None,
+                     help="the artifact root (default: LOOPSTACK_ARTIFACT_ROOT or artifacts/)")
+    top.add_argument("--template", type=Path, default=None,
+                     help="the manifest template (default: LOOPSTACK_TEMPLATE or weights_manifest.yaml)")
+    verbs = top.add_subparsers(dest="verb", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, (help_text, run, flags) in VERBS.items():
+        if len(words) == 2:
+            if words[0] not in groups:
+                groups[words[0]] = verbs.add_parser(words[0], help=f"{words[0]} ...").add_subparsers(
+                    dest="what", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text)
         else:
-            print(f"zoo already built ({args.manifest}); nothing to do")
+            sub = verbs.add_parser(words[0], help=help_text)
+        for names, options in flags:
+            sub.add_argument(*names, **options)
+        if words == ("ilf",):
+            for name, default in _ilf_flags().items():
+                sub.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+        sub.set_defaults(run=run)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.run(open_manifest(args.artifacts, args.template), args)
 
 
 if __name__ == "__main__":

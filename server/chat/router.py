@@ -6,17 +6,24 @@ query per domain, then a small MLP gives one logit per domain, divided by a lear
 and one sigmoid per domain (domains are not exclusive: a dose question wants medical *and* math).
 At inference the chat domain gets a floor, a domain at or under the gate threshold is skipped, and
 every applied domain runs at weight 1 (`weighting="gate"`) or at its probability (the paper's).
-No library has it; it is small enough to read top to bottom.
+`plan_route` turns a request's route ("auto", "none" or {domain: weight}) into the weights applied
+and the reason every other domain stays off. No library has it; it is small enough to read top to
+bottom. Its training (outcome discovery, BCE) is training/brainstacks/router_training.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from server.artifacts import ArtifactError, load_with_config, save_with_config
+from server.chat.moe_lora import routed
+
+Route = Literal["auto", "none"] | dict[str, float]  # what a request asks for
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,18 @@ class MetaRouter(nn.Module):
         c = self.config
         return c.middle_weight * hidden_states[c.middle_layer] + (1 - c.middle_weight) * hidden_states[-1]
 
+    @torch.no_grad()
+    def base_features(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the router reads: the frozen base's mixed hidden states for a prompt, every stack off."""
+        with routed(model, {}):
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        return self.features(hidden)
+
+    @torch.no_grad()
+    def probabilities(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One sigmoid per domain, [batch, domains]."""
+        return torch.sigmoid(self(self.base_features(model, input_ids, attention_mask), attention_mask))
+
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [batch, domains] from mixed hidden states [batch, tokens, d]."""
         h = self.norm(states.float())
@@ -85,7 +104,7 @@ def save_router(path, router: MetaRouter, extra: dict | None = None) -> None:
     save_with_config(path, router.state_dict(), "meta_router", {"config": asdict(router.config), **(extra or {})})
 
 
-def load_router(path) -> tuple[MetaRouter, dict]:
+def load_router(path: Path) -> tuple[MetaRouter, dict]:
     tensors, meta = load_with_config(path, "meta_router", "meta-router artifact")
     try:
         config = RouterConfig(**{**meta["config"], "domains": tuple(meta["config"]["domains"])})
@@ -94,3 +113,62 @@ def load_router(path) -> tuple[MetaRouter, dict]:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ArtifactError(path, f"not a meta-router artifact ({exc})") from exc
     return router.eval().requires_grad_(False), meta
+
+
+def load_router_for(path: Path, model_config, domains: tuple[str, ...]) -> MetaRouter:
+    """The meta-router, refused (naming the file) unless it reads this base and routes served domains."""
+    router, _ = load_router(path)
+    if router.config.hidden_size != model_config.hidden_size or router.config.middle_layer > model_config.num_hidden_layers:
+        raise ArtifactError(path, f"router reads width {router.config.hidden_size}, layer {router.config.middle_layer}; "
+                                  f"the base has width {model_config.hidden_size}, {model_config.num_hidden_layers} layers")
+    if unknown := set(router.config.domains) - set(domains):
+        raise ArtifactError(path, f"router routes domains the manifest does not serve: {sorted(unknown)}")
+    return router
+
+
+# ---------------------------------------------------------------- a request's route
+@dataclass(frozen=True)
+class RoutePlan:
+    weights: dict[str, float]  # domain -> weight applied to its stacks
+    gated_off: dict[str, str]  # domain -> why it is not applied
+    reason: str
+    probabilities: dict[str, float] | None = None  # the meta-router's output, when it ran
+
+
+def plan_route(route: Route, domains: tuple[str, ...], stacks: dict[str, int], router: MetaRouter | None,
+               probabilities: dict[str, float] | None) -> RoutePlan:
+    """The weights a request's route applies, and why every other domain stays off. `probabilities`
+    are the router's for this prompt (needed for "auto" when a router is loaded)."""
+    if route == "none":
+        return RoutePlan({}, {d: "route 'none'" for d in domains}, "route 'none': the base model alone was requested")
+    if route == "auto":
+        if not domains:
+            return RoutePlan({}, {}, "no Brainstacks domains are loaded; the base model answered alone")
+        if router is None:
+            why = "no meta-router is loaded, so 'auto' applies no stacks; a {domain: weight} route applies them"
+            return RoutePlan({}, {d: why for d in domains}, "no meta-router is loaded; the base model answered alone")
+        weights, gated = router.route(torch.tensor([probabilities[d] for d in router.config.domains]))
+        for domain in list(weights):
+            if not stacks.get(domain):
+                gated[domain] = "no stacks are loaded for this domain"
+                del weights[domain]
+        for domain in domains:
+            if domain not in weights and domain not in gated:
+                gated[domain] = "the meta-router does not know this domain"
+        applied = ", ".join(f"{d} x {w:.2f}" for d, w in weights.items()) or "no domain"
+        return RoutePlan(weights, gated, f"meta-router: applied {applied}", probabilities)
+    weights, gated = {}, {}
+    for domain in domains:
+        weight = route.get(domain)
+        if weight is None:
+            gated[domain] = "not in the requested route"
+        elif weight == 0:
+            gated[domain] = "weight 0 requested"
+        elif not stacks.get(domain):
+            gated[domain] = "no stacks are loaded for this domain"
+        else:
+            weights[domain] = weight
+    applied = ", ".join(f"{d} x {w:g}" for d, w in weights.items())
+    reason = f"route requested explicitly: {applied}" if weights else \
+        "route requested explicitly, but no requested domain has stacks; the base model answered alone"
+    return RoutePlan(weights, gated, reason)

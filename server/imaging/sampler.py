@@ -59,10 +59,12 @@ def initial_noise(backbone: ImageBackbone, job: SampleJob) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(backbone: ImageBackbone, job: SampleJob,
-           step_context: Callable[[int, torch.Tensor], ContextManager] | None = None) -> SampleResult:
+           step_context: Callable[[int, torch.Tensor], ContextManager] | None = None,
+           trajectory: list[torch.Tensor] | None = None) -> SampleResult:
     """The sampling loop; in ILF mode the same loop runs the backbone with its feedback loop inside.
 
     step_context(i, t), if given, wraps each step: where diffusers' cache hooks learn the step.
+    trajectory, if given, receives the starting noise and the sample after every step (ILF's teacher).
     """
     if job.mode == "ilf" and backbone.ilf is None:
         raise ValueError(f"{backbone.name} has no ILF module")
@@ -74,10 +76,14 @@ def sample(backbone: ImageBackbone, job: SampleJob,
 
     ilf = backbone.ilf if job.mode == "ilf" else None
     x = initial_noise(backbone, job) * scheduler.init_noise_sigma
+    if trajectory is not None:
+        trajectory.append(x)
     with ilf.enabled(backbone.transformer) if ilf else nullcontext():
         for i, t in enumerate(scheduler.timesteps):
             with step_context(i, t) if step_context else nullcontext():
                 x = denoise_step(backbone, scheduler, x, t, cond, job.guidance_scale)
+            if trajectory is not None:
+                trajectory.append(x)
 
     images = backbone.decode(x)
     steps = len(scheduler.timesteps)

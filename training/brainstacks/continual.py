@@ -1,40 +1,29 @@
-"""The continual outer loop (Brainstacks §3.4, Algorithm 2) and the served language zoo.
+"""The continual outer loop (Brainstacks §3.4, Algorithm 2).
 
 Domains train one after another in curriculum order, each domain's residual boosting on top of
 every earlier domain's frozen stacks, its new stacks confined to the null space of the earlier
 domains' deltas (`nullspace.py`, switchable). After each domain a forgetting-matrix row records
 every domain so far at two settings: *isolation* (domain i with the stacks that were on when it
 finished, its own and earlier ones, and every later stack off) and *ungated* (every stack on).
-Then the meta-router learns from discovered outcomes. Each artifact is written to a temporary file
-and renamed into place, and the manifest is rewritten after each domain.
+`training zoo chat` (training/zoo/chat.py) runs it for the served zoo; `eval brainstacks` runs it
+for the forgetting and curriculum ablations.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
-
-from server.chat.base import load_chat_model
-from server.chat.moe_lora import (
-    disable_cpu_weight_packing, load_stack, routed, save_stack, stack_modules, wrap_projections,
-)
-from server.chat.router import save_router
-from server.manifest import Artifact, ArtifactResolver, Domain, Source, load_manifest, write_manifest
-from server.artifacts import folder_digests, write_atomically
-from server.settings import Settings
+from server.chat.model import ChatModel, load_chat
+from server.chat.moe_lora import disable_cpu_weight_packing, routed, wrap_projections
+from server.manifest import BuiltManifest
+from training.brainstacks.boosting import BoostingConfig, boost_domain, round_summary, validation_loss
 from training.brainstacks.data import batches
-from training.brainstacks.evaluate import exact_match
-from training.brainstacks.inner import BoostingConfig, boost_domain, round_summary, validation_loss
 from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases
-from training.brainstacks.routing import RouterTraining, train_router
+from training.brainstacks.router_training import RouterTraining
 from training.data.world import DOMAINS, examples
-from training.zoo.language import MICRO_LM, LMRecipe, build_zoo_lm
-
-STACKS = "artifacts/chat"
+from training.eval.exact_match import exact_match
+from training.zoo.language import MICRO_LM, LMRecipe
 
 
 @dataclass(frozen=True)
@@ -61,32 +50,18 @@ MICRO_CHAT = ChatZooRecipe(
 )
 
 
-def load_base(manifest_path: Path):
-    """The manifest's chat base in NF4, with projections wrapped and the CPU repacking trap disabled."""
-    manifest = load_manifest(manifest_path)
-    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
-    chat = load_chat_model(manifest.chat.base, ArtifactResolver(manifest_path, settings.resolved_artifact_root()),
-                           "cpu")
-    disable_cpu_weight_packing(chat.model)
-    wrap_projections(chat.model)
+def load_base(manifests: BuiltManifest) -> ChatModel:
+    """The built manifest's chat base in NF4, alone (no stacks, no router), prepared for stack
+    training: projections wrapped, bitsandbytes' CPU repacking trap disabled."""
+    section = manifests.read().chat.model_copy(update={"domains": [], "router": None})
+    chat = load_chat(section, manifests.resolver(), "cpu")
+    prepare_for_training(chat)
     return chat
 
 
-def build_base(manifest_path: Path, recipe: ChatZooRecipe, if_missing: bool, runs_dir: Path) -> dict | None:
-    base_dir = manifest_path.resolve().parent
-    manifest = load_manifest(manifest_path)
-    entry = manifest.chat.base
-    if entry.source.path is None:
-        return None  # a hub base: nothing of ours to build
-    if if_missing and entry.source.files and not entry.placeholder and (base_dir / entry.source.path).is_dir():
-        return None
-    summary = build_zoo_lm(base_dir / entry.source.path, recipe.lm, runs_dir)
-    source = Source(path=entry.source.path, files=folder_digests(base_dir / entry.source.path))
-    base = entry.model_copy(update={"source": source, "placeholder": False})
-    # a new base invalidates every stack and router trained on the old one
-    chat = manifest.chat.model_copy(update={"base": base, "domains": [], "router": None})
-    write_manifest(manifest.model_copy(update={"chat": chat}), manifest_path)
-    return summary
+def prepare_for_training(chat: ChatModel) -> None:
+    disable_cpu_weight_packing(chat.model)
+    wrap_projections(chat.model)
 
 
 def isolation_route(domains: tuple[str, ...], index: int) -> dict[str, float]:
@@ -154,66 +129,3 @@ def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, Domai
             on_domain(j, domain, len(kept), report)
     return {"domains": reports, "post_freeze": post_freeze,
             "forgetting_isolation": isolation, "forgetting_ungated": ungated}
-
-
-def build_chat_zoo(manifest_path: Path, recipe: ChatZooRecipe = ChatZooRecipe(), if_missing: bool = False,
-                   runs_dir: Path | None = None) -> dict:
-    manifest_path = Path(manifest_path)
-    base_dir = manifest_path.resolve().parent
-    runs_dir = runs_dir or base_dir / "runs" / "zoo" / "chat"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    summary: dict = {"recipe": asdict(recipe), "machine": f"{torch.get_num_threads()} torch threads, CPU"}
-    summary["base"] = build_base(manifest_path, recipe, if_missing, runs_dir)
-
-    manifest = load_manifest(manifest_path)
-    built = {d.name: d for d in manifest.chat.domains}
-    start = 0  # resume after the longest prefix of the curriculum already built
-    while (if_missing and start < len(recipe.domains) and recipe.domains[start] in built
-           and built[recipe.domains[start]].order == start and built[recipe.domains[start]].stacks):
-        start += 1
-    if start == len(recipe.domains) and (manifest.chat.router is not None or recipe.router is None):
-        summary.update(domains=[], router=None, seconds=time.perf_counter() - started)
-        return summary
-
-    chat = load_base(manifest_path)
-    model, tokenizer = chat.model, chat.tokenizer
-    resolver = ArtifactResolver(manifest_path, Settings(manifest=manifest_path, _env_file=None).resolved_artifact_root())
-    for domain in recipe.domains[:start]:
-        for artifact in built[domain].stacks:
-            load_stack(model, resolver.artifact(artifact))
-    data = {d: domain_data(tokenizer, d, recipe) for d in recipe.domains}
-    kept_domains = [built[d] for d in recipe.domains[:start]]
-
-    def record(j: int, domain: str, stacks: int, report: dict) -> None:
-        artifacts = []
-        for index in range(stacks):
-            rel = f"{STACKS}/{domain}-{index + 1}.safetensors"
-            modules = stack_modules(model, domain, index)
-            sha = write_atomically(base_dir / rel, lambda tmp: save_stack(
-                tmp, modules, domain, recipe.boosting.stack,
-                {"round": index + 1, "order": j, "base": chat.name, "projection": report["projection"]}))
-            artifacts.append(Artifact(path=rel, sha256=sha))
-        kept_domains.append(Domain(name=domain, order=j, stacks=artifacts))
-        current = load_manifest(manifest_path)
-        section = current.chat.model_copy(update={"domains": list(kept_domains), "router": None})
-        write_manifest(current.model_copy(update={"chat": section}), manifest_path)
-        (runs_dir / f"{domain}.json").write_text(json.dumps(report, indent=1))
-
-    summary.update(run_continual(model, tokenizer, recipe, data, start, record))
-    summary["router"] = None
-    if recipe.router is not None:
-        items = [e for d in recipe.domains for e in examples(d, "train", recipe.router.examples_per_domain, seed=2)]
-        config = model.config
-        router, report = train_router(model, tokenizer, items, recipe.domains, recipe.router,
-                                      middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size)
-        sha = write_atomically(base_dir / STACKS / "router.safetensors",
-                      lambda tmp: save_router(tmp, router, {"base": chat.name}))
-        current = load_manifest(manifest_path)
-        section = current.chat.model_copy(update={"router": Artifact(path=f"{STACKS}/router.safetensors", sha256=sha)})
-        write_manifest(current.model_copy(update={"chat": section}), manifest_path)
-        summary["router"] = {k: v for k, v in report.items() if k != "discovered"}
-        (runs_dir / "router.json").write_text(json.dumps(report, indent=1))
-    summary["seconds"] = time.perf_counter() - started
-    (runs_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary

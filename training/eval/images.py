@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.imaging.sampler import SampleJob, sample
-from server.manifest import ArtifactResolver, load_manifest
-from server.settings import Settings
+from server.manifest import BuiltManifest
 from training.data.digits import HELDOUT_TEMPLATES, caption, digit_split
 from training.eval.caches import cache_capable, caching
 from training.eval.classifier import DigitClassifier, accuracy, load_or_train_classifier
@@ -252,11 +251,9 @@ def save_frontier(path: Path, name: str, rows: list[dict], batch: int) -> None:
 
 
 @torch.no_grad()  # a decorator, not a global switch: callers (and tests after this one) keep autograd
-def run_image_eval(manifest_path: Path, out_dir: Path, protocol: Protocol = Protocol(),
+def run_image_eval(manifests: BuiltManifest, out_dir: Path, protocol: Protocol = Protocol(),
                    models: list[str] | None = None) -> dict:
-    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
-    manifest = load_manifest(manifest_path)
-    resolver = ArtifactResolver(manifest_path, settings.resolved_artifact_root())
+    manifest, resolver = manifests.read(), manifests.resolver()
     split = digit_split()
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_or_train_classifier(out_dir / "digit-classifier.safetensors", split)

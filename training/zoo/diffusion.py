@@ -1,4 +1,5 @@
-"""Train a diffusion transformer on the digits: epsilon prediction, condition dropout for CFG, EMA.
+"""Train a diffusion transformer on the digits: the schedule's prediction target (x0 for the zoo),
+condition dropout for CFG, EMA.
 
 One loop for both backbones; what differs (class labels vs caption states) is the `condition`
 callback, which returns the model's keyword arguments for a batch with some conditions dropped.
@@ -7,7 +8,6 @@ callback, which returns the model's keyword arguments for a batch with some cond
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from training.zoo.placeholders import noise_scheduler
+from training.schedule import warmup_cosine
+from training.zoo.architectures import noise_scheduler
 
 
 @dataclass
@@ -51,12 +52,6 @@ def train_denoiser(
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
     history: list[dict] = []
     start = time.perf_counter()
     running = None
@@ -74,7 +69,7 @@ def train_denoiser(
         loss = F.mse_loss(pred[:, : x0.shape[1]], target)
 
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(cfg.lr, step, cfg.warmup_steps, cfg.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -103,7 +98,7 @@ def write_history(history: list[dict], cfg: DenoiserTraining, extra: dict, out_d
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], alpha=0.3, label="batch loss")
     ax.plot([h["step"] for h in history], [h["smoothed"] for h in history], label="smoothed")
-    ax.set(xlabel="step", ylabel="epsilon MSE", title=title, yscale="log")
+    ax.set(xlabel="step", ylabel="denoising MSE", title=title, yscale="log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)

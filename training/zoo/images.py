@@ -1,10 +1,10 @@
 """`python -m training zoo images`: the embedded image zoo, trained on CPU with fixed seeds.
 
-- digits-dit: class-conditional DiTTransformer2DModel, pixel space, epsilon prediction.
+- digits-dit: class-conditional DiTTransformer2DModel, pixel space, x0-prediction.
 - digits-pixart: PixArtTransformer2DModel conditioned on MiniLM token states of generated captions.
 
 Both are 12 blocks deep and narrow (width 64, 1.2M parameters), 2x2 patches on 16x16 images
-(64 tokens), x0-prediction (see `placeholders.noise_scheduler`). Measured on 2 cores: 4x4 patches
+(64 tokens), x0-prediction (see `architectures.noise_scheduler`). Measured on 2 cores: 4x4 patches
 (16 tokens, width 96) cost a third per step but drew 30% recognisable digits where 2x2 patches drew
 61% after the same 2.5 minutes. Depth is for ILF, whose per-step overhead is (L+1)/N of a step for
 an N-block backbone.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from server.imaging.backbones import PromptEncoder
-from server.manifest import Manifest, Source, TextEncoder, load_manifest, write_manifest
 from server.artifacts import atomic_folder, folder_digests
+from server.imaging.backbones import PromptEncoder
+from server.manifest import BuiltManifest, Manifest, Source, TextEncoder
+from training.artifacts import runs_folder
 from training.data.digits import TRAIN_TEMPLATES, caption, digit_split
-from training.zoo import placeholders as ph
-from training.zoo.build import default_manifest
+from training.zoo import architectures as arch
 from training.zoo.diffusion import DenoiserTraining, train_denoiser, write_history
 
 log = logging.getLogger(__name__)
@@ -34,19 +34,19 @@ NUM_CLASSES = 10
 
 @dataclass(frozen=True)
 class ImageZooRecipe:
-    shape: ph.TinyImageShape
+    shape: arch.ImageShape
     dit: DenoiserTraining
     pixart: DenoiserTraining
 
 
 FULL = ImageZooRecipe(
-    shape=ph.TinyImageShape(sample_size=16, channels=1, layers=12, heads=2, head_dim=32, patch_size=2),
+    shape=arch.ImageShape(sample_size=16, channels=1, layers=12, heads=2, head_dim=32, patch_size=2),
     dit=DenoiserTraining(steps=1300, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995, seed=0),
     pixart=DenoiserTraining(steps=1000, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995, seed=1),
 )
 # Every code path of the full build in seconds: what the tests run.
 MICRO = ImageZooRecipe(
-    shape=ph.TinyImageShape(sample_size=16, channels=1, layers=2, heads=2, head_dim=16, patch_size=4),
+    shape=arch.ImageShape(sample_size=16, channels=1, layers=2, heads=2, head_dim=16, patch_size=4),
     dit=DenoiserTraining(steps=30, batch_size=16, warmup_steps=5, ema_decay=0.9),
     pixart=DenoiserTraining(steps=30, batch_size=16, warmup_steps=5, ema_decay=0.9, seed=1),
 )
@@ -54,7 +54,7 @@ MICRO = ImageZooRecipe(
 
 def train_digits_dit(folder: Path, recipe: ImageZooRecipe, runs_dir: Path) -> None:
     data = digit_split()
-    model = ph.make_dit(recipe.shape, NUM_CLASSES, seed=recipe.dit.seed)
+    model = arch.make_dit(recipe.shape, NUM_CLASSES, seed=recipe.dit.seed)
     for block in model.transformer_blocks:
         # diffusers drops labels inside every block in train mode; we drop them once, ourselves
         block.norm1.emb.class_embedder.dropout_prob = 0.0
@@ -65,13 +65,13 @@ def train_digits_dit(folder: Path, recipe: ImageZooRecipe, runs_dir: Path) -> No
     _train_and_save(model, condition, recipe.dit, recipe.shape, folder, runs_dir / "digits-dit", "digits-dit")
 
 
-def _train_and_save(model, condition, cfg: DenoiserTraining, shape: ph.TinyImageShape, folder: Path,
+def _train_and_save(model, condition, cfg: DenoiserTraining, shape: arch.ImageShape, folder: Path,
                     runs_dir: Path, name: str) -> None:
     """Train, save the EMA weights in diffusers layout next to the schedule, log the run."""
     start = time.perf_counter()
     served, history = train_denoiser(model, digit_split().train_images, condition, cfg, name)
     served.save_pretrained(folder / "transformer")
-    ph.ddim_scheduler_config_folder(folder)
+    arch.save_scheduler(folder)
     extra = {"parameters": sum(p.numel() for p in served.parameters()),
              "seconds": time.perf_counter() - start, "shape": shape.__dict__}
     write_history(history, cfg, extra, runs_dir, name)
@@ -89,7 +89,7 @@ def train_digits_pixart(folder: Path, encoder_folder: Path, max_length: int, rec
     mask = mask.view(NUM_CLASSES, len(TRAIN_TEMPLATES), -1)
     empty_states, empty_mask = encoder.encode([""])  # the server's CFG null prompt
 
-    model = ph.make_pixart(recipe.shape, caption_channels=encoder.width, seed=recipe.pixart.seed)
+    model = arch.make_pixart(recipe.shape, caption_channels=encoder.width, seed=recipe.pixart.seed)
     pick = torch.Generator().manual_seed(recipe.pixart.seed + 100)
 
     def condition(idx: torch.Tensor, dropped: torch.Tensor) -> dict:
@@ -105,44 +105,43 @@ def train_digits_pixart(folder: Path, encoder_folder: Path, max_length: int, rec
                     "digits-pixart")
 
 
-def image_zoo_is_built(manifest: Manifest, base: Path) -> bool:
+def image_zoo_is_built(manifest: Manifest, manifests: BuiltManifest) -> bool:
     entries = [m for m in manifest.image if m.name in ("digits-dit", "digits-pixart")]
     return bool(entries) and all(
-        not m.placeholder and m.source.files and (base / m.source.path).is_dir() for m in entries
+        not m.placeholder and m.source.files and manifests.file(m.source.path).is_dir() for m in entries
     )
 
 
-def build_image_zoo(manifest_path: Path, recipe: ImageZooRecipe = FULL, runs_dir: Path | None = None,
+def build_image_zoo(manifests: BuiltManifest, recipe: ImageZooRecipe = FULL, runs_dir: Path | None = None,
                     if_missing: bool = False) -> bool:
-    """Train both models, write them atomically, record their checksums in the manifest."""
-    manifest_path = Path(manifest_path)
-    base = manifest_path.resolve().parent
-    manifest = load_manifest(manifest_path) if manifest_path.exists() else default_manifest()
-    if if_missing and image_zoo_is_built(manifest, base):
+    """Train both models, write them atomically, record their checksums in the built manifest."""
+    manifest = manifests.read()
+    if if_missing and image_zoo_is_built(manifest, manifests):
         return False
-    runs_dir = runs_dir or base / "runs" / "zoo"
+    runs_dir = runs_dir or runs_folder(manifests) / "zoo"
     if recipe is FULL:
         print("Training the image zoo (digits-dit, digits-pixart): about 20 minutes on 2 CPU cores, once.",
               flush=True)
     torch.manual_seed(0)
 
     by_name = {m.name: m for m in manifest.image}
-    defaults = {m.name: m for m in default_manifest().image}
-    dit = by_name.get("digits-dit", defaults["digits-dit"])
-    pixart = by_name.get("digits-pixart", defaults["digits-pixart"])
+    if missing := {"digits-dit", "digits-pixart"} - set(by_name):
+        raise SystemExit(f"the template {manifests.template} names no {sorted(missing)}: nothing to build")
+    dit, pixart = by_name["digits-dit"], by_name["digits-pixart"]
 
     encoder_source = pixart.text_encoder.source
-    with atomic_folder(base / encoder_source.path) as tmp:
-        ph.copy_minilm(tmp)
-    encoder_source = encoder_source.model_copy(update={"files": folder_digests(base / encoder_source.path)})
+    with atomic_folder(manifests.file(encoder_source.path)) as tmp:
+        arch.copy_minilm(tmp)
+    encoder_source = encoder_source.model_copy(update={"files": folder_digests(manifests.file(encoder_source.path))})
 
-    with atomic_folder(base / dit.source.path) as tmp:
+    with atomic_folder(manifests.file(dit.source.path)) as tmp:
         train_digits_dit(tmp, recipe, runs_dir)
-    with atomic_folder(base / pixart.source.path) as tmp:
-        train_digits_pixart(tmp, base / encoder_source.path, pixart.text_encoder.max_length, recipe, runs_dir)
+    with atomic_folder(manifests.file(pixart.source.path)) as tmp:
+        train_digits_pixart(tmp, manifests.file(encoder_source.path), pixart.text_encoder.max_length, recipe,
+                            runs_dir)
 
     def recorded(entry, **update):
-        source = entry.source.model_copy(update={"files": folder_digests(base / entry.source.path)})
+        source = entry.source.model_copy(update={"files": folder_digests(manifests.file(entry.source.path))})
         return entry.model_copy(update={"source": source, "placeholder": False, **update})
 
     built = {
@@ -150,6 +149,6 @@ def build_image_zoo(manifest_path: Path, recipe: ImageZooRecipe = FULL, runs_dir
         "digits-pixart": recorded(pixart, text_encoder=pixart.text_encoder.model_copy(
             update={"source": encoder_source})),
     }
-    image = [built.pop(m.name, m) for m in manifest.image] + list(built.values())
-    write_manifest(manifest.model_copy(update={"image": image}), manifest_path)
+    image = [built.pop(m.name, m) for m in manifest.image]
+    manifests.write(manifest.model_copy(update={"image": image}))
     return True

@@ -4,13 +4,13 @@ It learns the world's facts and language (training/data/world.py: `general_text`
 the domains' task formats, so each domain's stacks have something to add. A byte-level BPE from
 the `tokenizers` library keeps every digit a token of its own (arithmetic reads digit by digit).
 Every projection size is a multiple of 32, as bitsandbytes' 4-bit CPU kernel needs; the server
-and the stack trainer load it in NF4.
+and the stack trainer load it in NF4. `build_llama` writes an untrained one in seconds (the
+placeholder until zoo-lm is trained, and the tests' tiny chat base).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +18,65 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.data.world import DOMAINS, examples, general_corpus
 from server.artifacts import atomic_folder
-from training.zoo.placeholders import build_chat_tokenizer
+from training.data.world import DOMAINS, examples, general_corpus
+from training.schedule import warmup_cosine
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_chat_tokenizer(folder: Path, corpus: list[str], vocab_size: int = 512) -> int:
+    """Byte-level BPE that keeps digits as single tokens; returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=specials[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+def build_llama(folder: Path, hidden: int = 64, layers: int = 2, heads: int = 2, seed: int = 0) -> None:
+    """A small Llama-architecture LM; every projection a multiple of 32 (bitsandbytes' CPU kernel)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    corpus = [
+        "The patient took two tablets. Add 3 and 4 to get 7. def add(a, b): return a + b",
+        "Hello! How can I help you today? All cats are animals, so this cat is an animal.",
+    ] * 20
+    vocab = build_chat_tokenizer(folder, corpus)
+    vocab = (vocab + 31) // 32 * 32
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 @dataclass(frozen=True)
@@ -79,13 +135,8 @@ def pretrain(folder: Path, recipe: LMRecipe, runs_dir: Path | None = None) -> di
     batches = packed_batches(token_ids, recipe, tokenizer.eos_token_id, torch.Generator().manual_seed(recipe.seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))
 
-    def lr_at(step: int) -> float:
-        if step < recipe.warmup:
-            return (step + 1) / recipe.warmup
-        progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(1.0, step, recipe.warmup, recipe.steps))
     model.train()
     history, copying = [], 0.0
     bar = tqdm(range(recipe.steps), desc="zoo-lm pretrain", unit="step")
@@ -164,15 +215,3 @@ def build_zoo_lm(target: Path, recipe: LMRecipe, runs_dir: Path | None = None) -
     with atomic_folder(target) as tmp:
         summary = pretrain(tmp, recipe, runs_dir)
     return summary
-
-
-def sample_text(folder: Path, prompt: str, tokens: int = 30) -> str:
-    """Greedy continuation: a quick look at what the base learned."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-

@@ -23,16 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.chat.moe_lora import load_stack, routed
+from server.chat.model import load_chat
+from server.chat.moe_lora import routed
 from server.chat.router import MetaRouter
-from server.chat.stacks import load_chat_router
-from server.manifest import ArtifactResolver, load_manifest
-from server.settings import Settings
-from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
+from server.manifest import BuiltManifest
+from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, prepare_for_training, run_continual
 from training.brainstacks.data import collate
-from training.brainstacks.evaluate import generate_replies
-from training.brainstacks.inner import BoostingConfig
-from training.brainstacks.routing import example_losses, greedy_selection, loss_tables
+from training.eval.exact_match import generate_replies
+from training.brainstacks.boosting import BoostingConfig
+from training.brainstacks.router_training import example_losses, greedy_selection, loss_tables
 from training.data.world import examples, final_answer
 
 
@@ -53,11 +52,11 @@ ABLATIONS = {  # name -> (curriculum order reversed?, null-space projection on?)
 }
 
 
-def forgetting_ablation(manifest_path: Path, cfg: BrainstacksEval) -> dict:
+def forgetting_ablation(manifests: BuiltManifest, cfg: BrainstacksEval) -> dict:
     """Continual runs at the reduced budget, identical but for the projection or the curriculum order."""
     out = {}
     for name, (reverse, projection) in ABLATIONS.items():
-        chat = load_base(manifest_path)
+        chat = load_base(manifests)
         order = tuple(reversed(cfg.ablation.domains)) if reverse else cfg.ablation.domains
         recipe = replace(cfg.ablation, domains=order,
                          nullspace=replace(cfg.ablation.nullspace, enabled=projection))
@@ -108,18 +107,10 @@ def per_example(model, tokenizer, items, route_of, max_new_tokens: int) -> tuple
     return losses, correct
 
 
-def served_comparison(manifest_path: Path, cfg: BrainstacksEval) -> dict:
-    manifest = load_manifest(manifest_path)
-    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
-    resolver = ArtifactResolver(manifest_path, settings.resolved_artifact_root())
-    chat = load_base(manifest_path)
-    model, tokenizer = chat.model, chat.tokenizer
-    for domain in manifest.chat.domains:
-        for artifact in domain.stacks:
-            load_stack(model, resolver.artifact(artifact))
-    chat.stacks = {d.name: len(d.stacks) for d in manifest.chat.domains}
-    chat.router = load_chat_router(resolver.artifact(manifest.chat.router), manifest.chat, chat)
-    domains = tuple(d.name for d in manifest.chat.domains)
+def served_comparison(manifests: BuiltManifest, cfg: BrainstacksEval) -> dict:
+    chat = load_chat(manifests.read().chat, manifests.resolver(), "cpu")  # the served zoo, as the server loads it
+    prepare_for_training(chat)  # the same kernels as the stacks were trained and scored with
+    model, tokenizer, domains = chat.model, chat.tokenizer, chat.domains
 
     sets = {d: examples(d, "test", cfg.test_examples) for d in domains}
     sets["cross"] = examples("cross", "test", cfg.test_examples)
@@ -217,12 +208,12 @@ def save_matrices(path: Path, forgetting: dict) -> None:
     plt.close(fig)
 
 
-def run_brainstacks_eval(manifest_path: Path, out_dir: Path, cfg: BrainstacksEval = BrainstacksEval()) -> dict:
+def run_brainstacks_eval(manifests: BuiltManifest, out_dir: Path, cfg: BrainstacksEval = BrainstacksEval()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report = {"config": asdict(cfg), "machine": f"{torch.get_num_threads()} torch threads, CPU"}
-    report["served"] = served_comparison(Path(manifest_path), cfg)
-    report["forgetting"] = forgetting_ablation(Path(manifest_path), cfg)
+    report["served"] = served_comparison(manifests, cfg)
+    report["forgetting"] = forgetting_ablation(manifests, cfg)
     report["seconds"] = time.perf_counter() - started
     (out_dir / "brainstacks.json").write_text(json.dumps(report, indent=1, default=str))
     save_matrices(out_dir / "forgetting.png", report["forgetting"])

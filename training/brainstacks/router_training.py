@@ -129,9 +129,7 @@ def base_features(model, router: MetaRouter, tokenizer, prompts: list[list[dict]
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        with routed(model, {}):
-            hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        feats.append((router.features(hidden).float(), mask))
+        feats.append((router.base_features(model, input_ids, mask).float(), mask))
     return feats
 
 
@@ -159,9 +157,3 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
     report = {"seconds": time.perf_counter() - started, "bce": history,
               "discovered": [{"domain": e.domain, "chosen": list(c)} for e, c in zip(items, chosen)]}
     return router, report
-
-
-@torch.no_grad()
-def router_probabilities(model, router: MetaRouter, tokenizer, prompts: list[list[dict]]) -> torch.Tensor:
-    out = [torch.sigmoid(router(states, mask)) for states, mask in base_features(model, router, tokenizer, prompts)]
-    return torch.cat(out)

@@ -1,4 +1,10 @@
-"""The chat base model: a causal LM loaded through transformers, 4-bit NF4 via bitsandbytes."""
+"""The chat model: a causal LM loaded through transformers (4-bit NF4 via bitsandbytes), its
+domains' frozen Brainstacks stacks, and the meta-router that picks them per request.
+
+`load_chat` builds the whole of it from the manifest's chat section; the server's registry and
+every training evaluation load it the same way. `ChatModel.answer` is what the chat worker runs
+per request: plan the route (the meta-router for "auto"), then generate with those stacks on.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.generation.streamers import BaseStreamer
 
-from server.chat.moe_lora import routed
-from server.manifest import ArtifactResolver, ChatBase
 from server.artifacts import ArtifactError
+from server.chat.moe_lora import load_stack, read_stack_metadata, routed, set_route
+from server.chat.router import MetaRouter, Route, RoutePlan, load_router_for, plan_route
+from server.manifest import ArtifactResolver, ChatBase, ChatSection
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ class ChatJob:
     temperature: float
     top_p: float
     seed: int
+    route: Route = "auto"
 
 
 @dataclass
@@ -44,6 +52,7 @@ class ChatResult:
     finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
     token_times: list[float] = field(default_factory=list)  # perf_counter() per generated token
     started: float = 0.0
+    plan: RoutePlan | None = None  # the stacks this answer ran with, and why
 
 
 class _TokenClock(BaseStreamer):
@@ -69,17 +78,26 @@ class ChatModel:
     model: torch.nn.Module
     tokenizer: object
     device: str
+    domains: tuple[str, ...] = ()  # the manifest's, in curriculum order
     stacks: dict[str, int] = field(default_factory=dict)  # domain -> frozen stacks attached
-    router: object | None = None  # server.chat.router.MetaRouter, when the manifest has one
+    router: MetaRouter | None = None
 
-    @torch.no_grad()
+    def answer(self, job: ChatJob) -> ChatResult:
+        """What the chat worker runs per request: plan the job's route, then generate with it."""
+        plan = self.plan_route(job.route, job.messages)
+        result = self.generate(job, plan.weights)
+        result.plan = plan
+        return result
+
+    def plan_route(self, route: Route, messages: list[dict[str, str]]) -> RoutePlan:
+        asks_router = route == "auto" and self.router is not None and bool(self.domains)
+        probabilities = self.router_probabilities(messages) if asks_router else None
+        return plan_route(route, self.domains, self.stacks, self.router, probabilities)
+
     def router_probabilities(self, messages: list[dict[str, str]]) -> dict[str, float]:
         """The meta-router's sigmoid per domain, from the frozen base's hidden states (stacks off)."""
         input_ids = self.encode(messages).to(self.device)
-        mask = torch.ones_like(input_ids)
-        with routed(self.model, {}):
-            hidden = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        probabilities = torch.sigmoid(self.router(self.router.features(hidden), mask))[0]
+        probabilities = self.router.probabilities(self.model, input_ids, torch.ones_like(input_ids))[0]
         return dict(zip(self.router.config.domains, probabilities.tolist()))
 
     @property
@@ -132,7 +150,8 @@ class ChatModel:
         )
 
 
-def load_chat_model(spec: ChatBase, resolver: ArtifactResolver, device: str) -> ChatModel:
+def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> ChatModel:
+    """The base model alone (no stacks, no router)."""
     folder = resolver.source(spec.source)
     kwargs: dict = dict(use_safetensors=True, local_files_only=True)
     if spec.quantization == "nf4":
@@ -152,3 +171,22 @@ def load_chat_model(spec: ChatBase, resolver: ArtifactResolver, device: str) -> 
     if spec.placeholder:
         log.warning("!!! chat model %r is an UNTRAINED PLACEHOLDER: its replies are noise !!!", spec.name)
     return ChatModel(spec, model, tokenizer, device)
+
+
+def load_chat(section: ChatSection, resolver: ArtifactResolver, device: str) -> ChatModel:
+    """The whole chat model of a manifest's chat section: the base, every domain's frozen stacks
+    (verified now, so a bad file is refused at load, not mid-request) and the meta-router."""
+    chat = load_chat_base(section.base, resolver, device)
+    chat.domains = tuple(d.name for d in section.domains)  # the manifest keeps them in curriculum order
+    for domain in section.domains:
+        for artifact in domain.stacks:
+            path = resolver.artifact(artifact)
+            if (found := read_stack_metadata(path)["domain"]) != domain.name:
+                raise ArtifactError(path, f"is a stack of domain {found!r}, listed under {domain.name!r}")
+            load_stack(chat.model, path)
+        chat.stacks[domain.name] = len(domain.stacks)
+    set_route(chat.model, {})  # base alone until a request routes
+    if section.router is not None:
+        router = load_router_for(resolver.artifact(section.router), chat.model.config, chat.domains)
+        chat.router = router.to(device)
+    return chat

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.imaging.ilf import FeedbackModule, ILFConfig, ilf_enabled, save_ilf
-from server.imaging.sampler import SampleJob, denoise_step, initial_noise, make_scheduler
-from server.manifest import ArtifactResolver, ILFArtifact, load_manifest, write_manifest
+from server.imaging.sampler import SampleJob, denoise_step, make_scheduler, sample
 from server.artifacts import write_atomically
-from server.settings import Settings
+from server.manifest import BuiltManifest, ILFArtifact
+from training.artifacts import runs_folder
 from training.data.digits import TRAIN_TEMPLATES, caption
 
 
@@ -64,15 +64,8 @@ def teacher_pool(backbone: ImageBackbone, cfg: ILFTraining, guidance: float, rng
         chunk = conditions[start : start + 64]
         seeds = [cfg.seed * 1_000_000 + seed_offset + start + i for i in range(len(chunk))]
         size = backbone.native_size
-        job = SampleJob(chunk, seeds, teacher_steps, guidance, size, size)
-        scheduler = make_scheduler("ddim", backbone.scheduler_config)
-        scheduler.set_timesteps(teacher_steps)
-        cond = backbone.conditioning(chunk, guidance > 1.0)
-        x = initial_noise(backbone, job) * scheduler.init_noise_sigma
-        trajectory = [x]
-        for t in scheduler.timesteps:
-            x = denoise_step(backbone, scheduler, x, t, cond, guidance)
-            trajectory.append(x)
+        trajectory: list[torch.Tensor] = []
+        sample(backbone, SampleJob(chunk, seeds, teacher_steps, guidance, size, size, "ddim"), trajectory=trajectory)
         states.append(torch.stack(trajectory[::2], dim=1))  # every other teacher point = student grid
     return torch.cat(states), conditions
 
@@ -143,32 +136,28 @@ def write_ilf_history(out_dir: Path, cfg: ILFTraining, config: ILFConfig, histor
     plt.close(fig)
 
 
-def train_ilf(manifest_path: Path, model: str, cfg: ILFTraining, runs_dir: Path | None = None,
+def train_ilf(manifests: BuiltManifest, model: str, cfg: ILFTraining, runs_dir: Path | None = None,
               if_missing: bool = False) -> Path | None:
-    """Distil, save atomically, record in the manifest with its checksum; returns the artifact path
-    (None when `if_missing` and the model already has a module)."""
-    manifest_path = Path(manifest_path)
-    base = manifest_path.resolve().parent
-    manifest = load_manifest(manifest_path)
+    """Distil, save atomically, record in the built manifest with its checksum; returns the artifact
+    path (None when `if_missing` and the model already has a module)."""
+    manifest = manifests.read()
     spec = next((m for m in manifest.image if m.name == model), None)
     if spec is None:
-        raise SystemExit(f"no image model {model!r} in {manifest_path}")
+        raise SystemExit(f"no image model {model!r} in {manifests.current()}")
     if if_missing and spec.ilf is not None:
         return None
     if spec.placeholder:
         raise SystemExit(f"{model!r} is an untrained placeholder: build the image zoo first")
-    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
-    backbone = load_image_backbone(spec.model_copy(update={"ilf": None}),
-                                   ArtifactResolver(manifest_path, settings.resolved_artifact_root()), "cpu")
+    backbone = load_image_backbone(spec.model_copy(update={"ilf": None}), manifests.resolver(), "cpu")
     feedback, config, history = distil(backbone, cfg, desc=f"ilf {model}")
 
-    relative = f"artifacts/ilf/{model}.safetensors"
-    path = base / relative
+    relative = f"ilf/{model}.safetensors"
+    path = manifests.file(relative)
     sha = write_atomically(path, lambda tmp: save_ilf(tmp, feedback, config))
-    write_ilf_history((runs_dir or base / "runs" / "ilf") / model, cfg, config, history)
+    write_ilf_history((runs_dir or runs_folder(manifests) / "ilf") / model, cfg, config, history)
 
     entry = ILFArtifact(path=relative, sha256=sha, steps=config.steps)
-    manifest = load_manifest(manifest_path)  # re-read: only this model's entry changes
+    manifest = manifests.read()  # re-read: only this model's entry changes
     image = [m.model_copy(update={"ilf": entry}) if m.name == model else m for m in manifest.image]
-    write_manifest(manifest.model_copy(update={"image": image}), manifest_path)
+    manifests.write(manifest.model_copy(update={"image": image}))
     return path

@@ -18,11 +18,10 @@ import torch
 from server.imaging.backbones import load_image_backbone
 from server.imaging.ilf import LoadedILF
 from server.imaging.sampler import SampleJob, sample
-from server.manifest import ArtifactResolver, load_manifest
-from server.settings import Settings
+from server.manifest import BuiltManifest
 from training.eval.images import Protocol, eval_set
 from training.eval.metrics import psnr
-from training.ilf import ILFTraining, distil
+from training.ilf_distill import ILFTraining, distil
 
 SPANS = ((2, 3), (5, 6), (8, 9), (4, 7))  # first screened at 10 steps
 STEPS = (8, 12)  # then the best span at these step counts
@@ -35,13 +34,10 @@ def _images(backbone, data, scheduler, steps, guidance, mode="baseline"):
     return torch.cat(out)
 
 
-def run_sweep(manifest_path: Path, model: str, updates: int, out: Path, per_class: int = 10) -> list[dict]:
+def run_sweep(manifests: BuiltManifest, model: str, updates: int, out: Path, per_class: int = 10) -> list[dict]:
     torch.set_grad_enabled(True)
-    manifest = load_manifest(manifest_path)
-    spec = next(m for m in manifest.image if m.name == model)
-    settings = Settings(manifest=manifest_path, device="cpu", _env_file=None)
-    backbone = load_image_backbone(spec.model_copy(update={"ilf": None}),
-                                   ArtifactResolver(manifest_path, settings.resolved_artifact_root()), "cpu")
+    spec = next(m for m in manifests.read().image if m.name == model)
+    backbone = load_image_backbone(spec.model_copy(update={"ilf": None}), manifests.resolver(), "cpu")
     guidance = spec.default_guidance_scale
     data = eval_set(backbone, Protocol(per_class=per_class))
     with torch.no_grad():

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from server.chat.moe_lora import MoELoRAConfig, remove_last_stack, wrap_projections, wrapped_layers
+from server.manifest import BuiltManifest
 from training.brainstacks.data import batches
-from training.brainstacks.evaluate import exact_match
-from training.brainstacks.inner import BoostingConfig, train_round, validation_loss
+from training.eval.exact_match import exact_match
+from training.brainstacks.boosting import BoostingConfig, train_round, validation_loss
 from training.brainstacks.continual import load_base
 from training.data.world import examples
 
@@ -53,8 +54,8 @@ def expert_shares(model, val) -> list[float]:
     return torch.stack(shares).mean(0).tolist()
 
 
-def compare_domain(manifest_path: Path, domain: str, cmp: MoEComparison) -> dict:
-    chat = load_base(manifest_path)
+def compare_domain(manifests: BuiltManifest, domain: str, cmp: MoEComparison) -> dict:
+    chat = load_base(manifests)
     model, tokenizer = chat.model, chat.tokenizer
     wrap_projections(model, cmp.moe.targets)
     train = examples(domain, "train", cmp.train_examples)
@@ -134,10 +135,10 @@ def save_curves(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def run_moe_lora_eval(manifest_path: Path, out_dir: Path, cmp: MoEComparison = MoEComparison()) -> dict:
+def run_moe_lora_eval(manifests: BuiltManifest, out_dir: Path, cmp: MoEComparison = MoEComparison()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = [compare_domain(Path(manifest_path), domain, cmp) for domain in cmp.domains]
+    rows = [compare_domain(manifests, domain, cmp) for domain in cmp.domains]
     report = {"comparison": asdict(cmp), "machine": f"{torch.get_num_threads()} torch threads, CPU",
               "seconds": time.perf_counter() - started, "domains": rows}
     (out_dir / "moe_lora.json").write_text(json.dumps(report, indent=1, default=str))

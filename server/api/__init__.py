@@ -1,0 +1,6 @@
+"""The HTTP surface: one APIRouter per area. Routes validate, delegate to the area's serving module
+and an engine, and shape the answer; no model code here."""
+
+from server.api import chat, health, images, models, prometheus
+
+ROUTERS = (health.router, prometheus.router, models.router, images.router, chat.router)

@@ -1,0 +1,21 @@
+"""POST /chat: find the chat model, then its serving path (plan, route and generate, trace)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from server.api.dependencies import Services, loaded_models, services
+from server.chat import serving
+from server.errors import ApiError
+from server.registry import ModelSet
+from server.schemas import ChatRequest, ChatResponse
+
+router = APIRouter(tags=["chat"])
+
+
+@router.post("/chat", response_model=ChatResponse)
+async def chat(req: ChatRequest, models: ModelSet = Depends(loaded_models),
+               svc: Services = Depends(services)) -> ChatResponse:
+    if models.chat is None:
+        raise ApiError(404, "this server has no chat model in its manifest", "model")
+    return await serving.answer(req, models.chat, svc.settings, svc.chat_engine, svc.metrics)

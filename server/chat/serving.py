@@ -1,0 +1,95 @@
+"""A /chat request's way through the server, HTTP aside: plan the job (every bound checked, the
+route validated), then, once the chat worker has answered, the routing trace and the metrics.
+
+The route travels inside the job; the worker plans it (running the meta-router for "auto") and
+generates in one go (`ChatModel.answer`), so the trace reports exactly the weights that were applied.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from server.chat.model import ChatJob, ChatModel, ChatResult
+from server.engine import Engine
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.schemas import MAX_SEED, ChatRequest, ChatResponse, RouteTrace, Usage
+from server.settings import Settings
+
+
+async def answer(req: ChatRequest, chat: ChatModel, settings: Settings, engine: Engine,
+                 metrics: Metrics) -> ChatResponse:
+    """Plan the job, answer it on the chat worker (route, then generate), trace it, record it."""
+    job = plan_job(req, chat, settings)
+    submitted = time.perf_counter()
+    result = await engine.submit(chat.answer, job)
+    trace = make_trace(job, result, result.started - submitted)
+    record_metrics(metrics, job, result, trace)
+    return respond(chat, job, result, trace)
+
+
+def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
+    """Check a request against the model and the operator's bounds; every refusal names its field."""
+    if req.model is not None and req.model != chat.name:
+        raise ApiError(404, f"unknown chat model {req.model!r}; this server serves {chat.name!r}", "model")
+    messages = req.as_messages()
+    if len(messages) > settings.max_chat_messages:
+        raise ApiError(422, f"messages: at most {settings.max_chat_messages}", "messages")
+    for i, m in enumerate(messages):
+        param = "prompt" if req.prompt is not None else f"messages.{i}.content"
+        if not m["content"].strip():
+            raise ApiError(422, f"{param}: must not be blank", param)
+        if len(m["content"]) > settings.max_prompt_chars:
+            raise ApiError(422, f"{param}: at most {settings.max_prompt_chars} characters", param)
+    if req.max_tokens > settings.max_new_tokens:
+        raise ApiError(422, f"max_tokens: at most {settings.max_new_tokens}", "max_tokens")
+    if isinstance(req.route, dict):
+        for domain, weight in req.route.items():
+            if domain not in chat.domains:
+                raise ApiError(422, f"route: unknown domain {domain!r}; served domains: {list(chat.domains)}", "route")
+            if not 0.0 <= weight <= 2.0:
+                raise ApiError(422, f"route: weight of {domain!r} must be in [0, 2]", "route")
+    seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
+    return ChatJob(messages, req.max_tokens, req.temperature, req.top_p, seed, req.route)
+
+
+def make_trace(job: ChatJob, result: ChatResult, queue_seconds: float) -> RouteTrace:
+    plan = result.plan
+    ttft = result.token_times[0] - result.started if result.token_times else None
+    end = result.token_times[-1] if result.token_times else result.started
+    return RouteTrace(
+        route_requested=job.route,
+        domains_applied=plan.weights,
+        gated_off=plan.gated_off,
+        router_probabilities=plan.probabilities,
+        reason=plan.reason,
+        queue_seconds=queue_seconds,
+        time_to_first_token_seconds=ttft,
+        generation_seconds=max(end - result.started, 0.0),
+    )
+
+
+def record_metrics(metrics: Metrics, job: ChatJob, result: ChatResult, trace: RouteTrace) -> None:
+    route_kind = job.route if isinstance(job.route, str) else "explicit"
+    for domain, weight in result.plan.weights.items():
+        metrics.chat_domain_applied.labels(domain=domain, route=route_kind).inc()
+        metrics.chat_domain_weight.labels(domain=domain).observe(weight)
+    for domain, probability in (result.plan.probabilities or {}).items():
+        metrics.chat_router_probability.labels(domain=domain).observe(probability)
+    metrics.chat_prompt_tokens.inc(result.prompt_tokens)
+    metrics.chat_generation_tokens.inc(result.completion_tokens)
+    if trace.time_to_first_token_seconds is not None:
+        metrics.chat_ttft.observe(trace.time_to_first_token_seconds)
+    for earlier, later in zip(result.token_times, result.token_times[1:]):
+        metrics.chat_itl.observe(later - earlier)
+
+
+def respond(chat: ChatModel, job: ChatJob, result: ChatResult, trace: RouteTrace) -> ChatResponse:
+    return ChatResponse(
+        model=chat.name, text=result.text, finish_reason=result.finish_reason, seed=job.seed,
+        placeholder=chat.spec.placeholder,
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                    total_tokens=result.prompt_tokens + result.completion_tokens),
+        trace=trace,
+    )

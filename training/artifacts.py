@@ -1,0 +1,22 @@
+"""Where a build reads and writes: the template, the built manifest and the artifact root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.manifest import BuiltManifest
+from server.settings import Settings
+
+
+def open_manifest(artifact_root: Path | None = None, template: Path | None = None) -> BuiltManifest:
+    """The manifest files of an artifact root (default: the LOOPSTACK_ settings' root and template).
+    Builds read `current()` (the built manifest, or the template while nothing is built) and write
+    the built manifest."""
+    settings = Settings(_env_file=None)
+    overrides = {k: v for k, v in (("artifact_root", artifact_root), ("template", template)) if v is not None}
+    return settings.model_copy(update=overrides).manifests()
+
+
+def runs_folder(manifests: BuiltManifest) -> Path:
+    """Training logs, curves and evaluation reports: `runs/` beside the artifact root."""
+    return manifests.root.parent / "runs"

@@ -1,0 +1,124 @@
+"""`python -m training zoo chat`: the embedded chat zoo.
+
+zoo-lm is pretrained first (training/zoo/language.py), then the domains train one after another
+on top of it (the continual loop of training/brainstacks/continual.py), then the meta-router
+learns from discovered outcomes (training/brainstacks/router_training.py). Each stack and the
+router are written atomically and entered, with their checksums, in the built manifest as soon as
+they exist, so an interrupted build resumes after the last finished domain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from server.artifacts import folder_digests, write_atomically
+from server.chat.model import ChatModel
+from server.chat.moe_lora import load_stack, save_stack, stack_modules
+from server.chat.router import save_router
+from server.manifest import Artifact, BuiltManifest, Domain, Source
+from training.artifacts import runs_folder
+from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
+from training.brainstacks.router_training import train_router
+from training.data.world import examples
+from training.zoo.language import build_zoo_lm
+
+STACKS = "chat"  # stacks and router, under the artifact root
+
+
+def build_base(manifests: BuiltManifest, recipe: ChatZooRecipe, if_missing: bool, runs_dir: Path) -> dict | None:
+    """Pretrain zoo-lm where the template names a local base that is not built yet."""
+    manifest = manifests.read()
+    entry = manifest.chat.base
+    if entry.source.path is None:
+        return None  # a hub base: nothing of ours to build
+    folder = manifests.file(entry.source.path)
+    if if_missing and entry.source.files and not entry.placeholder and folder.is_dir():
+        return None
+    summary = build_zoo_lm(folder, recipe.lm, runs_dir)
+    base = entry.model_copy(update={"source": Source(path=entry.source.path, files=folder_digests(folder)),
+                                    "placeholder": False})
+    # a new base invalidates every stack and router trained on the old one
+    chat = manifest.chat.model_copy(update={"base": base, "domains": [], "router": None})
+    manifests.write(manifest.model_copy(update={"chat": chat}))
+    return summary
+
+
+def built_prefix(manifests: BuiltManifest, recipe: ChatZooRecipe) -> list[Domain]:
+    """The longest prefix of the curriculum already built, in order: where a resumed build starts."""
+    built = {d.name: d for d in manifests.read().chat.domains}
+    prefix = []
+    for order, name in enumerate(recipe.domains):
+        domain = built.get(name)
+        if domain is None or domain.order != order or not domain.stacks:
+            break
+        prefix.append(domain)
+    return prefix
+
+
+def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooRecipe(), if_missing: bool = False,
+                   runs_dir: Path | None = None) -> dict:
+    runs_dir = runs_dir or runs_folder(manifests) / "zoo" / "chat"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary: dict = {"recipe": asdict(recipe), "machine": f"{torch.get_num_threads()} torch threads, CPU"}
+    summary["base"] = build_base(manifests, recipe, if_missing, runs_dir)
+
+    kept = built_prefix(manifests, recipe) if if_missing else []
+    start = len(kept)
+    if start == len(recipe.domains) and (manifests.read().chat.router is not None or recipe.router is None):
+        summary.update(domains=[], router=None, seconds=time.perf_counter() - started)
+        return summary
+
+    chat = load_base(manifests)
+    resolver = manifests.resolver()
+    for domain in kept:
+        for artifact in domain.stacks:
+            load_stack(chat.model, resolver.artifact(artifact))
+    data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
+
+    def record(order: int, domain: str, stacks: int, report: dict) -> None:
+        kept.append(save_domain(manifests, chat, recipe, order, domain, stacks, report["projection"]))
+        current = manifests.read()
+        manifests.write(current.model_copy(update={
+            "chat": current.chat.model_copy(update={"domains": list(kept), "router": None})}))
+        (runs_dir / f"{domain}.json").write_text(json.dumps(report, indent=1))
+
+    summary.update(run_continual(chat.model, chat.tokenizer, recipe, data, start, record))
+    summary["router"] = None if recipe.router is None else build_router(manifests, chat, recipe, runs_dir)
+    summary["seconds"] = time.perf_counter() - started
+    (runs_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def save_domain(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, order: int, domain: str,
+                stacks: int, projection: bool) -> Domain:
+    """Write a finished domain's frozen stacks; its manifest entry."""
+    artifacts = []
+    for index in range(stacks):
+        relative = f"{STACKS}/{domain}-{index + 1}.safetensors"
+        modules = stack_modules(chat.model, domain, index)
+        meta = {"round": index + 1, "order": order, "base": chat.name, "projection": projection}
+        sha = write_atomically(manifests.file(relative),
+                               lambda tmp: save_stack(tmp, modules, domain, recipe.boosting.stack, meta))
+        artifacts.append(Artifact(path=relative, sha256=sha))
+    return Domain(name=domain, order=order, stacks=artifacts)
+
+
+def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, runs_dir: Path) -> dict:
+    """Train the meta-router on every domain's stacks, write it, enter it in the built manifest."""
+    items = [e for d in recipe.domains for e in examples(d, "train", recipe.router.examples_per_domain, seed=2)]
+    config = chat.model.config
+    router, report = train_router(chat.model, chat.tokenizer, items, recipe.domains, recipe.router,
+                                  middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size)
+    relative = f"{STACKS}/router.safetensors"
+    sha = write_atomically(manifests.file(relative), lambda tmp: save_router(tmp, router, {"base": chat.name}))
+    current = manifests.read()
+    manifests.write(current.model_copy(update={
+        "chat": current.chat.model_copy(update={"router": Artifact(path=relative, sha256=sha)})}))
+    (runs_dir / "router.json").write_text(json.dumps(report, indent=1))
+    return {k: v for k, v in report.items() if k != "discovered"}
