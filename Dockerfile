@@ -3,18 +3,21 @@
 FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# The package is installed, not run from a checkout: say where the template and the artifacts live.
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 \
-    LOOPSTACK_MANIFEST=/app/weights_manifest.yaml
+    LOOPSTACK_TEMPLATE=/app/weights_manifest.yaml LOOPSTACK_ARTIFACT_ROOT=/app/artifacts
 
 WORKDIR /app
-RUN pip install $TORCH_SPEC
+COPY constraints.txt ./
+RUN pip install $TORCH_SPEC -c constraints.txt
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY training ./training
-RUN pip install ".[training]"
+RUN pip install ".[training]" -c constraints.txt
 COPY weights_manifest.yaml ./
 
-# The embedded default zoo is built at image build time (no hub): the container serves at once.
+# Untrained placeholders (seconds), so the container starts and answers at once; every response
+# and /v1/models flag them ("placeholder": true) until trained artifacts replace them.
 RUN python -m training zoo placeholder --if-missing
 
 EXPOSE 8000

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 DOMAINS = ("chat", "code", "math", "medical", "reasoning")
@@ -29,9 +29,6 @@ class Example:
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.prompt}]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def final_answer(reply: str) -> str | None:
