@@ -10,7 +10,7 @@ from pathlib import Path
 
 from server.chat.model import ChatModel, load_chat
 from server.imaging.backbones import ImageBackbone, load_image_backbone
-from server.manifest import Manifest, load_manifest
+from server.manifest import load_manifest
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelSet:
-    manifest: Manifest
     images: dict[str, ImageBackbone] = field(default_factory=dict)
     chat: ChatModel | None = None
 
@@ -28,7 +27,7 @@ def load_model_set(manifest_path: Path, settings: Settings) -> ModelSet:
     manifest = load_manifest(manifest_path)
     resolver = settings.manifests().resolver(settings.allow_network)
     device = settings.torch_device()
-    models = ModelSet(manifest)
+    models = ModelSet()
     for spec in manifest.image:
         log.info("loading image model %s (%s) on %s", spec.name, spec.kind, device)
         models.images[spec.name] = load_image_backbone(spec, resolver, device)

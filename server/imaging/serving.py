@@ -106,6 +106,27 @@ def _condition(req: ImageRequest, backbone: ImageBackbone, settings: Settings):
     return req.prompt
 
 
+def record_metrics(metrics: Metrics, backbone: ImageBackbone, job: SampleJob, result: SampleResult) -> None:
+    metrics.image_seconds.labels(model=backbone.name, mode=job.mode).observe(result.seconds)
+    metrics.image_denoise_steps.labels(model=backbone.name, mode=job.mode).inc(result.steps * len(job.seeds))
+
+
+def respond(backbone: ImageBackbone, job: SampleJob, result: SampleResult, as_png: bool) -> Response:
+    """The PNG itself (a row of them for n > 1), or JSON with base64 PNGs; headers say what ran."""
+    images = to_pil(result.images)
+    headers = {"X-Loopstack-Mode": job.mode, "X-Loopstack-Seed": str(job.seeds[0]),
+               "X-Loopstack-Steps": str(result.steps)}
+    if as_png:
+        image = images[0] if len(images) == 1 else row_of(images)
+        return Response(png_bytes(image), media_type="image/png", headers=headers)
+    return JSONResponse(ImageResponse(
+        model=backbone.name, mode=job.mode, scheduler=job.scheduler, steps=result.steps,
+        block_evaluations=result.block_evaluations, guidance_scale=job.guidance_scale, seeds=job.seeds,
+        width=job.width, height=job.height, seconds=result.seconds, placeholder=backbone.spec.placeholder,
+        images=b64_pngs(images),
+    ).model_dump(), headers=headers)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
@@ -128,24 +149,3 @@ def row_of(images: list[Image.Image]) -> Image.Image:
 
 def b64_pngs(images: list[Image.Image]) -> list[str]:
     return [base64.b64encode(png_bytes(i)).decode() for i in images]
-
-
-def record_metrics(metrics: Metrics, backbone: ImageBackbone, job: SampleJob, result: SampleResult) -> None:
-    metrics.image_seconds.labels(model=backbone.name, mode=job.mode).observe(result.seconds)
-    metrics.image_denoise_steps.labels(model=backbone.name, mode=job.mode).inc(result.steps * len(job.seeds))
-
-
-def respond(backbone: ImageBackbone, job: SampleJob, result: SampleResult, as_png: bool) -> Response:
-    """The PNG itself (a row of them for n > 1), or JSON with base64 PNGs; headers say what ran."""
-    images = to_pil(result.images)
-    headers = {"X-Loopstack-Mode": job.mode, "X-Loopstack-Seed": str(job.seeds[0]),
-               "X-Loopstack-Steps": str(result.steps)}
-    if as_png:
-        image = images[0] if len(images) == 1 else row_of(images)
-        return Response(png_bytes(image), media_type="image/png", headers=headers)
-    return JSONResponse(ImageResponse(
-        model=backbone.name, mode=job.mode, scheduler=job.scheduler, steps=result.steps,
-        block_evaluations=result.block_evaluations, guidance_scale=job.guidance_scale, seeds=job.seeds,
-        width=job.width, height=job.height, seconds=result.seconds, placeholder=backbone.spec.placeholder,
-        images=b64_pngs(images),
-    ).model_dump(), headers=headers)
