@@ -3,8 +3,10 @@ routers of server/api/ wired into one FastAPI app. No routes here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -20,10 +22,11 @@ from server.metrics import Metrics
 from server.registry import Registry
 from server.schemas import ErrorBody
 from server.settings import Settings
+from server.watch import watch_artifacts
 
 log = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 422, 429, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 429, 503)}
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
@@ -31,23 +34,22 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     if not settings.allow_network:
         os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched unless an operator allows it
     metrics = Metrics()
-    registry = Registry(settings, metrics)
-    svc = Services(
-        settings, metrics, registry,
-        image_engine=Engine("image", settings.image_queue_size, settings.retry_after_seconds, metrics.queue_depth),
-        chat_engine=Engine("chat", settings.chat_queue_size, settings.retry_after_seconds, metrics.queue_depth),
-    )
+    image_engine = Engine("image", settings.image_queue_size, settings.retry_after_seconds, metrics.queue_depth)
+    chat_engine = Engine("chat", settings.chat_queue_size, settings.retry_after_seconds, metrics.queue_depth)
+    # new artifacts are warmed on the worker that will run them, between requests
+    registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
+    svc = Services(settings, metrics, registry, image_engine, chat_engine)
+    stop_watching = threading.Event()
 
     def initial_load() -> None:
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        try:
-            registry.load()
-            log.info("models loaded; ready")
-        except Exception:
-            log.exception("loading the manifest failed; /readyz stays 503")
+        registry.reload("start")
+
+    def reload_in_background(reason: str) -> None:
+        threading.Thread(target=registry.reload, args=(reason,), name=f"reload-{reason}", daemon=True).start()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -55,9 +57,17 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
             threading.Thread(target=initial_load, name="initial-load", daemon=True).start()
         else:
             initial_load()
+        if settings.watch:
+            threading.Thread(target=watch_artifacts, args=(registry, stop_watching), name="watch", daemon=True).start()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, reload_in_background, "SIGHUP")
+        except (NotImplementedError, RuntimeError, ValueError):
+            log.debug("no SIGHUP handler outside the main thread")  # e.g. under a test client
         yield
-        svc.image_engine.shutdown()
-        svc.chat_engine.shutdown()
+        stop_watching.set()
+        image_engine.shutdown()
+        chat_engine.shutdown()
 
     app = FastAPI(title="Loopstack", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.services = svc

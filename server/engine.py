@@ -51,5 +51,10 @@ class Engine:
                 self._in_system -= 1
                 self._gauge.set(self.waiting)
 
+    def run(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn` on the worker from another thread, between jobs, and wait for it (the registry
+        warms new artifacts here: they touch modules that running jobs use). Not queue-bounded."""
+        return self._executor.submit(fn, *args).result()
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

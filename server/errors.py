@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",

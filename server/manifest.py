@@ -200,7 +200,8 @@ class ArtifactResolver:
         return path
 
     def source(self, source: Source) -> Path:
-        """A model folder with every listed file checksummed and every weight file safetensors."""
+        """A model folder whose every file (weights, configs, tokenizers) is listed with its sha256 and
+        matches it, with no pickle-format weights and no link that leaves the artifact root."""
         if source.hub is not None:
             folder = self._snapshot(source)
             if not source.files:
@@ -214,11 +215,15 @@ class ArtifactResolver:
                 raise ArtifactError(
                     folder, "no file checksums recorded in the manifest; rebuild it with `python -m training`"
                 )
-        for file in folder.rglob("*"):
-            if file.suffix in PICKLE_SUFFIXES:
+        for file in sorted(folder.rglob("*")):
+            if file.suffix.lower() in PICKLE_SUFFIXES:
                 raise ArtifactError(file, "pickle-format weights are never loaded; convert to safetensors")
-            if file.suffix == ".safetensors" and file.relative_to(folder).as_posix() not in source.files:
-                raise ArtifactError(file, "weight file has no sha256 in the manifest")
+            if source.hub is not None:
+                continue  # a snapshot's files are links into the hub cache; its pinned revision fixes them
+            if not file.resolve().is_relative_to(self.root):
+                raise ArtifactError(file, f"links outside the artifact root {self.root}")
+            if file.is_file() and not file.name.startswith(".") and file.relative_to(folder).as_posix() not in source.files:
+                raise ArtifactError(file, "has no sha256 in the manifest: every file a model folder loads must be listed")
         for rel, expected in source.files.items():
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ArtifactError(rel, f"listed file leaves its model folder {folder}")

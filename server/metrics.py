@@ -53,6 +53,12 @@ class Metrics:
             "loopstack_chat_router_probability", "The meta-router's probability for each domain, per routed request",
             ["domain"], buckets=WEIGHT_BUCKETS, registry=r,
         )
+        # one series per manifest entry ("digits-dit", "digits-dit/ilf", "zoo-lm/stacks/math", ...)
         self.artifact_reloads = Counter(
-            "loopstack_artifact_reloads", "Manifest (re)loads by result", ["result"], registry=r
+            "loopstack_artifact_reloads", "Artifact loads by manifest entry and result (loaded, refused)",
+            ["model", "result"], registry=r,
+        )
+        self.artifact_generation = Gauge(
+            "loopstack_artifact_generation", "The model-set generation each entry's serving version was loaded in",
+            ["model"], registry=r,
         )

@@ -61,6 +61,7 @@ class ImageResponse(BaseModel):
     height: int
     seconds: float
     placeholder: bool = Field(description="True when the model is an untrained stand-in.")
+    generation: int = Field(description="The model-set generation that served this request.")
     images: list[str] = Field(description="Base64-encoded PNGs.")
 
 
@@ -108,6 +109,7 @@ class RouteTrace(BaseModel):
     queue_seconds: float
     time_to_first_token_seconds: float | None
     generation_seconds: float
+    generation: int = Field(description="The model-set generation (base, stacks, router) that served it.")
 
 
 class ChatResponse(BaseModel):
@@ -124,9 +126,13 @@ class ModelCard(BaseModel):
     id: str
     kind: Literal["dit", "pixart", "causal-lm"]
     placeholder: bool
+    status: Literal["ready", "placeholder", "loading", "failed"]
+    generation: int | None = Field(description="The model-set generation its serving version was loaded in.")
+    errors: list[dict] = Field(default_factory=list, description="Entries of this model that were refused, and why.")
     details: dict
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    build: dict | None = Field(None, description="The background zoo build, while one runs or after it ran.")

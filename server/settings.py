@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.manifest import BuiltManifest
@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     allow_network: bool = Field(
         False, description="Let hub ids in the manifest download. Off by default: nothing is fetched."
     )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the /admin routes; without one they are off."
+    )
+    watch: bool = Field(True, description="Reload by itself when the built manifest or a loaded file changes.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice.")
 

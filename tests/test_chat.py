@@ -15,7 +15,8 @@ from server.chat.model import ChatJob, load_chat, load_chat_base
 from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
 from server.manifest import Artifact, ArtifactResolver, Domain, load_manifest, write_manifest
 from server.artifacts import ArtifactError, sha256_file
-from server.registry import load_model_set
+from server.metrics import Metrics
+from server.registry import Registry
 
 
 def test_nf4_load_yields_bitsandbytes_4bit_layers(manifest_path):
@@ -130,4 +131,9 @@ def test_a_stack_listed_under_the_wrong_domain_is_refused(stacked_manifest, tmp_
     shutil.copytree(stacked_manifest.parent / "artifacts", tmp_path / "artifacts")
     write_manifest(manifest.model_copy(update={"chat": manifest.chat.model_copy(update={"domains": swapped})}), bad)
     with pytest.raises(ArtifactError, match="stack of domain 'math', listed under 'chat'"):
-        load_model_set(bad, make_settings(bad))
+        load_chat(load_manifest(bad).chat, ArtifactResolver(bad.parent), "cpu")
+    registry = Registry(make_settings(bad), Metrics())
+    registry.reload()  # the server refuses those two domains' stacks and serves the rest
+    served = registry.current.chat
+    assert served is not None and {d: s.count for d, s in served.stacks.items()} == {"math": 0}
+    assert "listed under 'chat'" in registry.entries["tiny-lm/stacks/chat"].error

@@ -18,8 +18,10 @@ def test_health_endpoints(client):
     assert client.get("/livez").json() == {"status": "alive"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["image_models"] == ["tiny-dit", "tiny-dit-latent", "tiny-pixart"]
-    assert ready.json()["chat_model"] == "tiny-lm"
+    body = ready.json()
+    assert body["serving"] == ["tiny-dit", "tiny-dit-latent", "tiny-pixart", "tiny-lm"]
+    assert body["loading"] == body["failed"] == body["placeholders"] == [] and body["generation"] >= 4
+    assert "/" not in "".join(body["serving"] + body["failed"])  # entry names, never paths
 
 
 def test_not_ready_until_models_load(tmp_path):

@@ -173,16 +173,18 @@ def test_failed_reload_keeps_the_old_models_serving(tmp_path, zoo_dir):
     write_manifest(manifest, path)
     metrics = Metrics()
     registry = Registry(make_settings(path), metrics)
-    first = registry.load()
+    registry.reload()
+    first = registry.current
 
     weights = tmp_path / "artifacts" / "dit" / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"garbage")
-    with pytest.raises(ArtifactError):
-        registry.load()
-    assert registry.current is first
-    assert "sha256 mismatch" in registry.last_error
-    assert metrics.artifact_reloads.labels(result="refused")._value.get() == 1
-    assert metrics.artifact_reloads.labels(result="loaded")._value.get() == 1
+    report = registry.reload()
+    assert registry.current is first  # the old generation keeps serving
+    assert [r["entry"] for r in report["refused"]] == ["tiny-dit"] and "sha256 mismatch" in report["refused"][0]["reason"]
+    assert str(tmp_path) not in report["refused"][0]["reason"]  # relative paths only
+    assert registry.entries["tiny-dit"].state == "ready" and "sha256 mismatch" in registry.entries["tiny-dit"].error
+    assert metrics.artifact_reloads.labels(model="tiny-dit", result="refused")._value.get() == 1
+    assert metrics.artifact_reloads.labels(model="tiny-dit", result="loaded")._value.get() == 1
 
 
 def test_listed_file_outside_its_model_folder_is_refused(tmp_path, zoo_dir):

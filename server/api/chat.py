@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from server.api.dependencies import Services, loaded_models, services
 from server.chat import serving
@@ -14,8 +14,9 @@ router = APIRouter(tags=["chat"])
 
 
 @router.post("/chat", response_model=ChatResponse)
-async def chat(req: ChatRequest, models: ModelSet = Depends(loaded_models),
+async def chat(req: ChatRequest, response: Response, models: ModelSet = Depends(loaded_models),
                svc: Services = Depends(services)) -> ChatResponse:
     if models.chat is None:
-        raise ApiError(404, "this server has no chat model in its manifest", "model")
-    return await serving.answer(req, models.chat, svc.settings, svc.chat_engine, svc.metrics)
+        raise ApiError(404, "this server has no chat model loaded", "model")
+    response.headers["X-Loopstack-Generation"] = str(models.generation)
+    return await serving.answer(req, models.chat, models.generation, svc.settings, svc.chat_engine, svc.metrics)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from server.api.dependencies import loaded_models
-from server.registry import ModelSet
+from server.api.dependencies import Services, services
+from server.errors import ApiError
 from server.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
@@ -17,6 +17,10 @@ async def livez() -> dict:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
-async def readyz(models: ModelSet = Depends(loaded_models)) -> dict:
-    return {"status": "ready", "image_models": sorted(models.images),
-            "chat_model": models.chat.name if models.chat else None}
+async def readyz(svc: Services = Depends(services)) -> dict:
+    """200 once a model serves (more may still be loading); the body names what serves, what is a
+    placeholder, what is loading and what was refused, by entry name only."""
+    readiness = svc.registry.readiness()
+    if not readiness["serving"]:
+        raise ApiError(503, svc.registry.not_serving_reason())
+    return {"status": "ready", **readiness}

@@ -24,4 +24,5 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
     if backbone is None:
         raise ApiError(404, f"unknown image model {req.model!r}; known: {sorted(models.images)}", "model")
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")
-    return await serving.generate(req, backbone, svc.settings, svc.image_engine, svc.metrics, as_png)
+    return await serving.generate(req, backbone, models.generation, svc.settings, svc.image_engine, svc.metrics,
+                                  as_png)

@@ -1,41 +1,49 @@
-"""GET /v1/models: what is loaded, with the details a client needs to call it."""
+"""GET /v1/models: every model of the manifest, whether it serves, and the details a client needs."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from server.api.dependencies import loaded_models
+from server.api.dependencies import Services, services
 from server.chat.model import ChatModel
 from server.imaging.backbones import ImageBackbone
-from server.registry import ModelSet
+from server.registry import Entry
 from server.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(models: ModelSet = Depends(loaded_models)) -> ModelList:
-    cards = [image_card(b) for b in models.images.values()]
-    if models.chat is not None:
-        cards.append(chat_card(models.chat))
-    return ModelList(data=cards)
+async def list_models(svc: Services = Depends(services)) -> ModelList:
+    registry = svc.registry
+    models = registry.current
+    cards = []
+    for entry in [e for e in list(registry.entries.values()) if e.kind in ("image", "chat")]:
+        group = [e for e in list(registry.entries.values()) if e.key == entry.key or e.parent == entry.key]
+        errors = [{"entry": e.key, "reason": e.error} for e in group if e.error]
+        if entry.kind == "image" and models is not None and entry.key in models.images:
+            details = image_details(models.images[entry.key])
+        elif entry.kind == "chat" and models is not None and models.chat is not None:
+            details = chat_details(models.chat)
+        else:
+            details = {}
+        cards.append(ModelCard(id=entry.key, kind=kind_of(entry), placeholder=entry.spec.placeholder,
+                               status=entry.state, generation=entry.generation, errors=errors, details=details))
+    return ModelList(data=cards, build=registry.build_state())
 
 
-def image_card(b: ImageBackbone) -> ModelCard:
+def kind_of(entry: Entry) -> str:
+    return "causal-lm" if entry.kind == "chat" else entry.spec.kind
+
+
+def image_details(b: ImageBackbone) -> dict:
     ilf = None if b.ilf is None else {"steps": b.ilf.config.steps, "scheduler": b.ilf.config.scheduler,
                                       "blocks_per_step": b.ilf.config.blocks_per_step}
-    return ModelCard(
-        id=b.name, kind=b.spec.kind, placeholder=b.spec.placeholder,
-        details={"native_size": b.native_size, "stride": b.stride, "blocks": b.num_blocks,
-                 "latent": b.vae is not None, "classes": b.class_names() if b.spec.kind == "dit" else None,
-                 "default_steps": b.spec.default_steps, "default_guidance_scale": b.spec.default_guidance_scale,
-                 "ilf": ilf},
-    )
+    return {"native_size": b.native_size, "stride": b.stride, "blocks": b.num_blocks, "latent": b.vae is not None,
+            "classes": b.class_names() if b.spec.kind == "dit" else None, "default_steps": b.spec.default_steps,
+            "default_guidance_scale": b.spec.default_guidance_scale, "ilf": ilf}
 
 
-def chat_card(chat: ChatModel) -> ModelCard:
-    return ModelCard(
-        id=chat.name, kind="causal-lm", placeholder=chat.spec.placeholder,
-        details={"quantization": chat.spec.quantization, "device": chat.device,
-                 "domains": list(chat.domains), "router": chat.router is not None},
-    )
+def chat_details(chat: ChatModel) -> dict:
+    return {"quantization": chat.spec.quantization, "device": chat.device, "domains": list(chat.domains),
+            "stacks": {d: s.count for d, s in chat.stacks.items()}, "router": chat.router is not None}

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.generation.streamers import BaseStreamer
 
 from server.artifacts import ArtifactError
-from server.chat.moe_lora import load_stack, read_stack_metadata, routed, set_route
+from server.chat.moe_lora import routed, wrap_projections
 from server.chat.router import MetaRouter, Route, RoutePlan, load_router_for, plan_route
+from server.chat.stacks import DomainStacks, load_domain_stacks, mounted
 from server.manifest import ArtifactResolver, ChatBase, ChatSection
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class ChatModel:
     tokenizer: object
     device: str
     domains: tuple[str, ...] = ()  # the manifest's, in curriculum order
-    stacks: dict[str, int] = field(default_factory=dict)  # domain -> frozen stacks attached
+    stacks: dict[str, DomainStacks] = field(default_factory=dict)  # held outside the base's modules
     router: MetaRouter | None = None
 
     def answer(self, job: ChatJob) -> ChatResult:
@@ -92,7 +93,12 @@ class ChatModel:
     def plan_route(self, route: Route, messages: list[dict[str, str]]) -> RoutePlan:
         asks_router = route == "auto" and self.router is not None and bool(self.domains)
         probabilities = self.router_probabilities(messages) if asks_router else None
-        return plan_route(route, self.domains, self.stacks, self.router, probabilities)
+        counts = {domain: stacks.count for domain, stacks in self.stacks.items()}
+        return plan_route(route, self.domains, counts, self.router, probabilities)
+
+    def mounted(self):
+        """This model's stacks on the shared base, for one request (see server/chat/stacks.py)."""
+        return mounted(self.model, [self.stacks[d] for d in self.domains if d in self.stacks])
 
     def router_probabilities(self, messages: list[dict[str, str]]) -> dict[str, float]:
         """The meta-router's sigmoid per domain, from the frozen base's hidden states (stacks off)."""
@@ -116,7 +122,7 @@ class ChatModel:
     @torch.no_grad()
     def generate(self, job: ChatJob, route: dict[str, float] | None = None) -> ChatResult:
         """Generate with these per-domain stack weights applied ({} or None: the base alone)."""
-        with routed(self.model, route or {}):
+        with self.mounted(), routed(self.model, route or {}):
             return self._generate(job)
 
     def _generate(self, job: ChatJob) -> ChatResult:
@@ -166,6 +172,7 @@ def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> C
     if spec.quantization == "none":
         model.to(device)
     model.eval().requires_grad_(False)
+    wrap_projections(model)  # stacks are mounted per request; with none mounted a projection is the base's
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if spec.placeholder:
@@ -179,13 +186,8 @@ def load_chat(section: ChatSection, resolver: ArtifactResolver, device: str) -> 
     chat = load_chat_base(section.base, resolver, device)
     chat.domains = tuple(d.name for d in section.domains)  # the manifest keeps them in curriculum order
     for domain in section.domains:
-        for artifact in domain.stacks:
-            path = resolver.artifact(artifact)
-            if (found := read_stack_metadata(path)["domain"]) != domain.name:
-                raise ArtifactError(path, f"is a stack of domain {found!r}, listed under {domain.name!r}")
-            load_stack(chat.model, path)
-        chat.stacks[domain.name] = len(domain.stacks)
-    set_route(chat.model, {})  # base alone until a request routes
+        paths = [resolver.artifact(artifact) for artifact in domain.stacks]
+        chat.stacks[domain.name] = load_domain_stacks(chat.model, domain.name, paths)
     if section.router is not None:
         router = load_router_for(resolver.artifact(section.router), chat.model.config, chat.domains)
         chat.router = router.to(device)

@@ -288,9 +288,28 @@ def read_stack_metadata(path: Path) -> dict:
 def load_stack(model: nn.Module, path: Path) -> dict:
     """Append a saved stack (frozen) to the model; refuses, naming the file, one that does not fit."""
     meta = read_stack_metadata(path)
-    config: MoELoRAConfig = meta["config"]
-    added = add_stack(model, meta["domain"], config)
-    layers = wrapped_layers(model)
+    added = add_stack(model, meta["domain"], meta["config"])
+    try:
+        _copy_from_file(path, wrapped_layers(model), added)
+    except ArtifactError:
+        remove_last_stack(model, meta["domain"])
+        raise
+    freeze(added)
+    return meta
+
+
+def read_stack(path: Path, layers: dict[str, StackedMoELoRALinear], like: torch.Tensor) -> tuple[dict, list[MoELoRA]]:
+    """A saved stack as frozen modules for these projections (device and float dtype of `like`),
+    attached to nothing: loading it leaves the model untouched."""
+    meta = read_stack_metadata(path)
+    stacks = [MoELoRA(layer.in_features, layer.out_features, meta["config"]).to(like.device, like.dtype).eval()
+              for layer in layers.values()]
+    _copy_from_file(path, layers, stacks)
+    freeze(stacks)
+    return meta, stacks
+
+
+def _copy_from_file(path: Path, layers: dict[str, StackedMoELoRALinear], stacks: list[MoELoRA]) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -298,7 +317,7 @@ def load_stack(model: nn.Module, path: Path) -> dict:
             if keys != expected:
                 raise ValueError(f"{len(keys ^ expected)} tensors differ from this model's wrapped projections")
             with torch.no_grad():
-                for name, stack in zip(layers, added):
+                for name, stack in zip(layers, stacks):
                     for key, target in (("lora_A", stack.lora_A), ("lora_B", stack.lora_B),
                                         ("router", stack.router.weight), ("noise", stack.noise.weight)):
                         tensor = f.get_tensor(f"{name}.{key}")
@@ -307,10 +326,7 @@ def load_stack(model: nn.Module, path: Path) -> dict:
                                              f"expected {tuple(target.shape)}")
                         target.copy_(tensor)
     except (ValueError, OSError) as exc:
-        remove_last_stack(model, meta["domain"])
         raise ArtifactError(path, f"does not fit this model: {exc}") from exc
-    freeze(added)
-    return meta
 
 
 def remove_last_stack(model: nn.Module, domain: str) -> None:

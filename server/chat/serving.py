@@ -18,13 +18,13 @@ from server.schemas import MAX_SEED, ChatRequest, ChatResponse, RouteTrace, Usag
 from server.settings import Settings
 
 
-async def answer(req: ChatRequest, chat: ChatModel, settings: Settings, engine: Engine,
+async def answer(req: ChatRequest, chat: ChatModel, generation: int, settings: Settings, engine: Engine,
                  metrics: Metrics) -> ChatResponse:
     """Plan the job, answer it on the chat worker (route, then generate), trace it, record it."""
     job = plan_job(req, chat, settings)
     submitted = time.perf_counter()
     result = await engine.submit(chat.answer, job)
-    trace = make_trace(job, result, result.started - submitted)
+    trace = make_trace(job, result, result.started - submitted, generation)
     record_metrics(metrics, job, result, trace)
     return respond(chat, job, result, trace)
 
@@ -54,7 +54,7 @@ def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
     return ChatJob(messages, req.max_tokens, req.temperature, req.top_p, seed, req.route)
 
 
-def make_trace(job: ChatJob, result: ChatResult, queue_seconds: float) -> RouteTrace:
+def make_trace(job: ChatJob, result: ChatResult, queue_seconds: float, generation: int) -> RouteTrace:
     plan = result.plan
     ttft = result.token_times[0] - result.started if result.token_times else None
     end = result.token_times[-1] if result.token_times else result.started
@@ -67,6 +67,7 @@ def make_trace(job: ChatJob, result: ChatResult, queue_seconds: float) -> RouteT
         queue_seconds=queue_seconds,
         time_to_first_token_seconds=ttft,
         generation_seconds=max(end - result.started, 0.0),
+        generation=generation,
     )
 
 

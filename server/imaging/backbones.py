@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 
 from server.imaging.ilf import LoadedILF, load_ilf
-from server.manifest import ArtifactResolver, ImageModel, TextEncoder
+from server.manifest import ArtifactResolver, ILFArtifact, ImageModel, TextEncoder
 from server.artifacts import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -179,16 +179,21 @@ def load_image_backbone(spec: ImageModel, resolver: ArtifactResolver, device: st
                 f"text encoder width {prompt_encoder.width} does not match {spec.name}'s caption_channels {expected}",
             )
 
-    ilf = None
+    backbone = ImageBackbone(spec, transformer, scheduler_config, vae, prompt_encoder, device, dtype)
     if spec.ilf is not None:
-        path = resolver.artifact(spec.ilf)
-        ilf = load_ilf(path, transformer, spec.name)
-        if ilf.config.steps != spec.ilf.steps:
-            raise ArtifactError(path, f"manifest says {spec.ilf.steps} steps, the module was trained for {ilf.config.steps}")
-
-    backbone = ImageBackbone(spec, transformer, scheduler_config, vae, prompt_encoder, device, dtype, ilf)
+        backbone.ilf = load_ilf_for(backbone, spec.ilf, resolver)
     if spec.labels is not None and len(spec.labels) != backbone.num_classes:
         raise ArtifactError(folder, f"manifest lists {len(spec.labels)} labels, the model has {backbone.num_classes} classes")
     if spec.placeholder:
         log.warning("!!! image model %r is an UNTRAINED PLACEHOLDER: its images are noise !!!", spec.name)
     return backbone
+
+
+def load_ilf_for(backbone: ImageBackbone, artifact: ILFArtifact, resolver: ArtifactResolver) -> LoadedILF:
+    """The backbone's ILF module, refused (naming the file) unless it was trained for this backbone
+    and for the steps the manifest says."""
+    path = resolver.artifact(artifact)
+    ilf = load_ilf(path, backbone.transformer, backbone.name)
+    if ilf.config.steps != artifact.steps:
+        raise ArtifactError(path, f"manifest says {artifact.steps} steps, the module was trained for {ilf.config.steps}")
+    return ilf

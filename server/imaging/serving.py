@@ -22,13 +22,13 @@ from server.schemas import MAX_SEED, ImageRequest, ImageResponse
 from server.settings import Settings
 
 
-async def generate(req: ImageRequest, backbone: ImageBackbone, settings: Settings, engine: Engine,
+async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings, engine: Engine,
                    metrics: Metrics, as_png: bool) -> Response:
     """Plan the job, sample it on the image worker, record it, answer."""
     job = plan_job(req, backbone, settings)
     result = await engine.submit(sample, backbone, job)
     record_metrics(metrics, backbone, job, result)
-    return respond(backbone, job, result, as_png)
+    return respond(backbone, job, result, generation, as_png)
 
 
 def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
@@ -111,11 +111,12 @@ def record_metrics(metrics: Metrics, backbone: ImageBackbone, job: SampleJob, re
     metrics.image_denoise_steps.labels(model=backbone.name, mode=job.mode).inc(result.steps * len(job.seeds))
 
 
-def respond(backbone: ImageBackbone, job: SampleJob, result: SampleResult, as_png: bool) -> Response:
+def respond(backbone: ImageBackbone, job: SampleJob, result: SampleResult, generation: int,
+            as_png: bool) -> Response:
     """The PNG itself (a row of them for n > 1), or JSON with base64 PNGs; headers say what ran."""
     images = to_pil(result.images)
     headers = {"X-Loopstack-Mode": job.mode, "X-Loopstack-Seed": str(job.seeds[0]),
-               "X-Loopstack-Steps": str(result.steps)}
+               "X-Loopstack-Steps": str(result.steps), "X-Loopstack-Generation": str(generation)}
     if as_png:
         image = images[0] if len(images) == 1 else row_of(images)
         return Response(png_bytes(image), media_type="image/png", headers=headers)
@@ -123,7 +124,7 @@ def respond(backbone: ImageBackbone, job: SampleJob, result: SampleResult, as_pn
         model=backbone.name, mode=job.mode, scheduler=job.scheduler, steps=result.steps,
         block_evaluations=result.block_evaluations, guidance_scale=job.guidance_scale, seeds=job.seeds,
         width=job.width, height=job.height, seconds=result.seconds, placeholder=backbone.spec.placeholder,
-        images=b64_pngs(images),
+        generation=generation, images=b64_pngs(images),
     ).model_dump(), headers=headers)
 
 

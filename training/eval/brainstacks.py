@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.chat.model import load_chat
+from server.chat.model import ChatModel, load_chat
 from server.chat.moe_lora import routed
 from server.chat.router import MetaRouter
 from server.manifest import BuiltManifest
@@ -110,6 +110,11 @@ def per_example(model, tokenizer, items, route_of, max_new_tokens: int) -> tuple
 def served_comparison(manifests: BuiltManifest, cfg: BrainstacksEval) -> dict:
     chat = load_chat(manifests.read().chat, manifests.resolver(), "cpu")  # the served zoo, as the server loads it
     prepare_for_training(chat)  # the same kernels as the stacks were trained and scored with
+    with chat.mounted():  # every served stack on the base; each setting routes them
+        return compare_settings(chat, cfg)
+
+
+def compare_settings(chat: ChatModel, cfg: BrainstacksEval) -> dict:
     model, tokenizer, domains = chat.model, chat.tokenizer, chat.domains
 
     sets = {d: examples(d, "test", cfg.test_examples) for d in domains}
