@@ -21,17 +21,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# The embedded zoo trains once, with progress bars: the image models and their ILF modules, then
-# zoo-lm and its domain stacks. Entries still missing after that get untrained placeholders.
+# `make serve` answers as soon as the install is done: placeholders (seconds) stand in for the
+# embedded zoo while the server builds it in a background process (images, ILF, then chat), each
+# artifact hot-loaded as it lands. Stopping the server stops the build; the next run resumes it.
+# `make zoo` builds everything in the foreground.
 zoo: venv
-	$(PY) -m training zoo images --if-missing
-	$(PY) -m training ilf --model digits-dit --if-missing
-	$(PY) -m training ilf --model digits-pixart --if-missing
-	$(PY) -m training zoo chat --if-missing
-	$(PY) -m training zoo placeholder --if-missing
+	$(PY) -m training zoo all
 
-serve: zoo
-	$(PY) -m server --host $(HOST) --port $(PORT)
+serve: venv
+	$(PY) -m training zoo placeholder --if-missing
+	$(PY) -m server --host $(HOST) --port $(PORT) --build-zoo
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,25 +1,46 @@
-"""python -m server: serve the manifest with uvicorn."""
+"""python -m server: serve the manifest with uvicorn; with --build-zoo, build the missing embedded
+zoo in a background process meanwhile (each artifact is hot-loaded as it lands)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import subprocess
+import sys
 
 import uvicorn
 
 from server.app import create_app
 from server.settings import Settings
 
+log = logging.getLogger("server")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--build-zoo", action="store_true",
+                        help="build the missing embedded zoo in the background (python -m training zoo all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    logging.getLogger("server").info("serving %s", settings.manifests().current())
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    log.info("serving %s", settings.manifests().current())
+    build = None
+    if args.build_zoo:
+        # a process of its own: training never runs inside the server (which never imports it)
+        build = subprocess.Popen([sys.executable, "-m", "training", "zoo", "all"])
+        log.info("building the missing embedded zoo in the background (pid %d); progress in /v1/models", build.pid)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        if build is not None and build.poll() is None:
+            build.send_signal(signal.SIGINT)  # the build records where it stopped; the next run resumes
+            try:
+                build.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                build.kill()
 
 
 if __name__ == "__main__":

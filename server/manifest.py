@@ -19,7 +19,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.artifacts import PICKLE_SUFFIXES, ArtifactError, atomic_write_bytes, sha256_file, verify_file
+from server.artifacts import (
+    PICKLE_SUFFIXES, ArtifactError, atomic_write_bytes, folder_digests, sha256_file, verify_file,
+)
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -158,6 +160,10 @@ class BuiltManifest:
         """Where a manifest path lies on disk (for writers; readers go through the resolver)."""
         return self.root / relative
 
+    def recorded(self, source: Source) -> Source:
+        """The same (local) source with the sha256 of every file a build wrote into its folder."""
+        return source.model_copy(update={"files": folder_digests(self.file(source.path))})
+
 
 def load_manifest(path: Path) -> Manifest:
     """Parse and validate a manifest file; ManifestError names the file and what is wrong."""
@@ -190,7 +196,7 @@ class ArtifactResolver:
     def resolve(self, relative: str) -> Path:
         path = (self.root / relative).resolve()
         if not path.is_relative_to(self.root):
-            raise ArtifactError(relative, f"resolves to {path}, outside the artifact root {self.root}")
+            raise ArtifactError(relative, "resolves outside the artifact root")
         return path
 
     def artifact(self, artifact: Artifact) -> Path:
@@ -221,7 +227,7 @@ class ArtifactResolver:
             if source.hub is not None:
                 continue  # a snapshot's files are links into the hub cache; its pinned revision fixes them
             if not file.resolve().is_relative_to(self.root):
-                raise ArtifactError(file, f"links outside the artifact root {self.root}")
+                raise ArtifactError(file, "links outside the artifact root")
             if file.is_file() and not file.name.startswith(".") and file.relative_to(folder).as_posix() not in source.files:
                 raise ArtifactError(file, "has no sha256 in the manifest: every file a model folder loads must be listed")
         for rel, expected in source.files.items():

@@ -78,7 +78,7 @@ class Registry:
         self.workers = workers or {}  # "image" / "chat" -> run on that engine's worker (default: here)
         self.entries: dict[str, Entry] = {}
         self.manifest_error: str | None = None
-        self.reloads = 0  # finished reload passes
+        self.last_reload: dict | None = None  # reason, time and outcome of the last pass
         self._current: ModelSet | None = None
         self._generation = 0
         self._reload_lock = threading.Lock()
@@ -137,7 +137,8 @@ class Registry:
             for group in groups:
                 if any([self._update(key, kind, spec, parent, resolver, report) for key, kind, spec, parent in group]):
                     self._swap()
-            self.reloads += 1
+            self.last_reload = {"reason": reason, "at": time.time(), "generation": self._generation,
+                                "loaded": len(report["loaded"]), "refused": len(report["refused"])}
             log.info("reload (%s): %d loaded, %d refused, %d unchanged; generation %d", reason,
                      len(report["loaded"]), len(report["refused"]), len(report["unchanged"]), self._generation)
             return report | {"generation": self._generation}

@@ -16,6 +16,14 @@ from server.manifest import BuiltManifest
 from training.artifacts import open_manifest
 
 
+def zoo_all(m: BuiltManifest, args) -> None:
+    from training.zoo.build import build_zoo
+
+    state = build_zoo(m, micro=args.micro)
+    for step in state["steps"]:
+        print(f"  {step['name']:<18} {step['state']:<14} {step['seconds']:>8.1f} s")
+
+
 def zoo_images(m: BuiltManifest, args) -> None:
     from training.zoo.images import FULL, MICRO, build_image_zoo
 
@@ -91,6 +99,8 @@ OUT = (("--out",), dict(type=Path, default=Path("runs/eval"), help="where report
 
 # verb -> (what it does, its function, its flags)
 VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
+    ("zoo", "all"): ("build every missing part of the embedded zoo, in order, resumably (what `make zoo` runs)",
+                     zoo_all, [MICRO]),
     ("zoo", "images"): ("train digits-dit and digits-pixart (about 20 CPU-minutes)", zoo_images,
                         [MICRO, IF_MISSING]),
     ("zoo", "chat"): ("pretrain zoo-lm, train the domains' MoE-LoRA stacks one after another, then the router",

@@ -46,6 +46,10 @@ class ILFTraining:
     seed: int = 0
 
 
+# Every code path in seconds, on the micro image zoo's 2-block backbones (tests, `zoo all --micro`).
+MICRO_ILF = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size=4, pool_size=8, refresh_every=3)
+
+
 def _conditions(backbone: ImageBackbone, n: int, rng: random.Random) -> list:
     digits = [rng.randrange(10) for _ in range(n)]
     if backbone.spec.kind == "dit":

@@ -21,4 +21,5 @@ async def status(svc: Services = Depends(services)) -> dict:
     registry = svc.registry
     models = registry.current
     return {"generation": models.generation if models else None, "manifest_error": registry.manifest_error,
-            "requests_in_flight": registry.in_flight(), "entries": registry.status(), "build": registry.build_state()}
+            "last_reload": registry.last_reload, "requests_in_flight": registry.in_flight(),
+            "entries": registry.status(), "build": registry.build_state()}

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from server.artifacts import folder_digests, write_atomically
+from server.artifacts import write_atomically
 from server.chat.model import ChatModel
 from server.chat.moe_lora import load_stack, save_stack, stack_modules
 from server.chat.router import save_router
-from server.manifest import Artifact, BuiltManifest, Domain, Source
+from server.manifest import Artifact, BuiltManifest, Domain
 from training.artifacts import runs_folder
 from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
 from training.brainstacks.router_training import train_router
@@ -40,8 +40,7 @@ def build_base(manifests: BuiltManifest, recipe: ChatZooRecipe, if_missing: bool
     if if_missing and entry.source.files and not entry.placeholder and folder.is_dir():
         return None
     summary = build_zoo_lm(folder, recipe.lm, runs_dir)
-    base = entry.model_copy(update={"source": Source(path=entry.source.path, files=folder_digests(folder)),
-                                    "placeholder": False})
+    base = entry.model_copy(update={"source": manifests.recorded(entry.source), "placeholder": False})
     # a new base invalidates every stack and router trained on the old one
     chat = manifest.chat.model_copy(update={"base": base, "domains": [], "router": None})
     manifests.write(manifest.model_copy(update={"chat": chat}))

@@ -4,16 +4,11 @@ before the zoo is trained; the server warns loudly that their outputs are noise.
 
 from __future__ import annotations
 
-from server.artifacts import atomic_folder, folder_digests
+from server.artifacts import atomic_folder
 from server.manifest import BuiltManifest, Source
 from training.data.digits import DIGIT_NAMES
 from training.zoo.architectures import build_dit, build_pixart, copy_minilm
 from training.zoo.language import build_llama
-
-
-def _recorded(source: Source, manifests: BuiltManifest) -> Source:
-    """The same source with the sha256 of every file the build wrote."""
-    return source.model_copy(update={"files": folder_digests(manifests.file(source.path))})
 
 
 def _needs_build(source: Source, manifests: BuiltManifest, if_missing: bool) -> bool:
@@ -39,12 +34,12 @@ def build_placeholder_zoo(manifests: BuiltManifest, if_missing: bool = False) ->
                 build_dit(tmp, num_classes=len(entry.labels or DIGIT_NAMES))
             else:
                 build_pixart(tmp, caption_channels=384)
-        update = {"source": _recorded(entry.source, manifests), "placeholder": True}
+        update = {"source": manifests.recorded(entry.source), "placeholder": True}
         if entry.text_encoder is not None and entry.text_encoder.source.path is not None:
             with atomic_folder(manifests.file(entry.text_encoder.source.path)) as tmp:
                 copy_minilm(tmp)
             update["text_encoder"] = entry.text_encoder.model_copy(
-                update={"source": _recorded(entry.text_encoder.source, manifests)}
+                update={"source": manifests.recorded(entry.text_encoder.source)}
             )
         image.append(entry.model_copy(update=update))
 
@@ -53,7 +48,7 @@ def build_placeholder_zoo(manifests: BuiltManifest, if_missing: bool = False) ->
         built_any = True
         with atomic_folder(manifests.file(chat.base.source.path)) as tmp:
             build_llama(tmp, hidden=128, layers=2, heads=4)
-        base_entry = chat.base.model_copy(update={"source": _recorded(chat.base.source, manifests), "placeholder": True})
+        base_entry = chat.base.model_copy(update={"source": manifests.recorded(chat.base.source), "placeholder": True})
         chat = chat.model_copy(update={"base": base_entry})
 
     if built_any:

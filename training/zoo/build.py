@@ -1,0 +1,66 @@
+"""`python -m training zoo all`: the whole embedded zoo, step by step, each step resumable.
+
+Placeholders first (seconds, so a server can start), then the image models, their ILF modules and
+the chat zoo. Every artifact is recorded in the built manifest as soon as it is written, so a
+server watching the manifest serves it at once, and an interrupted build resumes where it stopped
+(each step skips what is already built). The build's state goes to `build.json` in the artifact
+root, where the server shows it in /v1/models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from server.artifacts import atomic_write_bytes
+from server.manifest import BuiltManifest
+
+
+def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
+    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
+    from training.ilf_distill import ILFTraining, MICRO_ILF, train_ilf
+    from training.zoo.chat import build_chat_zoo
+    from training.zoo.images import FULL, MICRO, build_image_zoo
+    from training.zoo.placeholders import build_placeholder_zoo
+
+    ilf = MICRO_ILF if micro else ILFTraining()
+    return [
+        ("placeholders", lambda m: build_placeholder_zoo(m, if_missing=True)),
+        ("image models", lambda m: build_image_zoo(m, MICRO if micro else FULL, if_missing=True)),
+        ("ilf digits-dit", lambda m: train_ilf(m, "digits-dit", ilf, if_missing=True)),
+        ("ilf digits-pixart", lambda m: train_ilf(m, "digits-pixart", ilf, if_missing=True)),
+        ("chat zoo", lambda m: build_chat_zoo(m, MICRO_CHAT if micro else ChatZooRecipe(), if_missing=True)),
+    ]
+
+
+def build_zoo(manifests: BuiltManifest, micro: bool = False) -> dict:
+    """Run every step; returns (and keeps in build.json) each step's state and seconds."""
+    plan = steps(micro)
+    state = {"state": "running", "pid": os.getpid(), "started": time.time(),
+             "steps": [{"name": name, "state": "pending", "seconds": None} for name, _ in plan]}
+    path = manifests.root / "build.json"
+    try:
+        for index, (name, run) in enumerate(plan):
+            state["steps"][index]["state"] = "running"
+            state["current"] = f"{name} (step {index + 1} of {len(plan)})"
+            _write(path, state)
+            print(f"zoo build: {state['current']}", flush=True)
+            began = time.perf_counter()
+            built = run(manifests)
+            state["steps"][index].update(state="done" if built else "already built",
+                                         seconds=round(time.perf_counter() - began, 1))
+        state.update(state="done", current=None)
+    except BaseException as exc:  # interrupted or failed: say so, the next run resumes
+        state.update(state="stopped" if isinstance(exc, KeyboardInterrupt) else "failed", error=repr(exc))
+        raise
+    finally:
+        state["finished"] = time.time()
+        _write(path, state)
+    return state
+
+
+def _write(path: Path, state: dict) -> None:
+    atomic_write_bytes(path, json.dumps(state, indent=1).encode())
