@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -9,6 +11,7 @@ from server.app import create_app
 from server.manifest import load_manifest
 from tests.conftest import REPO_TEMPLATE, make_settings
 from training.__main__ import VERBS, main as training_main, parser
+from training.artifacts import open_manifest
 
 
 def test_the_template_names_the_embedded_zoo_and_nothing_a_build_records():
@@ -49,3 +52,28 @@ def test_every_verb_parses_with_its_defaults(verb):
     model = ["--model", "digits-dit"] if verb.startswith("ilf") else []
     args = parser().parse_args(verb.split() + model)
     assert callable(args.run)
+
+
+def test_zoo_all_records_each_step_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    from training.zoo import build
+
+    ran = []
+    interrupt = {"chat zoo": True}
+
+    def step(name):
+        def run(manifests):
+            ran.append(name)
+            if interrupt.pop(name, False):
+                raise KeyboardInterrupt  # make serve stopped mid-step
+            return name != "placeholders"  # placeholders were already there
+        return name, run
+
+    monkeypatch.setattr(build, "steps", lambda micro: [step(n) for n in ("placeholders", "image models", "chat zoo")])
+    manifests = open_manifest(tmp_path / "artifacts")
+    with pytest.raises(KeyboardInterrupt):
+        build.build_zoo(manifests)
+    state = json.loads((tmp_path / "artifacts" / "build.json").read_text())
+    assert state["state"] == "stopped" and [s["state"] for s in state["steps"]] == ["already built", "done", "running"]
+    state = build.build_zoo(manifests)  # the real steps skip what is built; these count their calls
+    assert state["state"] == "done" and ran == ["placeholders", "image models", "chat zoo"] * 2
+    assert all(s["seconds"] is not None for s in state["steps"])
