@@ -192,9 +192,9 @@ class Registry:
         if kind == "chat":
             return load_chat_base(spec, resolver, device)
         if kind == "stacks":
-            return load_domain_stacks(parent.model, spec.name, [resolver.artifact(a) for a in spec.stacks])
+            return load_domain_stacks(parent.model, spec.name, [resolver.artifact(a) for a in spec.stacks], parent.name)
         domains = tuple(d.name for d in self._chat_domains())
-        return load_router_for(resolver.artifact(spec), parent.model.config, domains).to(device)
+        return load_router_for(resolver.artifact(spec), parent.model.config, domains, parent.name).to(device)
 
     def _warm(self, kind: EntryKind, value, parent) -> None:
         """One small call through the new artifact, on the worker that will run it: a file that loads

@@ -20,7 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.artifacts import sha256_file, write_atomically
+from server.artifacts import load_with_config, save_with_config, write_atomically
 from server.chat.model import ChatJob, load_chat, load_chat_base
 from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
 from server.manifest import Artifact, ArtifactResolver, Domain, load_manifest, write_manifest
@@ -276,3 +276,17 @@ def test_sighup_reloads_a_running_server_instead_of_stopping_it(served):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_stacks_trained_on_another_base_are_refused(served):
+    path, _ = served
+    stacks = path.parent / "artifacts" / "stacks"
+    tensors, meta = load_with_config(stacks / "a.safetensors", "moe_lora", "MoE-LoRA stack")
+    sha = write_atomically(stacks / "other.safetensors",
+                           lambda tmp: save_with_config(tmp, tensors, "moe_lora", meta | {"base": "another-lm"}))
+    write_manifest(with_math_stack(load_manifest(path), "other", sha), path)
+    registry = Registry(make_settings(path), Metrics())
+    report = registry.reload()
+    assert [r["entry"] for r in report["refused"]] == ["tiny-lm/stacks/math"]
+    assert "trained on the base 'another-lm', not on 'tiny-lm'" in report["refused"][0]["reason"]
+    assert registry.current.chat is not None  # the base and the other domain serve

@@ -187,8 +187,8 @@ def load_chat(section: ChatSection, resolver: ArtifactResolver, device: str) -> 
     chat.domains = tuple(d.name for d in section.domains)  # the manifest keeps them in curriculum order
     for domain in section.domains:
         paths = [resolver.artifact(artifact) for artifact in domain.stacks]
-        chat.stacks[domain.name] = load_domain_stacks(chat.model, domain.name, paths)
+        chat.stacks[domain.name] = load_domain_stacks(chat.model, domain.name, paths, chat.name)
     if section.router is not None:
-        router = load_router_for(resolver.artifact(section.router), chat.model.config, chat.domains)
+        router = load_router_for(resolver.artifact(section.router), chat.model.config, chat.domains, chat.name)
         chat.router = router.to(device)
     return chat

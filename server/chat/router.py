@@ -115,9 +115,12 @@ def load_router(path: Path) -> tuple[MetaRouter, dict]:
     return router.eval().requires_grad_(False), meta
 
 
-def load_router_for(path: Path, model_config, domains: tuple[str, ...]) -> MetaRouter:
-    """The meta-router, refused (naming the file) unless it reads this base and routes served domains."""
-    router, _ = load_router(path)
+def load_router_for(path: Path, model_config, domains: tuple[str, ...], base: str | None = None) -> MetaRouter:
+    """The meta-router, refused (naming the file) unless it reads this base (`base`: its name) and
+    routes served domains."""
+    router, meta = load_router(path)
+    if base is not None and meta.get("base", base) != base:
+        raise ArtifactError(path, f"was trained on the base {meta['base']!r}, not on {base!r}")
     if router.config.hidden_size != model_config.hidden_size or router.config.middle_layer > model_config.num_hidden_layers:
         raise ArtifactError(path, f"router reads width {router.config.hidden_size}, layer {router.config.middle_layer}; "
                                   f"the base has width {model_config.hidden_size}, {model_config.num_hidden_layers} layers")

@@ -26,16 +26,20 @@ class DomainStacks:
     count: int
 
 
-def load_domain_stacks(model: nn.Module, domain: str, paths: list[Path]) -> DomainStacks:
+def load_domain_stacks(model: nn.Module, domain: str, paths: list[Path], base: str | None = None) -> DomainStacks:
     """A domain's stack files (verified paths) as frozen modules for the base's wrapped projections;
     the base itself is not touched, so this may run while requests use it. Refuses, naming the
-    file, a stack of another domain or one that does not fit."""
+    file, a stack of another domain, one trained on another base (`base`: the served base's name)
+    or one that does not fit."""
     layers = wrapped_layers(model)
     like = next(p for p in model.parameters() if p.is_floating_point())
     per_layer: dict[str, list[MoELoRA]] = {name: [] for name in layers}
     for path in paths:
-        if (found := read_stack_metadata(path)["domain"]) != domain:
-            raise ArtifactError(path, f"is a stack of domain {found!r}, listed under {domain!r}")
+        meta = read_stack_metadata(path)
+        if meta["domain"] != domain:
+            raise ArtifactError(path, f"is a stack of domain {meta['domain']!r}, listed under {domain!r}")
+        if base is not None and meta.get("base", base) != base:
+            raise ArtifactError(path, f"was trained on the base {meta['base']!r}, not on {base!r}")
         _, stacks = read_stack(path, layers, like)
         for name, stack in zip(layers, stacks):
             per_layer[name].append(stack)
