@@ -46,6 +46,7 @@ class Entry:
     parent: str | None  # the entry this one attaches to (ILF -> its image model; stacks, router -> the base)
     spec: object = None  # the manifest's entry it was last planned from
     value: object = None  # what serves: ImageBackbone, LoadedILF, ChatModel (the base), DomainStacks, MetaRouter
+    served_spec: object = None  # the manifest's entry `value` was loaded from
     generation: int | None = None  # the model-set generation it was loaded in
     parent_generation: int | None = None
     digest: str | None = None  # of the spec and the parent it was loaded with
@@ -58,8 +59,12 @@ class Entry:
     @property
     def state(self) -> str:
         if self.value is not None:
-            return "placeholder" if getattr(self.spec, "placeholder", False) else "ready"
+            return "placeholder" if self.placeholder else "ready"
         return "failed" if self.attempted else "loading"
+
+    @property
+    def placeholder(self) -> bool:
+        return bool(getattr(self.served_spec or self.spec, "placeholder", False))
 
 
 @dataclass(frozen=True)
@@ -172,14 +177,13 @@ class Registry:
                       "the previous version keeps serving" if entry.value is not None else "not served")
             report["refused"].append({"entry": key, "reason": entry.error})
             return False
-        self._generation += 1
-        entry.value, entry.generation, entry.parent_generation, entry.digest = (
-            value, self._generation, parent_generation, digest)
+        entry.value, entry.served_spec, entry.generation, entry.parent_generation, entry.digest = (
+            value, spec, self._generation + 1, parent_generation, digest)  # it serves from the next swap on
         entry.files, entry.loaded_at, entry.error, entry.attempted = before, time.time(), None, True
         entry.checksum = _checksum(spec)
         self.metrics.artifact_reloads.labels(model=key, result="loaded").inc()
-        self.metrics.artifact_generation.labels(model=key).set(self._generation)
-        log.info("loaded %s (generation %d) in %.2f s", key, self._generation, time.perf_counter() - started)
+        self.metrics.artifact_generation.labels(model=key).set(entry.generation)
+        log.info("loaded %s (generation %d) in %.2f s", key, entry.generation, time.perf_counter() - started)
         report["loaded"].append(key)
         return True
 
@@ -222,15 +226,15 @@ class Registry:
 
     # ---------------------------------------------------------------- model sets
     def _swap(self) -> None:
-        """Compose a new model set from every entry's current version and swap it in."""
+        """Compose a new model set (the next generation) from every entry's current version; swap it in."""
+        self._generation += 1
         models = ModelSet(self._generation, self._images(), self._chat())
         with self._sets_lock:
             old, self._current = self._current, models
-            if old is not None and old.generation != models.generation:
-                if self._in_flight.get(old.generation):
-                    self._retired[old.generation] = old
-                    old = None
-        if old is not None and old.generation != models.generation:
+            if old is not None and self._in_flight.get(old.generation):
+                self._retired[old.generation] = old  # freed when its last request is released
+                old = None
+        if old is not None:
             self._free(old)
 
     def _images(self) -> dict[str, ImageBackbone]:

@@ -27,7 +27,7 @@ async def list_models(svc: Services = Depends(services)) -> ModelList:
             details = chat_details(models.chat)
         else:
             details = {}
-        cards.append(ModelCard(id=entry.key, kind=kind_of(entry), placeholder=entry.spec.placeholder,
+        cards.append(ModelCard(id=entry.key, kind=kind_of(entry), placeholder=entry.placeholder,
                                status=entry.state, generation=entry.generation, errors=errors, details=details))
     return ModelList(data=cards, build=registry.build_state())
 
