@@ -17,6 +17,10 @@ from server.registry import Registry
 log = logging.getLogger(__name__)
 
 DEBOUNCE_MS = 300  # changes within this window make one batch (one reload)
+# A build swaps a model's files in, then records their checksums in the manifest: a change to loaded
+# files alone waits this long for the manifest to follow, so a build in progress is not reported as
+# a corrupt file; a file changed by anything else is verified (and refused) after it.
+FILES_ONLY_GRACE_S = 3.0
 
 
 def watch_artifacts(registry: Registry, stop: threading.Event) -> None:
@@ -29,8 +33,12 @@ def watch_artifacts(registry: Registry, stop: threading.Event) -> None:
     log.info("watching %s for new artifacts", ", ".join(str(f) for f in sorted(folders)))
     for changes in watch(*folders, stop_event=stop, debounce=DEBOUNCE_MS, rust_timeout=1000):
         changed = {Path(path).resolve() for _, path in changes}
-        watched = {manifests.path.resolve()} | {p.resolve() for p in registry.watched_files()}
-        if changed & watched:
+        manifest = manifests.path.resolve()
+        if manifest not in changed and changed & {p.resolve() for p in registry.watched_files()}:
+            stop.wait(FILES_ONLY_GRACE_S)
+        elif manifest not in changed:
+            continue
+        if not stop.is_set():
             try:
                 registry.reload("watch")
             except Exception:  # a reload never takes the watcher (or the server) down

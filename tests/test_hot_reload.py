@@ -290,3 +290,21 @@ def test_stacks_trained_on_another_base_are_refused(served):
     assert [r["entry"] for r in report["refused"]] == ["tiny-lm/stacks/math"]
     assert "trained on the base 'another-lm', not on 'tiny-lm'" in report["refused"][0]["reason"]
     assert registry.current.chat is not None  # the base and the other domain serve
+
+
+def test_a_file_corrupted_under_a_serving_model_is_noticed_and_refused(served):
+    path, _ = served
+    with TestClient(create_app(make_settings(path), load_in_background=False)) as c:
+        generation = c.get("/readyz").json()["generation"]
+        weights = path.parent / "artifacts" / "dit" / "transformer" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated on disk; the manifest is unchanged
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            card = next(m for m in c.get("/v1/models").json()["data"] if m["id"] == "tiny-dit")
+            if card["errors"]:
+                break
+            time.sleep(0.1)
+        image = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "steps": 1})
+    assert card["status"] == "ready" and "sha256 mismatch" in card["errors"][0]["reason"]
+    assert "dit/transformer/diffusion_pytorch_model.safetensors" in card["errors"][0]["reason"]
+    assert image.status_code == 200 and int(image.headers["x-loopstack-generation"]) == generation  # the old one serves
