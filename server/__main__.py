@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import subprocess
 import sys
 
@@ -36,7 +35,7 @@ def main() -> None:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:
         if build is not None and build.poll() is None:
-            build.send_signal(signal.SIGINT)  # the build records where it stopped; the next run resumes
+            build.terminate()  # the build records where it stopped; the next run resumes
             try:
                 build.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,8 +38,19 @@ def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
 
 
 def build_zoo(manifests: BuiltManifest, micro: bool = False) -> dict:
-    """Run every step; returns (and keeps in build.json) each step's state and seconds."""
-    plan = steps(micro)
+    """Run every step; returns (and keeps in build.json) each step's state and seconds. SIGINT and
+    SIGTERM stop it cleanly (its state says "stopped"), also where a launcher left SIGINT ignored."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run_steps(manifests, steps(micro))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_steps(manifests: BuiltManifest, plan: list) -> dict:
     state = {"state": "running", "pid": os.getpid(), "started": time.time(),
              "steps": [{"name": name, "state": "pending", "seconds": None} for name, _ in plan]}
     path = manifests.root / "build.json"
