@@ -9,6 +9,7 @@ file's own metadata. Every refusal is an `ArtifactError` that names the file and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -117,6 +118,17 @@ def check_safetensors_header(path: Path) -> None:
             f.keys()
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise ArtifactError(path, f"not a readable safetensors file ({exc})") from exc
+
+
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy the CPU weights that a loader left memory-mapped from their safetensors files into memory
+    of their own. A file truncated or replaced under a serving model must be refused at the next
+    reload, not crash the process with SIGBUS at the next request that reads a mapped page."""
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    return module
 
 
 # ---------------------------------------------------------------- safetensors with a JSON config

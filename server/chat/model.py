@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.generation.streamers import BaseStreamer
 
-from server.artifacts import ArtifactError
+from server.artifacts import ArtifactError, own_memory
 from server.chat.moe_lora import routed, wrap_projections
 from server.chat.router import MetaRouter, Route, RoutePlan, load_router_for, plan_route
 from server.chat.stacks import DomainStacks, load_domain_stacks, mounted
@@ -171,7 +171,7 @@ def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> C
         raise ArtifactError(folder, f"cannot load the chat model: {exc}") from exc
     if spec.quantization == "none":
         model.to(device)
-    model.eval().requires_grad_(False)
+    own_memory(model.eval().requires_grad_(False))
     wrap_projections(model)  # stacks are mounted per request; with none mounted a projection is the base's
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

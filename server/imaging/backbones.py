@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, PixAr
 
 from server.imaging.ilf import LoadedILF, load_ilf
 from server.manifest import ArtifactResolver, ILFArtifact, ImageModel, TextEncoder
-from server.artifacts import ArtifactError
+from server.artifacts import ArtifactError, own_memory
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class PromptEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         self.model = model_cls.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, local_files_only=True,
                                                **extra)
-        self.model.to(device).eval().requires_grad_(False)
+        own_memory(self.model.to(device).eval().requires_grad_(False))
         self.max_length = spec.max_length
         self.device = device
         self.width = self.model.config.hidden_size if spec.kind != "t5" else self.model.config.d_model
@@ -161,12 +161,12 @@ def load_image_backbone(spec: ImageModel, resolver: ArtifactResolver, device: st
         scheduler_config = dict(DDIMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ArtifactError(folder, f"cannot load the {spec.kind} backbone: {exc}") from exc
-    transformer.to(device).eval().requires_grad_(False)
+    own_memory(transformer.to(device).eval().requires_grad_(False))
 
     vae = None
     if (folder / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **common)
-        vae.to(device).eval().requires_grad_(False)
+        own_memory(vae.to(device).eval().requires_grad_(False))
 
     prompt_encoder = None
     if spec.text_encoder is not None:
