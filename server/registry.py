@@ -284,6 +284,17 @@ class Registry:
                 "loading": sorted(e.key for e in entries if e.state == "loading"),
                 "failed": sorted(e.key for e in entries if e.error is not None)}
 
+    def unavailable(self, kind: EntryKind, key: str | None = None) -> str | None:
+        """Why a model of the manifest (an image model by name, or the chat model) does not serve:
+        it is still loading, or what refused it; None when the manifest has no such model unserved."""
+        entry = next((e for e in list(self.entries.values())
+                      if e.kind == kind and (key is None or e.key == key) and e.value is None), None)
+        if entry is None:
+            return None
+        if entry.error:
+            return f"{entry.key} could not be loaded: {entry.error}"
+        return f"{entry.key} is still loading; retry shortly"
+
     def not_serving_reason(self) -> str:
         if self.manifest_error is not None:
             return f"no model is serving: {self._display(self.manifest_error)}"

@@ -192,7 +192,11 @@ def test_one_refused_entry_leaves_the_others_serving(served, tmp_path):
         ready = c.get("/readyz").json()
         cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert c.post("/generate-image", json={"model": "tiny-pixart", "prompt": "a seven", "steps": 1}).status_code == 200
-        assert_error_shape(c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1}), 404)
+        refused = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready"
+        assert "tiny-dit could not be loaded" in refused.json()["error"]["message"]
+        assert "outside the artifact root" in refused.json()["error"]["message"]
+        assert_error_shape(c.post("/generate-image", json={"model": "no-such-model", "class_label": 1}), 404)
     assert ready["failed"] == ["tiny-dit"] and "tiny-pixart" in ready["serving"]
     assert cards["tiny-dit"]["status"] == "failed" and "outside the artifact root" in cards["tiny-dit"]["errors"][0]["reason"]
     assert cards["tiny-lm"]["status"] == "ready" and cards["tiny-lm"]["details"]["stacks"] == {"chat": 0, "math": 1}
@@ -308,3 +312,15 @@ def test_a_file_corrupted_under_a_serving_model_is_noticed_and_refused(served):
     assert card["status"] == "ready" and "sha256 mismatch" in card["errors"][0]["reason"]
     assert "dit/transformer/diffusion_pytorch_model.safetensors" in card["errors"][0]["reason"]
     assert image.status_code == 200 and int(image.headers["x-loopstack-generation"]) == generation  # the old one serves
+
+
+def test_chat_answers_503_with_the_reason_while_its_model_does_not_serve(served):
+    path, _ = served
+    manifest = load_manifest(path)
+    base = manifest.chat.base.model_copy(update={"source": manifest.chat.base.source.model_copy(update={"path": "gone"})})
+    write_manifest(manifest.model_copy(update={"chat": manifest.chat.model_copy(update={"base": base})}), path)
+    with TestClient(create_app(make_settings(path), load_in_background=False)) as c:
+        answer = c.post("/chat", json={"prompt": "hi", "max_tokens": 2})
+        assert c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "steps": 1}).status_code == 200
+    assert answer.status_code == 503 and answer.json()["error"]["param"] == "model"
+    assert answer.json()["error"]["message"].startswith("tiny-lm could not be loaded") and "gone" in answer.text

@@ -17,6 +17,7 @@ router = APIRouter(tags=["chat"])
 async def chat(req: ChatRequest, response: Response, models: ModelSet = Depends(loaded_models),
                svc: Services = Depends(services)) -> ChatResponse:
     if models.chat is None:
-        raise ApiError(404, "this server has no chat model loaded", "model")
+        raise ApiError(503 if (reason := svc.registry.unavailable("chat")) else 404,
+                       reason or "this server's manifest has no chat model", "model")
     response.headers["X-Loopstack-Generation"] = str(models.generation)
     return await serving.answer(req, models.chat, models.generation, svc.settings, svc.chat_engine, svc.metrics)

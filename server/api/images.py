@@ -22,7 +22,9 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
                          svc: Services = Depends(services)):
     backbone = models.images.get(req.model)
     if backbone is None:
-        raise ApiError(404, f"unknown image model {req.model!r}; known: {sorted(models.images)}", "model")
+        if reason := svc.registry.unavailable("image", req.model):
+            raise ApiError(503, reason, "model")
+        raise ApiError(404, f"unknown image model {req.model!r}; serving: {sorted(models.images)}", "model")
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")
     return await serving.generate(req, backbone, models.generation, svc.settings, svc.image_engine, svc.metrics,
                                   as_png)
