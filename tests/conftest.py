@@ -85,13 +85,7 @@ def built(manifest: Path) -> BuiltManifest:
 
 
 REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "weights_manifest.yaml"
-
-
-def template_without_images(tmp_path: Path) -> Path:
-    """The repository's template with its chat section only."""
-    path = tmp_path / "template.yaml"
-    write_manifest(load_manifest(REPO_TEMPLATE).model_copy(update={"image": []}), path)
-    return path
+ZOO_LM_TEMPLATE = REPO_TEMPLATE.parent / "training" / "zoo" / "zoo-lm.yaml"  # the chat zoo a test trains in seconds
 
 
 @pytest.fixture(scope="session")

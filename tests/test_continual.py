@@ -13,7 +13,7 @@ from server.chat.model import ChatJob, load_chat
 from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, routed, wrapped_layers
 from server.chat.router import MetaRouter, RouterConfig, load_router, save_router
 from server.manifest import load_manifest
-from tests.conftest import built, make_settings, template_without_images
+from tests.conftest import ZOO_LM_TEMPLATE, built, make_settings
 from training.artifacts import open_manifest
 from training.brainstacks.continual import MICRO_CHAT, domain_data, load_base, run_continual
 from training.brainstacks.data import batches
@@ -133,7 +133,7 @@ def test_isolation_reproduces_the_post_freeze_loss_bit_for_bit(manifest_path):
 
 
 def test_micro_language_zoo_serves_routed_chat(tmp_path):
-    manifests = open_manifest(tmp_path / "artifacts", template_without_images(tmp_path))
+    manifests = open_manifest(tmp_path / "artifacts", ZOO_LM_TEMPLATE)
     summary = build_chat_zoo(manifests, MICRO_CHAT, runs_dir=tmp_path / "runs")
     chat = load_manifest(manifests.path).chat
     assert [d.name for d in chat.domains] == ["chat", "math"] and chat.router is not None
@@ -164,7 +164,7 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
 def test_brainstacks_eval_reports_every_setting(tmp_path, capsys):
     from training.eval.brainstacks import BrainstacksEval, run_brainstacks_eval
 
-    manifests = open_manifest(tmp_path / "artifacts", template_without_images(tmp_path))
+    manifests = open_manifest(tmp_path / "artifacts", ZOO_LM_TEMPLATE)
     build_chat_zoo(manifests, MICRO_CHAT, runs_dir=tmp_path / "runs")
     cfg = BrainstacksEval(test_examples=2, ablation=replace(MICRO_CHAT, router=None), max_new_tokens=4)
     report = run_brainstacks_eval(manifests, tmp_path / "eval", cfg)

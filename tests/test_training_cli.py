@@ -17,7 +17,8 @@ from training.artifacts import open_manifest
 def test_the_template_names_the_embedded_zoo_and_nothing_a_build_records():
     template = load_manifest(REPO_TEMPLATE)
     assert [m.name for m in template.image] == ["digits-dit", "digits-pixart"]
-    assert template.chat.base.name == "zoo-lm" and template.chat.domains == [] and template.chat.router is None
+    assert template.chat.base.name == "smollm2-135m-instruct" and template.chat.domains == [] and template.chat.router is None
+    assert template.chat.base.precision("cpu") == "none" and template.chat.base.precision("cuda") == "nf4"
     sources = [m.source for m in template.image] + [template.image[1].text_encoder.source, template.chat.base.source]
     assert all(s.path and not s.files for s in sources)  # checksums belong to the built manifest
     assert not any(m.placeholder or m.ilf for m in template.image) and not template.chat.base.placeholder
@@ -39,7 +40,7 @@ def test_placeholder_zoo_writes_the_built_manifest_and_leaves_the_template_alone
     with TestClient(create_app(make_settings(root / "weights_manifest.yaml"), load_in_background=False)) as c:
         assert c.get("/readyz").status_code == 200
         cards = c.get("/v1/models").json()["data"]
-        assert {m["id"] for m in cards} == {"digits-dit", "digits-pixart", "zoo-lm"}
+        assert {m["id"] for m in cards} == {"digits-dit", "digits-pixart", "smollm2-135m-instruct"}
         assert all(m["placeholder"] for m in cards)
         image = c.post("/generate-image", json={"model": "digits-pixart", "prompt": "a handwritten seven",
                                                "steps": 2})

@@ -38,6 +38,13 @@ def zoo_chat(m: BuiltManifest, args) -> None:
     build_chat_zoo(m, MICRO_CHAT if args.micro else ChatZooRecipe(), if_missing=args.if_missing)
 
 
+def zoo_chat_base(m: BuiltManifest, args) -> None:
+    from training.zoo.chat_base import build_packaged_base
+
+    if build_packaged_base(m, if_missing=args.if_missing) is None:
+        print(f"chat base already built, or not a packaged one ({m.path}); nothing to do")
+
+
 def zoo_placeholder(m: BuiltManifest, args) -> None:
     from training.zoo.placeholders import build_placeholder_zoo
 
@@ -103,7 +110,9 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                      zoo_all, [MICRO]),
     ("zoo", "images"): ("train digits-dit and digits-pixart (about 20 CPU-minutes)", zoo_images,
                         [MICRO, IF_MISSING]),
-    ("zoo", "chat"): ("pretrain zoo-lm, train the domains' MoE-LoRA stacks one after another, then the router",
+    ("zoo", "chat-base"): ("convert the packaged SmolLM2-135M-Instruct (GGUF) into a safetensors model folder "
+                           "(under a minute)", zoo_chat_base, [IF_MISSING]),
+    ("zoo", "chat"): ("build the template's chat base where needed, train the domains' MoE-LoRA stacks one after another, then the router",
                       zoo_chat, [MICRO, IF_MISSING]),
     ("zoo", "placeholder"): ("untrained stand-ins for entries not built yet, in seconds", zoo_placeholder,
                              [IF_MISSING]),

@@ -1,7 +1,8 @@
 """`python -m training zoo all`: the whole embedded zoo, step by step, each step resumable.
 
-Placeholders first (seconds, so a server can start), then the image models, their ILF modules and
-the chat zoo. Every artifact is recorded in the built manifest as soon as it is written, so a
+Placeholders first (seconds, so a server can start), then the chat base (SmolLM2, converted from
+its packaged GGUF in under a minute, so `/chat` answers with a real LLM early), the image models and
+their ILF modules. Every artifact is recorded in the built manifest as soon as it is written, so a
 server watching the manifest serves it at once, and an interrupted build resumes where it stopped
 (each step skips what is already built). The build's state goes to `build.json` in the artifact
 root, where the server shows it in /v1/models.
@@ -21,19 +22,18 @@ from server.manifest import BuiltManifest
 
 
 def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
-    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
     from training.ilf_distill import ILFTraining, MICRO_ILF, train_ilf
-    from training.zoo.chat import build_chat_zoo
+    from training.zoo.chat_base import build_packaged_base
     from training.zoo.images import FULL, MICRO, build_image_zoo
     from training.zoo.placeholders import build_placeholder_zoo
 
     ilf = MICRO_ILF if micro else ILFTraining()
     return [
         ("placeholders", lambda m: build_placeholder_zoo(m, if_missing=True)),
+        ("chat base", lambda m: build_packaged_base(m, if_missing=True)),
         ("image models", lambda m: build_image_zoo(m, MICRO if micro else FULL, if_missing=True)),
         ("ilf digits-dit", lambda m: train_ilf(m, "digits-dit", ilf, if_missing=True)),
         ("ilf digits-pixart", lambda m: train_ilf(m, "digits-pixart", ilf, if_missing=True)),
-        ("chat zoo", lambda m: build_chat_zoo(m, MICRO_CHAT if micro else ChatZooRecipe(), if_missing=True)),
     ]
 
 

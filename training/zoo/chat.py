@@ -1,6 +1,8 @@
-"""`python -m training zoo chat`: the embedded chat zoo.
+"""`python -m training zoo chat`: a chat base's Brainstacks: its domains' stacks and the router.
 
-zoo-lm is pretrained first (training/zoo/language.py), then the domains train one after another
+The template's base is built first where the zoo knows how: SmolLM2 converted from its packaged
+GGUF (training/zoo/chat_base.py), or zoo-lm pretrained on the world's prose
+(training/zoo/language.py; template training/zoo/zoo-lm.yaml). Then the domains train one after another
 on top of it (the continual loop of training/brainstacks/continual.py), then the meta-router
 learns from discovered outcomes (training/brainstacks/router_training.py). Each stack and the
 router are written atomically and entered, with their checksums, in the built manifest as soon as
@@ -25,17 +27,21 @@ from training.artifacts import runs_folder
 from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
 from training.brainstacks.router_training import train_router
 from training.data.world import examples
-from training.zoo.language import build_zoo_lm
+from training.zoo.chat_base import PACKAGED_BASES, build_packaged_base
+from training.zoo.language import ZOO_LM, build_zoo_lm
 
 STACKS = "chat"  # stacks and router, under the artifact root
 
 
 def build_base(manifests: BuiltManifest, recipe: ChatZooRecipe, if_missing: bool, runs_dir: Path) -> dict | None:
-    """Pretrain zoo-lm where the template names a local base that is not built yet."""
+    """Build the template's base where it is one the zoo knows (packaged SmolLM2, or zoo-lm) and not
+    built yet; a user's own base folder is theirs."""
     manifest = manifests.read()
     entry = manifest.chat.base
-    if entry.source.path is None:
-        return None  # a hub base: nothing of ours to build
+    if entry.name in PACKAGED_BASES:
+        return build_packaged_base(manifests, if_missing)
+    if entry.name != ZOO_LM or entry.source.path is None:
+        return None
     folder = manifests.file(entry.source.path)
     if if_missing and entry.source.files and not entry.placeholder and folder.is_dir():
         return None

@@ -22,6 +22,7 @@ from server.artifacts import atomic_folder
 from training.data.world import DOMAINS, examples, general_corpus
 from training.schedule import warmup_cosine
 
+ZOO_LM = "zoo-lm"  # the name of this base in a manifest
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
