@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -74,7 +74,12 @@ class ChatRequest(_Request):
     model: str | None = Field(None, max_length=64, description="The chat model; default: the served one.")
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompt: str | None = Field(None, min_length=1, description="Shorthand for one user message.")
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int | None = Field(
+        None, ge=1, description="Default: the server's default, cut to what the context leaves after the prompt."
+    )
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 sequences; the answer ends before the first one it produces."
+    )
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -87,6 +92,14 @@ class ChatRequest(_Request):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
         return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or not all(0 < len(s) <= 64 for s in stops)):
+            raise ValueError("at most 4 stop sequences of 1 to 64 characters")
+        return stops
 
     def as_messages(self) -> list[dict[str, str]]:
         if self.prompt is not None:

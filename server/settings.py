@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, ge=1)
     max_chat_messages: int = Field(32, ge=1)
     max_new_tokens: int = Field(256, ge=1)
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens of a chat request that gives none.")
 
     # Each engine runs one job at a time; this many more may wait before clients get 429.
     image_queue_size: int = Field(16, ge=0)

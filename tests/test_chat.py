@@ -137,3 +137,75 @@ def test_a_stack_listed_under_the_wrong_domain_is_refused(stacked_manifest, tmp_
     served = registry.current.chat
     assert served is not None and {d: s.count for d, s in served.stacks.items()} == {"math": 0}
     assert "listed under 'chat'" in registry.entries["tiny-lm/stacks/chat"].error
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(manifest_path):
+    manifest = load_manifest(manifest_path)
+    return load_chat_base(manifest.chat.base, ArtifactResolver(manifest_path.parent), "cpu")
+
+
+def test_max_tokens_is_fitted_to_the_context_the_prompt_leaves(tiny_chat):
+    from server.chat.serving import plan_job
+    from server.errors import ApiError
+    from server.schemas import ChatRequest
+    from server.settings import Settings
+
+    settings = Settings(_env_file=None, default_max_tokens=100)
+    assert tiny_chat.context_length == 512
+    words = "cat " * 20
+    prompt_tokens = tiny_chat.encode([{"role": "user", "content": words}]).shape[1]
+    room = 512 - prompt_tokens
+    long_words = "cat " * (room + 500)  # a prompt alone longer than the context
+    with pytest.raises(ApiError) as refused:
+        plan_job(ChatRequest(prompt=long_words), tiny_chat, settings.model_copy(update={"max_prompt_chars": 10**6}))
+    assert refused.value.status == 422 and refused.value.param == "prompt" and "context of 512 tokens" in str(refused.value)
+    job = plan_job(ChatRequest(prompt=words), tiny_chat, settings)
+    assert job.max_new_tokens == 100 and job.input_ids.shape[1] == prompt_tokens  # the default when it fits
+    job = plan_job(ChatRequest(prompt=words), tiny_chat, settings.model_copy(update={"default_max_tokens": 10**4,
+                                                                                    "max_new_tokens": 10**4}))
+    assert job.max_new_tokens == room  # the default is cut to what is left
+    assert plan_job(ChatRequest(prompt=words, max_tokens=room), tiny_chat,
+                    settings.model_copy(update={"max_new_tokens": 10**4})).max_new_tokens == room
+    with pytest.raises(ApiError) as refused:
+        plan_job(ChatRequest(prompt=words, max_tokens=room + 1), tiny_chat, settings.model_copy(update={"max_new_tokens": 10**4}))
+    assert refused.value.param == "max_tokens" and f"which leaves {room}" in str(refused.value)
+
+
+def test_context_and_template_refusals_are_422_over_http(client):
+    body = {"prompt": "7 " * 900, "max_tokens": 4}  # within the 2000-character bound, beyond 512 tokens
+    error = client.post("/chat", json=body)
+    assert error.status_code == 422 and error.json()["error"]["param"] == "prompt"
+    assert "512 tokens" in error.json()["error"]["message"]
+    error = client.post("/chat", json={"prompt": "hi", "max_tokens": 256, "stop": ["a", "b", "c", "d", "e"]})
+    assert error.status_code == 422 and error.json()["error"]["param"] == "stop"
+
+
+def test_a_conversation_the_template_refuses_is_a_422(tiny_chat):
+    from server.chat.serving import plan_job
+    from server.errors import ApiError
+    from server.schemas import ChatRequest
+    from server.settings import Settings
+
+    template = tiny_chat.tokenizer.chat_template
+    tiny_chat.tokenizer.chat_template = (  # Gemma's templates refuse a system turn like this
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + template)
+    try:
+        request = ChatRequest(messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
+        with pytest.raises(ApiError) as refused:
+            plan_job(request, tiny_chat, Settings(_env_file=None))
+        assert refused.value.status == 422 and "System role not supported" in str(refused.value)
+    finally:
+        tiny_chat.tokenizer.chat_template = template
+
+
+def test_stop_sequences_end_the_answer_before_them(client):
+    request = {"prompt": "Hello! How can I help you today?", "max_tokens": 16}
+    free = client.post("/chat", json=request).json()
+    assert free["finish_reason"] == "length" and len(free["text"]) > 6, free
+    stop = free["text"][4:6]  # a piece of what the model says unstopped
+    stopped = client.post("/chat", json={**request, "stop": [stop, "never said"]}).json()
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == free["text"][:free["text"].index(stop)].strip()
+    assert stopped["usage"]["completion_tokens"] < free["usage"]["completion_tokens"]

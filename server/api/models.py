@@ -45,5 +45,6 @@ def image_details(b: ImageBackbone) -> dict:
 
 
 def chat_details(chat: ChatModel) -> dict:
-    return {"quantization": chat.spec.quantization, "device": chat.device, "domains": list(chat.domains),
+    return {"quantization": chat.precision, "device": chat.device, "context_length": chat.context_length,
+            "domains": list(chat.domains),
             "stacks": {d: s.count for d, s in chat.stacks.items()}, "router": chat.router is not None}

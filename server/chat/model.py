@@ -9,6 +9,7 @@ per request: plan the route (the meta-router for "auto"), then generate with tho
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +44,8 @@ class ChatJob:
     top_p: float
     seed: int
     route: Route = "auto"
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    input_ids: torch.Tensor | None = None  # the rendered prompt, when the request path already has it
 
 
 @dataclass
@@ -50,7 +53,7 @@ class ChatResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (end of sequence or a stop sequence) or "length" (max_new_tokens reached)
     token_times: list[float] = field(default_factory=list)  # perf_counter() per generated token
     started: float = 0.0
     plan: RoutePlan | None = None  # the stacks this answer ran with, and why
@@ -82,6 +85,26 @@ class ChatModel:
     domains: tuple[str, ...] = ()  # the manifest's, in curriculum order
     stacks: dict[str, DomainStacks] = field(default_factory=dict)  # held outside the base's modules
     router: MetaRouter | None = None
+    # Fast tokenizers refuse concurrent use ("Already borrowed"): requests count tokens on the
+    # event loop while the worker decodes.
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        """Tokens that end an answer: the tokenizer's end of sequence and the generation config's
+        (chat models often end a turn with a token of their own, such as Gemma's <end_of_turn>)."""
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        return tuple(dict.fromkeys(i for i in [self.tokenizer.eos_token_id, *configured] if i is not None))
+
+    @property
+    def precision(self) -> str:
+        return self.spec.precision(self.device)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens of prompt plus answer the model was trained to attend over."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 
     def answer(self, job: ChatJob) -> ChatResult:
         """What the chat worker runs per request: plan the job's route, then generate with it."""
@@ -111,13 +134,21 @@ class ChatModel:
         return self.spec.name
 
     def encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        if self.tokenizer.chat_template:
-            enc = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            return enc["input_ids"]
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return self.tokenizer(text, return_tensors="pt").input_ids
+        """The prompt as the model was tuned to see it: its own chat template (system, user and
+        assistant turns), then the header of the assistant's turn. A template may refuse a
+        conversation (some refuse a system turn): that raises, with the template's reason."""
+        with self._tokenizer_lock:
+            if self.tokenizer.chat_template:
+                enc = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+                return enc["input_ids"]
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return self.tokenizer(text, return_tensors="pt").input_ids
+
+    def decode(self, ids: torch.Tensor) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def generate(self, job: ChatJob, route: dict[str, float] | None = None) -> ChatResult:
@@ -127,7 +158,8 @@ class ChatModel:
 
     def _generate(self, job: ChatJob) -> ChatResult:
         started = time.perf_counter()
-        input_ids = self.encode(job.messages).to(self.device)
+        input_ids = (job.input_ids if job.input_ids is not None else self.encode(job.messages)).to(self.device)
+        stops = dict(stop_strings=list(job.stop), tokenizer=self.tokenizer) if job.stop else {}
         clock = _TokenClock()
         sampling = job.temperature > 0
         torch.manual_seed(job.seed)  # one worker thread runs chat jobs, so the global RNG is ours
@@ -140,12 +172,18 @@ class ChatModel:
             top_p=job.top_p if sampling else None,
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=list(self.end_of_turn_ids),
             streamer=clock,
+            **stops,
         )
         new_tokens = output[0, input_ids.shape[1]:]
-        stopped = len(new_tokens) > 0 and new_tokens[-1].item() == self.tokenizer.eos_token_id
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text = self.decode(new_tokens)
+        cuts = [i for i in (text.find(s) for s in job.stop) if i >= 0]
+        if cuts:
+            text = text[:min(cuts)]  # the stop sequence itself is not part of the answer
+        # Anything but running out of max_new_tokens is a natural end: end of turn or a stop sequence.
+        stopped = bool(cuts) or len(new_tokens) < job.max_new_tokens or (
+            len(new_tokens) > 0 and new_tokens[-1].item() in self.end_of_turn_ids)
         return ChatResult(
             text=text.strip(),
             prompt_tokens=int(input_ids.shape[1]),
@@ -159,8 +197,9 @@ class ChatModel:
 def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> ChatModel:
     """The base model alone (no stacks, no router)."""
     folder = resolver.source(spec.source)
+    precision = spec.precision(device)
     kwargs: dict = dict(use_safetensors=True, local_files_only=True)
-    if spec.quantization == "nf4":
+    if precision == "nf4":
         kwargs.update(quantization_config=nf4_config(device), device_map={"": device})
     else:
         kwargs.update(dtype=torch.float32 if device == "cpu" else torch.bfloat16)
@@ -169,7 +208,7 @@ def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> C
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
         raise ArtifactError(folder, f"cannot load the chat model: {exc}") from exc
-    if spec.quantization == "none":
+    if precision == "none":
         model.to(device)
     own_memory(model.eval().requires_grad_(False))
     wrap_projections(model)  # stacks are mounted per request; with none mounted a projection is the base's

@@ -10,6 +10,9 @@ from __future__ import annotations
 import secrets
 import time
 
+import torch
+from jinja2 import TemplateError
+
 from server.chat.model import ChatJob, ChatModel, ChatResult
 from server.engine import Engine
 from server.errors import ApiError
@@ -42,8 +45,10 @@ def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
             raise ApiError(422, f"{param}: must not be blank", param)
         if len(m["content"]) > settings.max_prompt_chars:
             raise ApiError(422, f"{param}: at most {settings.max_prompt_chars} characters", param)
-    if req.max_tokens > settings.max_new_tokens:
+    if req.max_tokens is not None and req.max_tokens > settings.max_new_tokens:
         raise ApiError(422, f"max_tokens: at most {settings.max_new_tokens}", "max_tokens")
+    input_ids = render(chat, messages, "prompt" if req.prompt is not None else "messages")
+    max_tokens = fit_to_context(chat, int(input_ids.shape[1]), req, settings)
     if isinstance(req.route, dict):
         for domain, weight in req.route.items():
             if domain not in chat.domains:
@@ -51,7 +56,35 @@ def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
             if not 0.0 <= weight <= 2.0:
                 raise ApiError(422, f"route: weight of {domain!r} must be in [0, 2]", "route")
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
-    return ChatJob(messages, req.max_tokens, req.temperature, req.top_p, seed, req.route)
+    return ChatJob(messages, max_tokens, req.temperature, req.top_p, seed, req.route, tuple(req.stop or ()),
+                   input_ids)
+
+
+def render(chat: ChatModel, messages: list[dict[str, str]], param: str) -> torch.Tensor:
+    """The prompt through the model's chat template; a conversation the template refuses is the
+    client's to fix (422 with the template's reason)."""
+    try:
+        return chat.encode(messages)
+    except TemplateError as exc:
+        raise ApiError(422, f"{param}: the chat template of {chat.name!r} refuses this conversation: {exc}",
+                       param) from None
+
+
+def fit_to_context(chat: ChatModel, prompt_tokens: int, req: ChatRequest, settings: Settings) -> int:
+    """max_tokens within what the model's context leaves after the prompt: an explicit value that
+    does not fit is refused, the default is cut to fit."""
+    context = chat.context_length
+    room = context - prompt_tokens
+    if room < 1:
+        param = "prompt" if req.prompt is not None else "messages"
+        raise ApiError(422, f"{param}: the prompt is {prompt_tokens} tokens; {chat.name!r} has a context of "
+                            f"{context} tokens, prompt and answer together", param)
+    if req.max_tokens is None:
+        return min(settings.default_max_tokens, settings.max_new_tokens, room)
+    if req.max_tokens > room:
+        raise ApiError(422, f"max_tokens: {req.max_tokens} does not fit: the prompt is {prompt_tokens} tokens of "
+                            f"the {context}-token context of {chat.name!r}, which leaves {room}", "max_tokens")
+    return req.max_tokens
 
 
 def make_trace(job: ChatJob, result: ChatResult, queue_seconds: float, generation: int) -> RouteTrace:
