@@ -45,7 +45,10 @@ def test_placeholder_zoo_writes_the_built_manifest_and_leaves_the_template_alone
         image = c.post("/generate-image", json={"model": "digits-pixart", "prompt": "a handwritten seven",
                                                "steps": 2})
         assert image.status_code == 200 and image.json()["placeholder"] is True
-        assert c.post("/chat", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+        chat = c.post("/chat", json={"prompt": "hi", "max_tokens": 3})
+        assert chat.status_code == 200 and chat.json()["placeholder"] is True
+        trace = chat.json()["trace"]  # the template's base has no stacks yet: the trace says so
+        assert trace["domains_applied"] == {} and trace["reason"].startswith("no Brainstacks domains are loaded")
 
 
 @pytest.mark.parametrize("verb", [" ".join(words) for words in VERBS])

@@ -51,8 +51,9 @@ MICRO_CHAT = ChatZooRecipe(
 
 
 def load_base(manifests: BuiltManifest) -> ChatModel:
-    """The built manifest's chat base in NF4, alone (no stacks, no router), prepared for stack
-    training: projections wrapped, bitsandbytes' CPU repacking trap disabled."""
+    """The built manifest's chat base alone (no stacks, no router), in the precision the manifest
+    gives for the CPU, prepared for stack training: projections wrapped, bitsandbytes' CPU
+    repacking trap disabled."""
     section = manifests.read().chat.model_copy(update={"domains": [], "router": None})
     chat = load_chat(section, manifests.resolver(), "cpu")
     prepare_for_training(chat)
