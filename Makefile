@@ -15,7 +15,7 @@ PORT ?= 8000
 
 .PHONY: serve test zoo venv clean-venv
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC) -c constraints.txt
