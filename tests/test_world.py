@@ -1,6 +1,10 @@
-"""The generated multi-domain world: seeded, split by prompt, every final answer checkable."""
+"""The generated multi-domain world: seeded, held out by phrasing, every final answer checkable."""
 
-from training.data.world import DOMAINS, examples, final_answer, general_corpus, split_of
+from collections import Counter
+
+import pytest
+
+from training.data.world import CROSS_KINDS, DOMAINS, KINDS, examples, final_answer, general_corpus, held_out
 
 
 def test_every_domain_and_the_cross_set_have_checkable_final_answers():
@@ -10,15 +14,34 @@ def test_every_domain_and_the_cross_set_have_checkable_final_answers():
             assert "Answer:" not in example.prompt
 
 
-def test_splits_are_disjoint_and_generation_is_seeded():
-    for domain in DOMAINS:
-        train = {e.prompt for e in examples(domain, "train", 500)}
-        val = {e.prompt for e in examples(domain, "val", 50)}
-        test = {e.prompt for e in examples(domain, "test", 50)}
-        assert not (train & val) and not (train & test) and not (val & test)
-        assert all(split_of(p) == "test" for p in test)
+def test_held_out_phrasings_never_reach_training_and_generation_is_seeded():
+    for domain in (*DOMAINS, "cross"):
+        train = examples(domain, "train", 2000)
+        val, test = held_out(domain, "val", 30), held_out(domain, "test", 30)
+        phrasings = {split: {(e.kind, e.phrasing) for e in items} for split, items in
+                     (("train", train), ("val", val), ("test", test))}
+        assert not (phrasings["train"] & phrasings["val"]) and not (phrasings["train"] & phrasings["test"])
+        assert not (phrasings["val"] & phrasings["test"])
+        assert not ({e.prompt for e in train} & {e.prompt for e in test})
+        # every held-out phrasing is used, and every training phrasing too
+        kinds = CROSS_KINDS if domain == "cross" else KINDS[domain]
+        assert phrasings["test"] == {(k.name, i) for k in kinds for i in k.phrasings_of("test")}
+        assert phrasings["train"] == {(k.name, i) for k in kinds for i in k.phrasings_of("train")}
     assert examples("math", "train", 20) == examples("math", "train", 20)
     assert examples("math", "train", 20, seed=1) != examples("math", "train", 20)
+
+
+def test_held_out_sets_are_distinct_stratified_and_count_what_exists():
+    for domain in (*DOMAINS, "cross"):
+        test = held_out(domain, "test", 60)
+        assert len({e.prompt for e in test}) == len(test)
+        counts = Counter(e.kind for e in test)
+        assert set(counts) == {k.name for k in (CROSS_KINDS if domain == "cross" else KINDS[domain])}
+        assert max(counts.values()) == 60
+    # a fixed table has few distinct questions: all of them, not repeats
+    diagnoses = [e.prompt for e in held_out("medical", "test", 100) if e.kind == "diagnosis"]
+    assert len(diagnoses) == 8 * 2 * 2  # 8 conditions, 2 symptom orders, 2 held-out phrasings without a patient
+    assert held_out("medical", "test", 100) == held_out("medical", "test", 100)
 
 
 def test_cross_domain_prompts_need_two_domains():
@@ -48,3 +71,14 @@ def test_final_answer_reads_the_last_answer_line():
     assert final_answer("12 + 3 = 15. Answer: 15") == "15"
     assert final_answer("Answer: 1\nmore text. Answer: 2.") == "2"
     assert final_answer("no final answer") is None
+
+
+def test_wilson_interval_brackets_the_proportion_and_narrows_with_n():
+    from training.eval.exact_match import wilson_interval
+
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.1 < hi < 0.2  # all wrong in 20 still allows up to ~16%
+    lo, hi = wilson_interval(30, 60)
+    assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
+    assert (wilson_interval(300, 600)[1] - wilson_interval(300, 600)[0]) < (hi - lo) / 2
+    assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)  # the textbook value

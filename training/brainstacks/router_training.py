@@ -4,6 +4,8 @@ Targets come from what the stacks actually do for each (prompt, answer): the ans
 base alone, with each domain alone, then greedy forward selection, adding the domain that lowers
 the loss most while it lowers it by more than `margin`. The selected set (1 per selected domain)
 is mixed with the prompt's own domain label, 0.8 / 0.2, and the router learns it with BCE.
+General prompts (everyday questions, writing, advice: outside every domain) join with the target
+"no domain", so that the router leaves to the instruction-tuned base what it already does.
 Training scores only the subsets the greedy walks visit (`discovered_routes`: base, 5 singles, then
 4, 3, ... extensions while the walk goes on, about a third of the 2^5 = 32 subsets); the evaluation's
 oracle scores every subset (`loss_tables`) and walks the same rule over that table.
@@ -34,6 +36,10 @@ class RouterTraining:
     lr: float = 2e-3
     batch_size: int = 32
     seed: int = 0
+    general_examples: int = 120  # prompts outside every domain, target: no domain
+    # The paper keeps the chat domain on for every prompt (a floor). An instruction-tuned base already
+    # chats, so no floor: a general prompt gets the base alone.
+    floor_domain: str | None = None
 
 
 def greedy_selection(losses: dict[frozenset, float], domains: tuple[str, ...], margin: float) -> tuple[str, ...]:
@@ -134,12 +140,19 @@ def base_features(model, router: MetaRouter, tokenizer, prompts: list[list[dict]
 
 
 def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...], cfg: RouterTraining,
-                 middle_layer: int, hidden_size: int) -> tuple[MetaRouter, dict]:
+                 middle_layer: int, hidden_size: int, general: list[Example] = ()) -> tuple[MetaRouter, dict]:
+    """`items`: the domains' examples, targets discovered from their answers' losses; `general`:
+    prompts outside every domain, target zero for every domain."""
     started = time.perf_counter()
     chosen = discovered_routes(model, tokenizer, items, domains, cfg.margin, cfg.batch_size)
-    target = targets(items, chosen, domains, cfg)
+    target = torch.cat([targets(items, chosen, domains, cfg), torch.zeros(len(general), len(domains))])
+    discovered = [{"domain": e.domain, "chosen": list(c)} for e, c in zip(items, chosen)]
+    everything = list(items) + list(general)
+    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(cfg.seed))  # mixed batches
+    items, target = [everything[i] for i in order], target[order]
     torch.manual_seed(cfg.seed)
-    router = MetaRouter(RouterConfig(domains=domains, hidden_size=hidden_size, middle_layer=middle_layer))
+    router = MetaRouter(RouterConfig(domains=domains, hidden_size=hidden_size, middle_layer=middle_layer,
+                                     floor_domain=cfg.floor_domain))
     feats = base_features(model, router, tokenizer, [e.messages() for e in items], cfg.batch_size)
     optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.01)
     history = []
@@ -154,6 +167,6 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
             total += loss.item() * len(states)
         history.append(total / len(items))
     router.eval().requires_grad_(False)
-    report = {"seconds": time.perf_counter() - started, "bce": history,
-              "discovered": [{"domain": e.domain, "chosen": list(c)} for e, c in zip(items, chosen)]}
+    report = {"seconds": time.perf_counter() - started, "bce": history, "general_prompts": len(general),
+              "discovered": discovered}
     return router, report

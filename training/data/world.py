@@ -1,4 +1,4 @@
-"""A generated multi-domain world for the language zoo: seeded, checkable, small enough to learn on CPU.
+"""A generated multi-domain world for the chat zoo: seeded, checkable, small enough to learn on CPU.
 
 Five domains of (prompt, answer) tasks, each answer ending in a final answer that is checked
 exactly ("Answer: 56"), plus a cross-domain set whose answers need two domains at once and which is
@@ -26,6 +26,8 @@ class Example:
     prompt: str
     answer: str  # the full assistant reply, worked steps included
     final: str  # what "Answer: ..." states; exact match is checked on it
+    kind: str = ""  # the task kind (evaluation sets are stratified by it)
+    phrasing: int = -1  # which of its kind's phrasings asked it
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.prompt}]
@@ -62,148 +64,357 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 
 # ---------------------------------------------------------------- the five domains
-def chat_task(rng: random.Random) -> Example:
-    kind = rng.randrange(4)
-    words = rng.sample(WORDS, 3)
-    if kind == 0:
-        word = words[0]
-        return Example("chat", f"Write the word {word} in capital letters.",
-                       _reply([f"In capitals, {word} is {word.upper()}."], word.upper()), word.upper())
-    if kind == 1:
-        ordered = ", ".join(sorted(words))
-        return Example("chat", f"Sort these words alphabetically: {', '.join(words)}.",
-                       _reply([f"In alphabetical order: {ordered}."], ordered), ordered)
-    if kind == 2:
-        n = rng.randint(2, 4)
-        repeated = ", ".join([words[0]] * n)
-        return Example("chat", f"Repeat the word {words[0]} {NUMBER_WORDS[n]} times, separated by commas.",
-                       _reply([f"{NUMBER_WORDS[n].capitalize()} times: {repeated}."], repeated), repeated)
-    reversed_words = " ".join(reversed(words))
-    return Example("chat", f"Reverse the order of these words: {' '.join(words)}.",
-                   _reply([f"Reversed: {reversed_words}."], reversed_words), reversed_words)
+# Every task kind is asked in many phrasings. The last phrasings of each kind are held out: test
+# prompts use the last HELD_OUT["test"], validation prompts the one before, and training never sees
+# either, so an evaluation measures the skill, not the template.
+HELD_OUT = {"test": 2, "val": 1}
+PEOPLE = NAMES + ["Kim", "Lea", "Max", "Ned", "Oli", "Pam", "Roy", "Sue", "Tom", "Uma"]
+CATEGORIES = [("sparrow", "sparrows", "birds"), ("robin", "robins", "birds"), ("salmon", "salmon", "fish"),
+              ("trout", "trout", "fish"), ("oak", "oaks", "trees"), ("pine", "pines", "trees"),
+              ("rose", "roses", "flowers"), ("tulip", "tulips", "flowers"), ("horse", "horses", "mammals"),
+              ("whale", "whales", "mammals")]
 
 
-def code_task(rng: random.Random) -> Example:
-    kind = rng.randrange(3)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    if kind == 0:
-        y = a * b
-        final = str(y - a)
-        program = f"x = {a}\ny = x * {b}\nprint(y - x)"
-        steps = [f"x is {a}.", f"y is {a} * {b} = {y}.", f"y - x is {y} - {a} = {final}."]
-        return Example("code", f"What does this Python code print?\n{program}", _reply(steps, final), final)
-    if kind == 1:
-        items = [rng.randint(1, 9) for _ in range(rng.randint(2, 5))]
-        final = str(len(items))
-        return Example("code", f"What does len({items}) return in Python?",
-                       _reply([f"The list has {final} items."], final), final)
+@dataclass(frozen=True)
+class TaskKind:
+    domain: str  # one of DOMAINS, or "cross:a+b"
+    name: str
+    phrasings: tuple[str, ...]  # str.format templates over the slots `draw` returns
+    draw: Callable[[random.Random], tuple[dict, list[str], str]]  # slots, worked steps, final answer
+    held_out: tuple[int, int] = (HELD_OUT["test"], HELD_OUT["val"])  # phrasings kept for test, for val
+
+    def phrasings_of(self, split: str) -> range:
+        test, val = self.held_out
+        n = len(self.phrasings)
+        return {"train": range(0, n - test - val), "val": range(n - test - val, n - test),
+                "test": range(n - test, n)}[split]
+
+    def example(self, rng: random.Random, split: str) -> Example:
+        slots, steps, final = self.draw(rng)
+        phrasing = rng.choice(self.phrasings_of(split))
+        prompt = self.phrasings[phrasing].format(**slots)
+        answer = _reply(steps, final) if final else ""  # general prompts: the base's reply is the reference
+        return Example(self.domain, prompt, answer, final, self.name, phrasing)
+
+
+def _patient(rng: random.Random) -> str:
+    return f"A {rng.randint(18, 80)}-year-old {rng.choice(['man', 'woman', 'patient'])}"
+
+
+def _capitals(rng):
     word = rng.choice(WORDS)
-    final = word[:a] if a < len(word) else word
-    return Example("code", f"What is '{word}'[:{a}] in Python?",
-                   _reply([f"The first {a} characters of {word} are {final}."], final), final)
+    return {"word": word}, [f"In capitals, {word} is {word.upper()}."], word.upper()
 
 
-def math_task(rng: random.Random) -> Example:
+def _sort(rng):
+    words = rng.sample(WORDS, 3)
+    ordered = ", ".join(sorted(words))
+    return {"words": ", ".join(words)}, [f"In alphabetical order: {ordered}."], ordered
+
+
+def _repeat(rng):
+    word, n = rng.choice(WORDS), rng.randint(2, 4)
+    repeated = ", ".join([word] * n)
+    return {"word": word, "n": NUMBER_WORDS[n]}, [f"{NUMBER_WORDS[n].capitalize()} times: {repeated}."], repeated
+
+
+def _reverse(rng):
+    words = rng.sample(WORDS, 3)
+    backwards = " ".join(reversed(words))
+    return {"words": " ".join(words)}, [f"Reversed: {backwards}."], backwards
+
+
+def _program(rng):
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    y = a * b
+    final = str(y - a)
+    program = f"x = {a}\ny = x * {b}\nprint(y - x)"
+    return {"program": program}, [f"x is {a}.", f"y is {a} * {b} = {y}.", f"y - x is {y} - {a} = {final}."], final
+
+
+def _length(rng):
+    items = [rng.randint(1, 9) for _ in range(rng.randint(2, 6))]
+    return {"items": str(items)}, [f"The list has {len(items)} items."], str(len(items))
+
+
+def _slice(rng):
+    word, a = rng.choice(WORDS), rng.randint(2, 5)
+    final = word[:a]
+    return {"word": word, "a": a}, [f"The first {a} characters of {word} are {final}."], final
+
+
+def _add_subtract(rng):
     a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-    if rng.random() < 0.5:
-        s = a + b
-        final = str(s - c)
-        steps = [f"{a} + {b} = {s}.", f"{s} - {c} = {final}."]
-        return Example("math", f"Compute {a} + {b} - {c}.", _reply(steps, final), final)
+    s = a + b
+    return {"a": a, "b": b, "c": c}, [f"{a} + {b} = {s}.", f"{s} - {c} = {s - c}."], str(s - c)
+
+
+def _multiply_add(rng):
+    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
     p = c * b
-    final = str(p + a)
-    steps = [f"{c} * {b} = {p}.", f"{p} + {a} = {final}."]
-    return Example("math", f"Compute {c} * {b} + {a}.", _reply(steps, final), final)
+    return {"a": a, "b": b, "c": c}, [f"{c} * {b} = {p}.", f"{p} + {a} = {p + a}."], str(p + a)
 
 
-def medical_task(rng: random.Random) -> Example:
-    condition, symptoms, drug, dose = rng.choice(MEDICAL_TABLE)
-    kind = rng.randrange(3)
-    patient = f"A {rng.randint(18, 80)}-year-old {rng.choice(['man', 'woman', 'patient'])}"
-    if kind == 0:
-        first, second = rng.sample(symptoms, 2)
-        return Example("medical", f"{patient} has {first} and {second}. What is the likely condition?",
-                       _reply([f"{first.capitalize()} with {second} points to {condition}."], condition),
-                       condition)
-    if kind == 1:
-        return Example("medical", f"{patient} has {condition}. Which drug treats it?",
-                       _reply([f"{condition.capitalize()} is treated with {drug}."], drug), drug)
-    final = f"{dose} mg per kg"
-    return Example("medical", f"{patient} is prescribed {drug}. What is its dose?",
-                   _reply([f"{drug.capitalize()} is given at {dose} mg per kg of body weight."], final), final)
+def _diagnosis(rng):
+    condition, symptoms, _, _ = rng.choice(MEDICAL_TABLE)
+    first, second = rng.sample(symptoms, 2)
+    return ({"patient": _patient(rng), "first": first, "second": second},
+            [f"{first.capitalize()} with {second} points to {condition}."], condition)
 
 
-def reasoning_task(rng: random.Random) -> Example:
-    a, b, c = rng.sample(NAMES, 3)
-    if rng.random() < 0.5:
-        ask_tallest = rng.random() < 0.5
-        final = a if ask_tallest else c
-        question = "tallest" if ask_tallest else "shortest"
-        steps = [f"{a} is taller than {b}, and {b} is taller than {c}.", f"So {a} is tallest and {c} is shortest."]
-        return Example("reasoning", f"{a} is taller than {b}. {b} is taller than {c}. Who is the {question}?",
-                       _reply(steps, final), final)
-    thing = rng.choice(["a bird", "a fish", "a tree"])
-    group = {"a bird": "animals", "a fish": "animals", "a tree": "plants"}[thing]
+def _treatment(rng):
+    condition, _, drug, _ = rng.choice(MEDICAL_TABLE)
+    return {"patient": _patient(rng), "condition": condition}, [f"{condition.capitalize()} is treated with {drug}."], drug
+
+
+def _dose(rng):
+    _, _, drug, dose = rng.choice(MEDICAL_TABLE)
+    return ({"patient": _patient(rng), "drug": drug}, [f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],
+            f"{dose} mg per kg")
+
+
+def _height_chain(rng):
+    a, b, c = rng.sample(PEOPLE, 3)
+    question = rng.choice(["tallest", "shortest"])
+    steps = [f"{a} is taller than {b}, and {b} is taller than {c}.", f"So {a} is tallest and {c} is shortest."]
+    return {"a": a, "b": b, "c": c, "question": question}, steps, a if question == "tallest" else c
+
+
+def _syllogism(rng):
+    a = rng.choice(PEOPLE)
+    one, many, group = rng.choice(CATEGORIES)
     holds = rng.random() < 0.5
-    premise = f"{a} is {thing}." if holds else f"{a} is not {thing}."
-    final = "yes" if holds else "unknown"
-    why = f"{a} is {thing}, and every {thing[2:]} is one of the {group}." if holds else \
-        f"{a} is not {thing}, so the rule says nothing about {a}."
-    prompt = f"Every {thing[2:]} is one of the {group}. {premise} Is {a} one of the {group}?"
-    return Example("reasoning", prompt, _reply([why], final), final)
+    premise = f"{a} is a {one}." if holds else f"{a} is not a {one}."
+    why = f"{a} is a {one}, and every {one} is one of the {group}." if holds else \
+        f"{a} is not a {one}, so the rule says nothing about {a}."
+    return {"a": a, "one": one, "many": many, "group": group, "premise": premise}, [why], "yes" if holds else "unknown"
 
 
-TASKS: dict[str, Callable[[random.Random], Example]] = {
-    "chat": chat_task, "code": code_task, "math": math_task, "medical": medical_task, "reasoning": reasoning_task,
+def _kinds(domain: str, table: dict) -> list[TaskKind]:
+    return [TaskKind(domain, name, tuple(phrasings), draw) for name, (draw, phrasings) in table.items()]
+
+
+KINDS: dict[str, list[TaskKind]] = {
+    "chat": _kinds("chat", {
+        "capitals": (_capitals, [
+            "Write the word {word} in capital letters.", "Spell {word} in uppercase.", "Give me {word} in all caps.",
+            "Convert the word {word} to upper case.", "Put {word} into capitals.", "Turn {word} into uppercase letters.",
+            "Capitalise every letter of {word}.", "Rewrite {word} using only capital letters.",
+            "How is {word} written in capital letters?", "What is {word} in block capitals?"]),
+        "sort": (_sort, [
+            "Sort these words alphabetically: {words}.", "Put these words in alphabetical order: {words}.",
+            "Arrange {words} from A to Z.", "Alphabetise the following: {words}.", "List {words} in alphabetical order.",
+            "Sort alphabetically: {words}.", "Order these words as a dictionary would: {words}.",
+            "Rearrange these alphabetically: {words}.", "Can you put {words} in A-Z order?",
+            "Which order do {words} come in alphabetically?"]),
+        "repeat": (_repeat, [
+            "Repeat the word {word} {n} times, separated by commas.", "Write {word} {n} times with commas between.",
+            "Say {word} {n} times, comma-separated.", "Type {word} {n} times in a row, with commas.",
+            "List the word {word} {n} times, split by commas.", "Produce {word} repeated {n} times, separated by commas.",
+            "Echo {word} {n} times, using commas between them.", "Give me the word {word}, {n} times over, separated by commas.",
+            "I need {word} written {n} times, comma separated.", "Write out {word} exactly {n} times, separated by commas."]),
+        "reverse": (_reverse, [
+            "Reverse the order of these words: {words}.", "Put these words in reverse order: {words}.",
+            "Flip the word order: {words}.", "Write these words backwards, last word first: {words}.",
+            "Turn around the order of: {words}.", "Invert the sequence of words: {words}.",
+            "Read these words from the end: {words}.", "Give the words {words} in the opposite order.",
+            "Say these words last to first: {words}.", "What are these words in reverse order? {words}"]),
+    }),
+    "code": _kinds("code", {
+        "program": (_program, [
+            "What does this Python code print?\n{program}", "What is the output of this Python program?\n{program}",
+            "Here is some Python:\n{program}\nWhat does it print?", "Tell me what this prints:\n{program}",
+            "Predict the output of the following Python code.\n{program}",
+            "Run this Python code in your head. What is printed?\n{program}",
+            "If I run this Python code, what appears on the screen?\n{program}",
+            "Trace this Python code and give its output:\n{program}",
+            "What will this Python snippet output?\n{program}", "{program}\nWhat does the code above print?"]),
+        "length": (_length, [
+            "What does len({items}) return in Python?", "In Python, what is len({items})?",
+            "How many items does the Python list {items} have?", "Evaluate len({items}) in Python.",
+            "What is the length of the list {items} in Python?", "Python question: len({items}) equals what?",
+            "If x = {items}, what is len(x)?", "Count the elements of {items} as Python's len would.",
+            "Tell me the result of len({items}).", "What number does Python give for len({items})?"]),
+        "slice": (_slice, [
+            "What is '{word}'[:{a}] in Python?", "In Python, what does '{word}'[:{a}] evaluate to?",
+            "What string does '{word}'[:{a}] give in Python?", "Evaluate '{word}'[:{a}] in Python.",
+            "If s = '{word}', what is s[:{a}]?", "Python: '{word}'[:{a}] is what?",
+            "What does the slice '{word}'[:{a}] produce?", "Tell me the value of '{word}'[:{a}].",
+            "What is printed by print('{word}'[:{a}])?", "What do you get from '{word}'[:{a}] in Python?"]),
+    }),
+    "math": _kinds("math", {
+        "add-subtract": (_add_subtract, [
+            "Compute {a} + {b} - {c}.", "What is {a} plus {b} minus {c}?", "Add {a} and {b}, then subtract {c}.",
+            "Calculate {a} + {b} - {c}.", "{a} + {b} - {c} = ?", "Work out {a} + {b} - {c}.",
+            "A jar holds {a} marbles. {b} are added and {c} are taken out. How many marbles are in the jar?",
+            "Find the value of {a} + {b} - {c}.", "Start at {a}, add {b}, then take away {c}. What do you get?",
+            "What do you get from {a} + {b} - {c}?",
+            "I have {a} apples, buy {b} more and eat {c}. How many apples are left?"]),
+        "multiply-add": (_multiply_add, [
+            "Compute {c} * {b} + {a}.", "What is {c} times {b} plus {a}?", "Multiply {c} by {b}, then add {a}.",
+            "Calculate {c} * {b} + {a}.", "{c} * {b} + {a} = ?", "Work out {c} times {b}, plus {a}.",
+            "{c} bags hold {b} apples each, and there are {a} more apples. How many apples are there in all?",
+            "Find the value of {c} * {b} + {a}.", "Evaluate {c} * {b} + {a}.",
+            "What do you get from {c} * {b} + {a}?",
+            "There are {c} boxes of {b} pens and {a} loose pens. How many pens are there in total?"]),
+    }),
+    "medical": _kinds("medical", {
+        "diagnosis": (_diagnosis, [
+            "{patient} has {first} and {second}. What is the likely condition?",
+            "A patient presents with {first} and {second}. Which condition fits?",
+            "{patient} complains of {first} together with {second}. What do they most likely have?",
+            "Which condition causes {first} and {second}?", "Symptoms: {first}, {second}. What is the diagnosis?",
+            "{patient} shows {first} and {second}. Name the condition.",
+            "What illness gives a person {first} and {second}?", "Diagnose {patient} with {first} and {second}.",
+            "If someone has {first} and {second}, which condition is it?",
+            "{first} and {second}: which condition do they point to?"]),
+        "treatment": (_treatment, [
+            "{patient} has {condition}. Which drug treats it?", "What is the treatment for {condition}?",
+            "Which medicine is used for {condition}?", "Name the drug for {condition}.",
+            "{patient} was diagnosed with {condition}. What should they be given?",
+            "What drug do doctors prescribe for {condition}?", "How is {condition} treated?",
+            "Which drug cures {condition}?", "For {condition}, what is the drug of choice?",
+            "{patient} has {condition}. What medication do they need?"]),
+        "dose": (_dose, [
+            "{patient} is prescribed {drug}. What is its dose?", "What is the dose of {drug}?",
+            "How much {drug} is given per kg of body weight?", "What dosage is {drug} given at?",
+            "{drug}: what is the dose in mg per kg?", "How many mg per kg of {drug} should be given?",
+            "Tell me the standard dose of {drug}.", "At what dose is {drug} prescribed?",
+            "What is the usual dose for {drug}?", "{patient} needs {drug}. How much per kg?"]),
+    }),
+    "reasoning": _kinds("reasoning", {
+        "height-chain": (_height_chain, [
+            "{a} is taller than {b}. {b} is taller than {c}. Who is the {question}?",
+            "{a} is taller than {b}, and {b} is taller than {c}. Who is {question}?",
+            "If {a} is taller than {b} and {b} is taller than {c}, who is the {question}?",
+            "Three friends: {a} is taller than {b}; {b} is taller than {c}. Which one is the {question}?",
+            "Given that {a} is taller than {b} and {b} is taller than {c}, name the {question}.",
+            "{a} stands taller than {b}, who stands taller than {c}. Who is the {question}?",
+            "Height puzzle: {a} is taller than {b}, {b} is taller than {c}. Who is {question}?",
+            "Of {a}, {b} and {c}, {a} is taller than {b} and {b} is taller than {c}. Who is the {question}?",
+            "{b} is shorter than {a}. {c} is shorter than {b}. Who is the {question}?",
+            "We know {a} is taller than {b} and {b} is taller than {c}. Which person is the {question}?"]),
+        "syllogism": (_syllogism, [
+            "Every {one} is one of the {group}. {premise} Is {a} one of the {group}?",
+            "All {many} are {group}. {premise} Is {a} one of the {group}?",
+            "Rule: every {one} belongs to the {group}. Fact: {premise} Does {a} belong to the {group}?",
+            "Each {one} is counted among the {group}. {premise} Is {a} among the {group}?",
+            "{premise} Every {one} is one of the {group}. Is {a} one of the {group}?",
+            "Suppose every {one} is one of the {group}. {premise} Must {a} be one of the {group}?",
+            "If every {one} is one of the {group}, and {premise} Is {a} one of the {group}?",
+            "Given: all {many} are {group}. {premise} Can we say {a} is one of the {group}?",
+            "Every {one} is one of the {group}. {premise} Answer yes or unknown: is {a} one of the {group}?",
+            "Premise one: all {many} are {group}. Premise two: {premise} Is {a} one of the {group}?"]),
+    }),
 }
 
 
 # ---------------------------------------------------------------- needs two domains at once
-def cross_task(rng: random.Random) -> Example:
-    kind = rng.randrange(3)
-    if kind == 0:  # medical + math: a dose computed from body weight
-        _, _, drug, dose = rng.choice(MEDICAL_TABLE)
-        weight = rng.randint(10, 40)
-        final = str(dose * weight)
-        steps = [f"{drug.capitalize()} is given at {dose} mg per kg.", f"{dose} * {weight} = {final}."]
-        return Example("cross:medical+math", f"A patient weighing {weight} kg needs {drug}. What is the dose in mg?",
-                       _reply(steps, final + " mg"), final + " mg")
-    if kind == 1:  # code + math: multi-step arithmetic inside a program
-        a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-        s = a + b
-        final = str(s - c)
-        program = f"total = {a} + {b}\nprint(total - {c})"
-        steps = [f"total is {a} + {b} = {s}.", f"total - {c} is {s} - {c} = {final}."]
-        return Example("cross:code+math", f"What does this Python code print?\n{program}", _reply(steps, final), final)
-    # reasoning + chat: the answer of a logic chain, written in capitals
-    a, b, c = rng.sample(NAMES, 3)
-    final = a.upper()
-    steps = [f"{a} is taller than {b}, and {b} is taller than {c}, so {a} is tallest.", f"In capitals: {final}."]
-    return Example("cross:reasoning+chat",
-                   f"{a} is taller than {b}. {b} is taller than {c}. Write the name of the tallest in capital letters.",
-                   _reply(steps, final), final)
+def _weight_dose(rng):
+    _, _, drug, dose = rng.choice(MEDICAL_TABLE)
+    weight = rng.randint(10, 40)
+    total = str(dose * weight)
+    return {"drug": drug, "weight": weight}, [f"{drug.capitalize()} is given at {dose} mg per kg.",
+                                              f"{dose} * {weight} = {total}."], total + " mg"
 
 
-def split_of(prompt: str) -> str:
-    """A prompt's split, from its text alone: no prompt is ever in two splits, whatever the counts."""
-    bucket = zlib.crc32(prompt.encode()) % 10
-    return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
+def _program_sum(rng):
+    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
+    s = a + b
+    program = f"total = {a} + {b}\nprint(total - {c})"
+    return {"program": program}, [f"total is {a} + {b} = {s}.", f"total - {c} is {s} - {c} = {s - c}."], str(s - c)
+
+
+def _tallest_in_capitals(rng):
+    a, b, c = rng.sample(PEOPLE, 3)
+    steps = [f"{a} is taller than {b}, and {b} is taller than {c}, so {a} is tallest.", f"In capitals: {a.upper()}."]
+    return {"a": a, "b": b, "c": c}, steps, a.upper()
+
+
+CROSS_KINDS = [
+    TaskKind("cross:medical+math", "weight-dose", (
+        "A patient weighing {weight} kg needs {drug}. What is the dose in mg?",
+        "How many mg of {drug} does a patient of {weight} kg need?",
+        "Work out the total {drug} dose in mg for someone who weighs {weight} kg.",
+        "{drug} for a {weight} kg patient: what is the dose in mg?",
+        "A {weight} kg patient is prescribed {drug}. How many mg should they get?"), _weight_dose),
+    TaskKind("cross:code+math", "program-sum", (
+        "What does this Python code print?\n{program}", "Tell me what this prints:\n{program}",
+        "What is the output of this Python program?\n{program}", "Predict the output of this Python code.\n{program}",
+        "{program}\nWhat does the code above print?"), _program_sum),
+    TaskKind("cross:reasoning+chat", "tallest-capitals", (
+        "{a} is taller than {b}. {b} is taller than {c}. Write the name of the tallest in capital letters.",
+        "{a} is taller than {b}, and {b} is taller than {c}. Give the tallest one's name in all caps.",
+        "If {a} is taller than {b} and {b} is taller than {c}, who is tallest? Answer in uppercase.",
+        "Of {a}, {b} and {c}, {a} is taller than {b} and {b} is taller than {c}. Spell the tallest name in capitals.",
+        "{a} is taller than {b}; {b} is taller than {c}. Write the tallest person's name in capital letters."),
+        _tallest_in_capitals),
+]
+
+
+# ---------------------------------------------------------------- outside every domain
+# Everyday questions, writing and advice: what an instruction-tuned base already answers, and what
+# the router must leave to it ("no domain"). No final answer: the base's own reply is the reference.
+ACTIVITIES = ["cooking pasta", "running", "learning the guitar", "gardening", "saving money", "studying for exams",
+              "travelling by train", "painting", "camping", "baking bread", "keeping a diary", "swimming",
+              "learning a language", "hiking"]
+THINGS = ["the moon", "autumn leaves", "the ocean", "a quiet library", "morning coffee", "mountains", "rain",
+          "a city at night", "snow", "an old bridge", "a summer market", "the first day of spring"]
+PEOPLE_TO_WRITE_TO = ["my grandmother", "a new neighbour", "a teacher", "my best friend", "a colleague", "my brother"]
+
+
+def _general(rng):
+    return {"activity": rng.choice(ACTIVITIES), "thing": rng.choice(THINGS),
+            "person": rng.choice(PEOPLE_TO_WRITE_TO)}, [], ""
+
+
+GENERAL_KINDS = [TaskKind("general", "everyday", (
+    "Give me three tips for {activity}.", "What should I know before I start {activity}?",
+    "How can I get better at {activity}?", "Write a short poem about {thing}.",
+    "Write two sentences describing {thing}.", "Tell me an interesting fact about {thing}.",
+    "What is a good gift for {person} who likes {activity}?", "Why do people enjoy {activity}?",
+    "Describe {thing} to a child.", "Write a friendly message to {person} about {thing}.",
+    "What are the benefits of {activity}?", "Suggest a weekend plan that includes {activity}.",
+    # held out: the router never trains on these phrasings
+    "What mistakes do beginners make when {activity}?", "Write a haiku about {thing}.",
+    "How would you explain {activity} to {person}?", "Write a short thank-you note to {person}.",
+    "What is the best time of year for {activity}?", "Tell me a short story about {thing}.",
+    "Is {activity} a good hobby for {person}?", "Give me a reason to try {activity} this week.",
+), _general, held_out=(8, 0))]
+
+
+def kinds_of(domain: str) -> list[TaskKind]:
+    return {"cross": CROSS_KINDS, "general": GENERAL_KINDS}.get(domain) or KINDS[domain]
 
 
 def examples(domain: str, split: str, count: int, seed: int = 0) -> list[Example]:
-    """`count` examples of one domain ("cross" for the cross-domain set) in one split."""
+    """`count` examples of one domain ("cross" for the cross-domain set) in one split, the task kinds
+    taking turns. Training draws may repeat (they are a stream of batches); val and test examples are
+    distinct (`held_out`: fewer than `count` where the kinds have fewer distinct prompts), and their
+    phrasings are ones training never sees."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
-    make = cross_task if domain == "cross" else TASKS[domain]
-    rng = random.Random(f"{seed}/{domain}/{split}")
-    out: list[Example] = []
-    for _ in range(200 * count + 1000):
-        example = make(rng)
-        if split_of(example.prompt) == split:
-            out.append(example)
-            if len(out) == count:
-                return out
-    raise ValueError(f"domain {domain!r} has too few distinct {split} prompts for {count} examples")
+    kinds = kinds_of(domain)
+    if split == "train":
+        rng = random.Random(f"{seed}/{domain}/{split}")
+        return [kinds[i % len(kinds)].example(rng, split) for i in range(count)]
+    return held_out(domain, split, -(-count // len(kinds)), seed)[:count]
+
+
+def held_out(domain: str, split: str, per_kind: int, seed: int = 0) -> list[Example]:
+    """Distinct prompts of a held-out split, at most `per_kind` of every task kind (all of a kind's
+    distinct prompts when it has fewer: the medical table has 8 conditions), kinds interleaved."""
+    pools = []
+    for kind in kinds_of(domain):
+        rng = random.Random(f"{seed}/{domain}/{kind.name}/{split}")
+        pool: dict[str, Example] = {}
+        for _ in range(200 * per_kind):
+            example = kind.example(rng, split)
+            pool.setdefault(example.prompt, example)
+            if len(pool) == per_kind:
+                break
+        pools.append(list(pool.values()))
+    return [pool[i] for i in range(per_kind) for pool in pools if i < len(pool)]
 
 
 # ---------------------------------------------------------------- general text (pretraining)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from training.brainstacks.data import prompt_ids
@@ -25,6 +27,16 @@ def generate_replies(model, tokenizer, items: list[Example], max_new_tokens: int
                              do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         replies += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
     return replies
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sound at 0 and 1 and for small n, unlike p +- 1.96 se."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def exact_match(model, tokenizer, items: list[Example], **kwargs) -> tuple[float, list[dict]]:

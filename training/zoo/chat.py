@@ -117,9 +117,11 @@ def save_domain(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe
 def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, runs_dir: Path) -> dict:
     """Train the meta-router on every domain's stacks, write it, enter it in the built manifest."""
     items = [e for d in recipe.domains for e in examples(d, "train", recipe.router.examples_per_domain, seed=2)]
+    general = examples("general", "train", recipe.router.general_examples, seed=2)
     config = chat.model.config
     router, report = train_router(chat.model, chat.tokenizer, items, recipe.domains, recipe.router,
-                                  middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size)
+                                  middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size,
+                                  general=general)
     relative = f"{STACKS}/router.safetensors"
     sha = write_atomically(manifests.file(relative), lambda tmp: save_router(tmp, router, {"base": chat.name}))
     current = manifests.read()
