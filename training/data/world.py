@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 DOMAINS = ("chat", "code", "math", "medical", "reasoning")
@@ -143,16 +144,58 @@ def _slice(rng):
     return {"word": word, "a": a}, [f"The first {a} characters of {word} are {final}."], final
 
 
-def _add_subtract(rng):
-    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-    s = a + b
-    return {"a": a, "b": b, "c": c}, [f"{a} + {b} = {s}.", f"{s} - {c} = {s - c}."], str(s - c)
+# Worked steps of the arithmetic: whole results ("37 + 25 = 62.") or column arithmetic, one digit
+# at a time ("7 + 5 = 12, write 2 carry 1; 3 + 2 + 1 = 6; so 37 + 25 = 62."), which a small model
+# can carry out step by step. docs/brainstacks.md measures both on SmolLM2.
+def column_add(x: int, y: int) -> str:
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        a, b = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        total = a + b + carry
+        term = f"{a} + {b}" + (f" + {carry}" if carry else "")
+        steps.append(f"{term} = {total}" + (f", write {total % 10} carry 1" if total >= 10 else ""))
+        carry = total // 10
+    return "; ".join(steps) + f"; so {x} + {y} = {x + y}."
 
 
-def _multiply_add(rng):
+def column_subtract(x: int, y: int) -> str:
+    """x - y for a one-digit y."""
+    units, tens = x % 10, x // 10
+    if units >= y:
+        return f"{units} - {y} = {units - y}; so {x} - {y} = {x - y}."
+    return (f"{units} - {y} needs a borrow: {units + 10} - {y} = {units + 10 - y}, and {tens} - 1 = {tens - 1}; "
+            f"so {x} - {y} = {x - y}.")
+
+
+def column_multiply(c: int, b: int) -> str:
+    """c * b for a one-digit c and a two-digit b."""
+    units, tens = b % 10, b // 10
+    low = c * units
+    high = c * tens + low // 10
+    first = f"{c} * {units} = {low}" + (f", write {low % 10} carry {low // 10}" if low >= 10 else "")
+    second = f"{c} * {tens}" + (f" + {low // 10}" if low >= 10 else "") + f" = {high}"
+    return f"{first}; {second}; so {c} * {b} = {c * b}."
+
+
+MATH_STEPS = {
+    "whole": {"add": lambda x, y: f"{x} + {y} = {x + y}.", "subtract": lambda x, y: f"{x} - {y} = {x - y}.",
+              "multiply": lambda x, y: f"{x} * {y} = {x * y}."},
+    "column": {"add": column_add, "subtract": column_subtract, "multiply": column_multiply},
+}
+MATH_STYLE = "column"
+
+
+def _add_subtract(rng, style: str = MATH_STYLE):
     a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-    p = c * b
-    return {"a": a, "b": b, "c": c}, [f"{c} * {b} = {p}.", f"{p} + {a} = {p + a}."], str(p + a)
+    steps = MATH_STEPS[style]
+    return {"a": a, "b": b, "c": c}, [steps["add"](a, b), steps["subtract"](a + b, c)], str(a + b - c)
+
+
+def _multiply_add(rng, style: str = MATH_STYLE):
+    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
+    steps = MATH_STEPS[style]
+    return {"a": a, "b": b, "c": c}, [steps["multiply"](c, b), steps["add"](c * b, a)], str(c * b + a)
 
 
 def _diagnosis(rng):
@@ -315,14 +358,16 @@ def _weight_dose(rng):
     weight = rng.randint(10, 40)
     total = str(dose * weight)
     return {"drug": drug, "weight": weight}, [f"{drug.capitalize()} is given at {dose} mg per kg.",
-                                              f"{dose} * {weight} = {total}."], total + " mg"
+                                              MATH_STEPS[MATH_STYLE]["multiply"](dose, weight)], total + " mg"
 
 
 def _program_sum(rng):
     a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
     s = a + b
     program = f"total = {a} + {b}\nprint(total - {c})"
-    return {"program": program}, [f"total is {a} + {b} = {s}.", f"total - {c} is {s} - {c} = {s - c}."], str(s - c)
+    steps = MATH_STEPS[MATH_STYLE]
+    return {"program": program}, [f"total is {a} + {b}: {steps['add'](a, b)}",
+                                  f"total - {c}: {steps['subtract'](s, c)}"], str(s - c)
 
 
 def _tallest_in_capitals(rng):
@@ -387,25 +432,31 @@ def kinds_of(domain: str) -> list[TaskKind]:
     return {"cross": CROSS_KINDS, "general": GENERAL_KINDS}.get(domain) or KINDS[domain]
 
 
-def examples(domain: str, split: str, count: int, seed: int = 0) -> list[Example]:
+def math_kinds(style: str) -> list[TaskKind]:
+    """The math kinds with their worked steps in another style (MATH_STEPS), to measure the choice."""
+    draws = {"add-subtract": _add_subtract, "multiply-add": _multiply_add}
+    return [replace(k, draw=partial(draws[k.name], style=style)) for k in KINDS["math"]]
+
+
+def examples(domain: str, split: str, count: int, seed: int = 0, kinds: list[TaskKind] | None = None) -> list[Example]:
     """`count` examples of one domain ("cross" for the cross-domain set) in one split, the task kinds
     taking turns. Training draws may repeat (they are a stream of batches); val and test examples are
     distinct (`held_out`: fewer than `count` where the kinds have fewer distinct prompts), and their
     phrasings are ones training never sees."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
-    kinds = kinds_of(domain)
+    kinds = kinds or kinds_of(domain)
     if split == "train":
         rng = random.Random(f"{seed}/{domain}/{split}")
         return [kinds[i % len(kinds)].example(rng, split) for i in range(count)]
-    return held_out(domain, split, -(-count // len(kinds)), seed)[:count]
+    return held_out(domain, split, -(-count // len(kinds)), seed, kinds)[:count]
 
 
-def held_out(domain: str, split: str, per_kind: int, seed: int = 0) -> list[Example]:
+def held_out(domain: str, split: str, per_kind: int, seed: int = 0, kinds: list[TaskKind] | None = None) -> list[Example]:
     """Distinct prompts of a held-out split, at most `per_kind` of every task kind (all of a kind's
     distinct prompts when it has fewer: the medical table has 8 conditions), kinds interleaved."""
     pools = []
-    for kind in kinds_of(domain):
+    for kind in kinds or kinds_of(domain):
         rng = random.Random(f"{seed}/{domain}/{kind.name}/{split}")
         pool: dict[str, Example] = {}
         for _ in range(200 * per_kind):

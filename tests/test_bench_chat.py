@@ -1,0 +1,35 @@
+"""The chat benchmarks run end to end on the tiny chat base and report what they claim to."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tests.conftest import built
+
+
+def test_chat_precision_compares_nf4_with_float_in_the_same_run(manifest_path, monkeypatch):
+    import bench.chat_precision as bench
+
+    monkeypatch.setattr(bench, "PROMPTS", bench.PROMPTS[:3])
+    report = bench.measure(built(manifest_path), "cpu", tokens=4, window=64)
+    float_row, nf4 = report["rows"]["none"], report["rows"]["nf4"]
+    assert float_row["top1_agreement"] == 1.0 and float_row["greedy"]["identical_answers"] == 3  # the baseline
+    assert 0.0 <= nf4["top1_agreement"] <= 1.0 and nf4["weight_megabytes"] < float_row["weight_megabytes"]
+    lo, hi = nf4["perplexity_interval"]
+    assert lo <= nf4["perplexity"] <= hi
+    assert "float" in bench.table(report) and report["text_tokens"] > 100
+
+
+def test_stack_calibration_trains_one_stack_and_scores_held_out_phrasings(manifest_path):
+    from bench.stack_calibration import calibrate, table
+
+    args = argparse.Namespace(artifacts=manifest_path.parent, domain="math", math_steps="whole", experts=2, rank=4,
+                              steps=2, batch=4, per_kind=2)
+    row = calibrate(args)
+    assert row["test_prompts"] == 4 and row["adapter_parameters"] > 0 and 0 < row["adapter_to_base"]
+    assert row["interval"][0] <= row["exact_match"] <= row["interval"][1]
+    assert set(row["by_kind"]) == {"add-subtract", "multiply-add"}
+    assert all("Answer:" not in s["prompt"] for s in row["samples"])
+    assert "math" in table([row])
