@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from server.artifacts import ArtifactError, own_memory
@@ -159,7 +160,10 @@ class ChatModel:
     def _generate(self, job: ChatJob) -> ChatResult:
         started = time.perf_counter()
         input_ids = (job.input_ids if job.input_ids is not None else self.encode(job.messages)).to(self.device)
-        stops = dict(stop_strings=list(job.stop), tokenizer=self.tokenizer) if job.stop else {}
+        stops = {}
+        if job.stop:  # built here, under the lock: it reads the vocabulary once, generate() never again
+            with self._tokenizer_lock:
+                stops["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(job.stop))])
         clock = _TokenClock()
         sampling = job.temperature > 0
         torch.manual_seed(job.seed)  # one worker thread runs chat jobs, so the global RNG is ours
