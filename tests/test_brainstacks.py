@@ -27,7 +27,7 @@ def test_boosting_keeps_best_checkpoints_and_stops_adding_rounds(manifest_path):
     chat = load_base(built(manifest_path))
     train = examples("math", "train", 16)
     val = batches(chat.tokenizer, examples("math", "val", 8), 8)
-    cfg = BoostingConfig(steps_per_round=6, eval_every=2, batch_size=4, max_rounds=3, lr=1e-2, min_gain=10.0)
+    cfg = BoostingConfig(steps_per_round=6, later_round_steps=None, eval_every=2, batch_size=4, max_rounds=3, lr=1e-2, min_gain=10.0)
     start = validation_loss(chat.model, val)
     results, kept = boost_domain(chat.model, chat.tokenizer, "math", train, val, cfg)
     # round 1 always stays; round 2 cannot gain 10 nats, so it is dropped and no third round runs

@@ -10,16 +10,19 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.chat.model import ChatJob, load_chat
-from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, routed, wrapped_layers
+from server.chat.moe_lora import MoELoRAConfig, add_stack, batch_route, freeze, routed, wrapped_layers
 from server.chat.router import MetaRouter, RouterConfig, load_router, save_router
 from server.manifest import load_manifest
 from tests.conftest import ZOO_LM_TEMPLATE, built, make_settings
 from training.artifacts import open_manifest
 from training.brainstacks.continual import MICRO_CHAT, domain_data, load_base, run_continual
 from training.brainstacks.data import batches
-from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases, collect_deltas
+from training.brainstacks.boosting import validation_loss
+from training.brainstacks.data import collate
+from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases, collect_deltas, collect_rows
+from training.eval.exact_match import generate_replies
 from training.brainstacks.router_training import greedy_selection
-from training.data.world import examples, held_out
+from training.data.world import examples, held_out, kinds_of
 from training.zoo.chat import build_chat_zoo
 
 
@@ -129,7 +132,87 @@ def test_isolation_reproduces_the_post_freeze_loss_bit_for_bit(manifest_path):
     for domain, loss in out["post_freeze"].items():
         assert last_isolation[domain] == loss  # exactly: later stacks off is the model that was frozen
     assert last_ungated["chat"] != out["post_freeze"]["chat"]  # later stacks do touch chat when on
-    assert [r["projection"] for r in out["domains"]] == [False, True, True]
+    assert [r["projection"] for r in out["domains"]] == ["none", "output", "output"]
+
+
+def test_input_side_projection_silences_a_new_stack_on_earlier_inputs_also_after_folding(manifest_path):
+    chat = load_base(built(manifest_path))
+    model, tokenizer = chat.model, chat.tokenizer
+    config = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
+    freeze(add_stack(model, "chat", config))
+    prompts = batches(tokenizer, examples("chat", "train", 8), 4)
+    cfg = NullSpaceConfig(mode="input", fraction=0.05, samples=64)
+    bases = claimed_bases(model, prompts, ["chat"], cfg)
+    inputs = collect_rows(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0), side="input")
+    new = add_stack(model, "math", config, seed=1)
+    for (name, layer), stack, u in zip(wrapped_layers(model).items(), new, bases):
+        assert u.shape == (layer.in_features, max(1, round(0.05 * layer.in_features)))
+        torch.nn.init.normal_(stack.lora_B, std=0.3)
+        stack.input_basis = u
+        inside = torch.randn(6, u.shape[1]) @ u.T  # inputs lying in the earlier domain's directions
+        outside = torch.randn(6, layer.in_features)
+        with torch.no_grad():
+            assert stack(inside).abs().max() < 1e-4 * max(1.0, stack(outside).abs().max().item())
+            before = stack(outside)
+            freeze([stack])
+            assert stack.input_basis is None
+            torch.testing.assert_close(stack(outside), before, atol=1e-5, rtol=1e-4)  # folded into A
+            assert stack(inside).abs().max() < 1e-4 * max(1.0, before.abs().max().item())
+        # the earlier domain's inputs lie largely inside the claimed directions
+        assert (inputs[name] @ u).norm() > 0.5 * inputs[name].norm()
+
+
+def test_domains_trained_on_the_base_alone_start_from_the_base(manifest_path):
+    chat = load_base(built(manifest_path))
+    recipe = replace(MICRO_CHAT, stacked=False, nullspace=replace(MICRO_CHAT.nullspace, mode="off"))
+    data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
+    with routed(chat.model, {}):
+        base_loss = validation_loss(chat.model, data["math"].val)
+    out = run_continual(chat.model, chat.tokenizer, recipe, data)
+    math = out["domains"][1]
+    assert math["val_loss_before"] == base_loss  # chat's stacks were off while math trained
+    assert math["projection"] == "none" and math["stacked"] is False
+    # isolation is the domain alone: its frozen loss, reproduced exactly with chat off
+    assert out["forgetting_isolation"][-1]["math"] == out["post_freeze"]["math"]
+    with routed(chat.model, {"math": 1.0}):
+        assert validation_loss(chat.model, data["math"].val) == out["post_freeze"]["math"]
+
+
+def test_a_batch_of_mixed_routes_matches_each_route_alone(manifest_path):
+    chat = load_base(built(manifest_path))
+    model, tokenizer = chat.model, chat.tokenizer
+    config = MoELoRAConfig(experts=2, rank=4, alpha=4.0)
+    torch.manual_seed(0)
+    for domain in ("chat", "math", "medical"):
+        stacks = add_stack(model, domain, config)
+        for stack in stacks:
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+        freeze(stacks)
+    items = examples("math", "train", 5)
+    routes = [{}, {"math": 1.0}, {"chat": 0.4, "medical": 1.0}, None, {"chat": 1.0, "math": 0.7, "medical": 0.2}]
+    batch = collate(tokenizer, items)
+    with torch.no_grad():
+        with routed(model, batch_route(routes, ("chat", "math", "medical"))):
+            mixed = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            replies = generate_replies(model, tokenizer, items, max_new_tokens=6)
+        for row, route in enumerate(routes):
+            with routed(model, route):
+                alone = model(input_ids=batch.input_ids[row:row + 1], attention_mask=batch.attention_mask[row:row + 1]).logits
+                assert generate_replies(model, tokenizer, items[row:row + 1], max_new_tokens=6) == [replies[row]]
+            length = int(batch.attention_mask[row].sum())
+            torch.testing.assert_close(mixed[row, :length], alone[0, :length], atol=1e-4, rtol=1e-4)
+    assert len(set(replies)) > 1  # the routes really differ
+
+
+def test_paired_statistics():
+    from training.eval.exact_match import mcnemar_p, paired_difference_interval
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64)  # all six discordant pairs one way
+    assert mcnemar_p(10, 1) == pytest.approx(2 * 12 / 2048)
+    low, high = paired_difference_interval(lost=10, gained=1, n=100)
+    assert low < -0.09 < high < 0 and high - low < 0.15
 
 
 def test_micro_language_zoo_serves_routed_chat(tmp_path):
@@ -161,29 +244,34 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
     assert again["base"] is None and again["domains"] == []
 
 
-def test_brainstacks_eval_reports_every_setting(tmp_path, capsys):
-    from training.eval.brainstacks import BrainstacksEval, run_brainstacks_eval
+def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, capsys):
+    from training.eval.brainstacks import SETTINGS, BrainstacksEval, run_brainstacks_eval
 
-    manifests = open_manifest(tmp_path / "artifacts", ZOO_LM_TEMPLATE)
-    build_chat_zoo(manifests, MICRO_CHAT, runs_dir=tmp_path / "runs")
-    cfg = BrainstacksEval(test_examples=2, ablation=replace(MICRO_CHAT, router=None), max_new_tokens=4)
-    report = run_brainstacks_eval(manifests, tmp_path / "eval", cfg)
-    settings = report["served"]["settings"]
-    assert set(settings) == {"chat", "math", "cross"}
-    for row in settings.values():
-        assert set(row) == {"base", "ungated", "routed", "routed_at_probability", "oracle"}
+    served = open_manifest(tmp_path / "served", ZOO_LM_TEMPLATE)
+    build_chat_zoo(served, MICRO_CHAT, runs_dir=tmp_path / "runs")
+    alone = open_manifest(tmp_path / "alone", ZOO_LM_TEMPLATE)
+    build_chat_zoo(alone, replace(MICRO_CHAT, stacked=False, nullspace=replace(MICRO_CHAT.nullspace, mode="off")),
+                   runs_dir=tmp_path / "runs-alone")
+    cfg = BrainstacksEval(per_kind=1, general_prompts=3, max_new_tokens=4, general_tokens=4)
+    report = run_brainstacks_eval(served, tmp_path / "eval", cfg, compare={"alone": alone})
+    zoo = report["zoos"]["served"]
+    assert zoo["stacked"] is True and report["zoos"]["alone"]["stacked"] is False
+    assert set(zoo["settings"]) == {"chat", "math", "cross"}
+    for name, row in zoo["settings"].items():
+        assert set(SETTINGS) <= set(row)
+        assert row["distinct_prompts"] == row["base"]["n"] == sum(row["kinds"].values())
+        assert set(row["kinds"]) == {k.name for k in kinds_of(name)}  # stratified: every kind asked
         assert row["oracle"]["loss"] <= min(row[s]["loss"] for s in ("base", "ungated")) + 1e-4
-    assert set(report["served"]["router"]["top1"]) == {"chat", "math"}
-    for key in ("with_projection", "without_projection", "reversed_order"):
-        run = report["forgetting"][key]
-        first = run["order"][0]
-        assert run["forgetting_isolation"][-1][first] == run["post_freeze"][first]
-    assert report["forgetting"]["reversed_order"]["order"] == ["math", "chat"]
-    # reversed, math starts from the bare base; in the paper's order, on top of chat's stacks
-    forgetting = report["forgetting"]
-    assert forgetting["reversed_order"]["val_loss_before"]["math"] != forgetting["with_projection"]["val_loss_before"]["math"]
-    assert "curriculum: paper order vs reversed" in capsys.readouterr().out
-    assert (tmp_path / "eval" / "forgetting.png").is_file()
+        for s in SETTINGS:
+            low, high = row[s]["interval"]
+            assert 0 <= low <= row[s]["exact_match"] <= high <= 1
+    assert zoo["general"]["n"] == 3 and 0 <= zoo["general"]["same_as_base"] <= 1
+    forgetting = zoo["forgetting"]
+    assert [(r["after_domain"], r["domain"]) for r in forgetting["rows"]] == [("math", "chat")]
+    assert forgetting["pooled_after_last"]["after"] == zoo["settings"]["chat"]["routed"]["exact_match"]
+    out = capsys.readouterr().out
+    assert "routed exact match by zoo" in out and "pooled after the last domain" in out
+    assert (tmp_path / "eval" / "brainstacks.png").is_file() and (tmp_path / "eval" / "brainstacks.json").is_file()
 
 
 def test_general_prompts_teach_the_router_to_leave_the_base_alone(manifest_path, monkeypatch):

@@ -32,10 +32,20 @@ def zoo_images(m: BuiltManifest, args) -> None:
 
 
 def zoo_chat(m: BuiltManifest, args) -> None:
+    from dataclasses import replace
+
     from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
     from training.zoo.chat import build_chat_zoo
 
-    build_chat_zoo(m, MICRO_CHAT if args.micro else ChatZooRecipe(), if_missing=args.if_missing)
+    recipe = MICRO_CHAT if args.micro else ChatZooRecipe()
+    if args.variant == "base-alone":
+        recipe = replace(recipe, stacked=False, nullspace=replace(recipe.nullspace, mode="off"))
+    elif args.variant:
+        recipe = replace(recipe, nullspace=replace(recipe.nullspace, mode=args.variant))
+    if args.steps:
+        recipe = replace(recipe, boosting=replace(recipe.boosting, steps_per_round=args.steps,
+                                                  later_round_steps=max(1, args.steps // 3)))
+    build_chat_zoo(m, recipe, if_missing=args.if_missing, device=args.device)
 
 
 def zoo_chat_base(m: BuiltManifest, args) -> None:
@@ -87,9 +97,10 @@ def eval_moe_lora(m: BuiltManifest, args) -> None:
 
 
 def eval_brainstacks(m: BuiltManifest, args) -> None:
-    from training.eval.brainstacks import run_brainstacks_eval
+    from training.eval.brainstacks import BrainstacksEval, run_brainstacks_eval
 
-    run_brainstacks_eval(m, args.out)
+    compare = {path.name: open_manifest(path, args.template) for path in args.compare}
+    run_brainstacks_eval(m, args.out, BrainstacksEval(per_kind=args.per_kind), compare, args.device)
 
 
 def _ilf_flags() -> dict:
@@ -103,6 +114,10 @@ MICRO = (("--micro",), dict(action="store_true", help="a few dozen steps of ever
 IF_MISSING = (("--if-missing",), dict(action="store_true", help="do nothing when it is already built"))
 MODEL = (("--model",), dict(required=True, help="an image model of the manifest"))
 OUT = (("--out",), dict(type=Path, default=Path("runs/eval"), help="where reports, JSON and PNGs go"))
+DEVICE = (("--device",), dict(default="cpu", help="torch device to train or evaluate on (cpu, cuda)"))
+VARIANT = (("--variant",), dict(choices=("output", "input", "off", "base-alone"), default=None,
+                                help="how a domain keeps out of earlier ones' way: null space on the output side "
+                                     "(default), on the input side, none, or each domain on the base alone"))
 
 # verb -> (what it does, its function, its flags)
 VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
@@ -113,7 +128,9 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("zoo", "chat-base"): ("convert the packaged SmolLM2-135M-Instruct (GGUF) into a safetensors model folder "
                            "(under a minute)", zoo_chat_base, [IF_MISSING]),
     ("zoo", "chat"): ("build the template's chat base where needed, train the domains' MoE-LoRA stacks one after another, then the router",
-                      zoo_chat, [MICRO, IF_MISSING]),
+                      zoo_chat, [MICRO, IF_MISSING, DEVICE, VARIANT,
+                                 (("--steps",), dict(type=int, default=None, help="steps of each domain's first round "
+                                                                            "(later rounds: a third)"))]),
     ("zoo", "placeholder"): ("untrained stand-ins for entries not built yet, in seconds", zoo_placeholder,
                              [IF_MISSING]),
     ("ilf",): ("distil an Inner Loop Feedback module for an image model", ilf,
@@ -127,8 +144,13 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                           (("--per-class",), dict(type=int, default=30, help="images per digit (protocol: 30)"))]),
     ("eval", "moe-lora"): ("MoE-LoRA stacks against a parameter-matched LoRA", eval_moe_lora,
                            [OUT, (("--steps",), dict(type=int, default=None, help="training steps per adapter"))]),
-    ("eval", "brainstacks"): ("forgetting, routing and the curriculum of the continual chat zoo", eval_brainstacks,
-                              [OUT]),
+    ("eval", "brainstacks"): ("what the chat zoo's stacks and router add to the base, on held-out phrasings: "
+                              "exact match (base, ungated, routed, oracle), general prompts, routed forgetting",
+                              eval_brainstacks,
+                              [OUT, DEVICE, (("--per-kind",), dict(type=int, default=25, help="held-out prompts per task kind")),
+                               (("--compare",), dict(type=Path, nargs="*", default=[],
+                                                     help="other artifact roots (zoos built with another --variant) "
+                                                          "to evaluate on the same prompts"))]),
 }
 
 

@@ -69,6 +69,8 @@ class MoELoRA(nn.Module):
         # orthonormal [d_out, k] basis of directions this stack may not write (null-space training);
         # kept as a basis, not as P = V V^T: a d_out x d_out product per token would cost more than the base
         self.register_buffer("output_basis", None, persistent=False)
+        # orthonormal [d_in, k] basis of input directions this stack may not read (input-side null space)
+        self.register_buffer("input_basis", None, persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.last_routing: torch.Tensor | None = None  # [tokens, experts] gate weights, for utilisation
         self.frozen_token: object | None = None  # set by freeze(): identifies these exact frozen weights
@@ -92,6 +94,8 @@ class MoELoRA(nn.Module):
         gates = self.gates(x)
         self.last_routing = gates.detach()
         n, r = self.config.experts, self.config.rank
+        if self.input_basis is not None:  # x (I - U U^T) feeds the experts; the router still sees x
+            x = x - (x @ self.input_basis) @ self.input_basis.T
         hidden = (x @ self.lora_A.reshape(n * r, -1).T).view(-1, n, r) * gates.unsqueeze(-1)
         delta = hidden.reshape(-1, n * r) @ self.lora_B.permute(0, 2, 1).reshape(n * r, -1)
         delta = delta * self.config.scale
@@ -108,7 +112,9 @@ class StackedMoELoRALinear(nn.Module):
         self.base_layer = base_layer
         self.stacks = nn.ModuleList()
         self.stack_domains: list[str] = []
-        self.route: dict[str, float] | None = None  # None: every stack at weight 1 (ungated)
+        # None: every stack at weight 1 (ungated); a domain's weight is a float for the whole batch
+        # or a [batch] tensor, one weight per sequence (a batch of mixed routes)
+        self.route: dict[str, float | torch.Tensor] | None = None
         self._fused_cache: dict[tuple, FusedFrozenStacks] = {}
 
     @property
@@ -124,7 +130,9 @@ class StackedMoELoRALinear(nn.Module):
         frozen, weights = [], []
         for domain, stack in zip(self.stack_domains, self.stacks):
             weight = 1.0 if self.route is None else self.route.get(domain, 0.0)
-            if weight == 0.0:
+            if isinstance(weight, torch.Tensor):  # per sequence (not tested for all zeros: no device sync)
+                weight = weight.to(x.device, torch.float32).view(-1, *[1] * (x.dim() - 1))
+            elif weight == 0.0:
                 continue  # skipped, not multiplied by zero: a gated-off stack changes nothing, bit for bit
             if stack.frozen_token is not None:
                 frozen.append(stack)
@@ -162,14 +170,22 @@ class FusedFrozenStacks:
         self.lora_B = torch.cat([s.lora_B.permute(0, 2, 1).reshape(n * r, -1) for s in stacks]).detach()
         self.scale = torch.tensor([s.config.scale for s in stacks], dtype=self.lora_A.dtype)
 
-    def __call__(self, x: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weights: list[float | torch.Tensor]) -> torch.Tensor:
+        """`weights`: one per stack, a float, or a per-sequence tensor shaped [batch, 1, ...]."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(self.lora_A.dtype)
         stacks, n, r = len(weights), self.experts, self.rank
         logits = (x @ self.router.T).view(-1, stacks, n)
         top, index = logits.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, index, top.softmax(-1))
-        gates = gates * (self.scale * torch.tensor(weights, dtype=self.scale.dtype)).view(1, stacks, 1)
+        scale = self.scale.to(x.device)
+        if any(isinstance(w, torch.Tensor) for w in weights):  # [tokens, stacks]: each row its sequence's
+            columns = [w.reshape(-1).to(x.device, x.dtype).repeat_interleave(x.shape[0] // w.numel())
+                       if isinstance(w, torch.Tensor)
+                       else torch.full((x.shape[0],), float(w), device=x.device, dtype=x.dtype) for w in weights]
+            gates = gates * (torch.stack(columns, 1) * scale).unsqueeze(-1)
+        else:
+            gates = gates * (scale * torch.tensor(weights, dtype=scale.dtype, device=x.device)).view(1, stacks, 1)
         hidden = (x @ self.lora_A.T).view(-1, stacks, n, r) * gates.unsqueeze(-1)
         return (hidden.reshape(-1, stacks * n * r) @ self.lora_B).view(*shape[:-1], -1)
 
@@ -216,13 +232,19 @@ def add_stack(model: nn.Module, domain: str, config: MoELoRAConfig, seed: int = 
 
 
 def freeze(stacks: list[MoELoRA]) -> None:
-    """Freeze a trained stack: no gradients, eval mode (no router noise), its projection folded into B."""
+    """Freeze a trained stack: no gradients, eval mode (no router noise), a null-space projection
+    folded into its weights (output side into B, input side into A)."""
     for stack in stacks:
         if stack.output_basis is not None:
             with torch.no_grad():  # B_k <- (I - V V^T) B_k: writes at inference what it was trained to write
                 v = stack.output_basis
                 stack.lora_B.sub_(v @ (v.T @ stack.lora_B))  # [E, d_out, r], batched over experts
             stack.output_basis = None
+        if stack.input_basis is not None:
+            with torch.no_grad():  # A_k <- A_k (I - U U^T)
+                u = stack.input_basis
+                stack.lora_A.sub_((stack.lora_A @ u) @ u.T)  # [E, r, d_in]
+            stack.input_basis = None
         stack.requires_grad_(False).eval()
         for param in stack.parameters():
             param.grad = None
@@ -334,3 +356,12 @@ def remove_last_stack(model: nn.Module, domain: str) -> None:
         index = max(i for i, d in enumerate(layer.stack_domains) if d == domain)
         del layer.stacks[index]
         del layer.stack_domains[index]
+
+
+def batch_route(routes: list[dict[str, float] | None], domains: tuple[str, ...],
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One route per sequence as a single route of per-sequence weights, so that prompts routed
+    differently run as one batch (None in the list: every stack at 1). A domain no sequence uses is
+    left out, so its stacks are skipped."""
+    weights = {d: [1.0 if r is None else float(r.get(d, 0.0)) for r in routes] for d in domains}
+    return {d: torch.tensor(w, device=device) for d, w in weights.items() if any(w)}

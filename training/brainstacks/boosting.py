@@ -17,19 +17,25 @@ import torch
 from tqdm import tqdm
 
 from server.chat.moe_lora import MoELoRA, MoELoRAConfig, add_stack, aux_loss, freeze, remove_last_stack
-from training.brainstacks.data import Batch, batches
+from training.brainstacks.data import Batch, batches, device_of
 from training.data.world import Example
+
+
+# On SmolLM2-135M (2 CPU cores, batch 8): 4 experts of rank 4 are 6.1M parameters (4.5% of the base)
+# at 5.4 s a step; 4 x r16 (15.4%) took 7.8 s and learned the worked math no better (docs/brainstacks.md).
+SMALL_STACK = MoELoRAConfig(experts=4, rank=4, alpha=4.0, top_k=2)
 
 
 @dataclass(frozen=True)
 class BoostingConfig:
-    stack: MoELoRAConfig = field(default_factory=MoELoRAConfig)
+    stack: MoELoRAConfig = SMALL_STACK
     max_rounds: int = 2
-    steps_per_round: int = 300
-    batch_size: int = 16
+    steps_per_round: int = 80
+    later_round_steps: int | None = 25  # rounds after the first correct what is left: fewer steps (None: as many)
+    batch_size: int = 8
     lr: float = 1e-3  # measured: 2e-3 made validation spike within 200 steps; 1e-3 descends steadily
-    eval_every: int = 50
-    patience: int = 4  # evaluations without improvement before a round stops
+    eval_every: int = 20
+    patience: int = 3  # evaluations without improvement before a round stops
     spike: float = 0.25  # a validation loss this much above the round's best stops the round
     min_gain: float = 0.002  # validation-loss gain below which no further round is added (paper: 0.002)
     seed: int = 0
@@ -56,7 +62,9 @@ class RoundResult:
 def validation_loss(model: torch.nn.Module, val: list[Batch]) -> float:
     """Mean cross-entropy per reply token (token-weighted over all batches)."""
     total, count = 0.0, 0
+    device = device_of(model)
     for batch in val:
+        batch = batch.to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         labels = batch.labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -72,21 +80,24 @@ def _snapshot(stacks: list[MoELoRA]) -> list[dict[str, torch.Tensor]]:
 
 def train_round(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
                 round_index: int, start_loss: float, steps: int | None = None,
-                bases: list[torch.Tensor | None] | None = None) -> tuple[RoundResult, list[MoELoRA]]:
+                bases: list[torch.Tensor | None] | None = None,
+                side: str = "output") -> tuple[RoundResult, list[MoELoRA]]:
     """Train one fresh stack of `domain`; returns its result and the (frozen, best-checkpoint) stack.
-    `bases` (one per wrapped projection, in model order) confine its output to the null space of
-    earlier domains' deltas while it trains; freezing folds the projection into the stack."""
+    `bases` (one per wrapped projection, in model order) confine its output (side "output") or its
+    input (side "input") to a null space of earlier domains while it trains; freezing folds the
+    projection into the stack."""
     started = time.perf_counter()
     stacks = add_stack(model, domain, cfg.stack, seed=cfg.seed * 1000 + round_index)
     for stack, basis in zip(stacks, bases or []):
-        stack.output_basis = basis
+        setattr(stack, "input_basis" if side == "input" else "output_basis", basis)
     params = [p for s in stacks for p in s.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(f"{cfg.seed}/{domain}/{round_index}")
     order = list(train)
     best, best_step, best_state = start_loss, 0, _snapshot(stacks)
     curve, stale, stop = [(0, start_loss)], 0, "budget"
-    budget = steps or cfg.steps_per_round
+    budget = steps or (cfg.steps_per_round if round_index == 0 or cfg.later_round_steps is None
+                       else cfg.later_round_steps)
 
     def shuffled_batches():
         while True:
@@ -94,12 +105,13 @@ def train_round(model, tokenizer, domain: str, train: list[Example], val: list[B
             yield from batches(tokenizer, order, cfg.batch_size)
 
     stream = shuffled_batches()
+    device = device_of(model)
     bar = tqdm(range(1, budget + 1), desc=f"{domain} round {round_index + 1}", unit="step", leave=False)
     step = 0
     for step in bar:
         for s in stacks:
             s.train()  # router noise on for the active stack only; frozen stacks stay in eval
-        batch = next(stream)
+        batch = next(stream).to(device)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
         loss = out.loss + cfg.stack.aux_weight * aux_loss(stacks)
         optimizer.zero_grad(set_to_none=True)
@@ -130,7 +142,8 @@ def train_round(model, tokenizer, domain: str, train: list[Example], val: list[B
 
 
 def boost_domain(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
-                 bases: list[torch.Tensor | None] | None = None) -> tuple[list[RoundResult], list[list[MoELoRA]]]:
+                 bases: list[torch.Tensor | None] | None = None,
+                 side: str = "output") -> tuple[list[RoundResult], list[list[MoELoRA]]]:
     """Residual boosting: rounds of frozen stacks while each round still gains `min_gain`."""
     results, kept = [], []
     current = validation_loss(model, val)
@@ -138,7 +151,7 @@ def boost_domain(model, tokenizer, domain: str, train: list[Example], val: list[
         if round_index >= cfg.max_rounds:
             break
         result, stacks = train_round(model, tokenizer, domain, train, val, cfg, round_index, current,
-                                     bases=bases)
+                                     bases=bases, side=side)
         if round_index > 0 and result.gain < cfg.min_gain:
             remove_last_stack(model, domain)
             result.kept = False

@@ -1,10 +1,12 @@
 """The continual outer loop (Brainstacks §3.4, Algorithm 2).
 
 Domains train one after another in curriculum order, each domain's residual boosting on top of
-every earlier domain's frozen stacks, its new stacks confined to the null space of the earlier
-domains' deltas (`nullspace.py`, switchable). After each domain a forgetting-matrix row records
-every domain so far at two settings: *isolation* (domain i with the stacks that were on when it
-finished, its own and earlier ones, and every later stack off) and *ungated* (every stack on).
+every earlier domain's frozen stacks, its new stacks confined to a null space of the earlier
+domains (`nullspace.py`: output side, input side, or off). With `stacked=False` each domain trains
+on the base alone instead (no earlier stack on, no projection): the stacks then only meet when the
+router combines them. After each domain a forgetting-matrix row records every domain so far at two
+settings: *isolation* (domain i with the stacks that were on when it finished, and every later
+stack off) and *ungated* (every stack on).
 `training zoo chat` (training/zoo/chat.py) runs it for the served zoo; `eval brainstacks` runs it
 for the forgetting and curriculum ablations.
 """
@@ -33,16 +35,18 @@ class ChatZooRecipe:
     nullspace: NullSpaceConfig = field(default_factory=NullSpaceConfig)
     router: RouterTraining | None = field(default_factory=RouterTraining)
     domains: tuple[str, ...] = DOMAINS  # the curriculum order (docs/brainstacks.md says why)
-    train_examples: int = 4000
-    val_examples: int = 96
-    test_examples: int = 100
-    projection_examples: int = 48  # per earlier domain, for the null space
-    max_new_tokens: int = 40
+    stacked: bool = True  # False: each domain trains on the base alone
+    train_examples: int = 1200
+    val_examples: int = 32
+    test_examples: int = 16  # the build's own check after each domain; `eval brainstacks` measures properly
+    projection_examples: int = 24  # per earlier domain, for the null space
+    max_new_tokens: int = 96  # worked math in columns runs to ~80 tokens
 
 
 MICRO_CHAT = ChatZooRecipe(
     lm=MICRO_LM,
-    boosting=BoostingConfig(steps_per_round=4, eval_every=2, batch_size=4, max_rounds=2, min_gain=-1.0),
+    boosting=BoostingConfig(steps_per_round=4, later_round_steps=None, eval_every=2, batch_size=4, max_rounds=2,
+                            min_gain=-1.0),
     nullspace=NullSpaceConfig(samples=64),
     router=RouterTraining(examples_per_domain=4, epochs=3, batch_size=8, general_examples=4),
     domains=("chat", "math"), train_examples=32, val_examples=8, test_examples=4, projection_examples=4,
@@ -50,12 +54,16 @@ MICRO_CHAT = ChatZooRecipe(
 )
 
 
-def load_base(manifests: BuiltManifest) -> ChatModel:
-    """The built manifest's chat base alone (no stacks, no router), in the precision the manifest
-    gives for the CPU, prepared for stack training: projections wrapped, bitsandbytes' CPU
-    repacking trap disabled."""
+def load_base(manifests: BuiltManifest, device: str = "cpu") -> ChatModel:
+    """The built manifest's chat base alone (no stacks, no router), prepared for stack training:
+    projections wrapped, bitsandbytes' CPU repacking trap disabled. On the CPU in the precision the
+    manifest gives for it; on a GPU in float32 (stacks train in float32 on either)."""
     section = manifests.read().chat.model_copy(update={"domains": [], "router": None})
-    chat = load_chat(section, manifests.resolver(), "cpu")
+    if device != "cpu":
+        section = section.model_copy(update={"base": section.base.model_copy(update={"quantization": "none"})})
+    chat = load_chat(section, manifests.resolver(), device)
+    if device != "cpu":
+        chat.model.float()
     prepare_for_training(chat)
     return chat
 
@@ -65,9 +73,10 @@ def prepare_for_training(chat: ChatModel) -> None:
     wrap_projections(chat.model)
 
 
-def isolation_route(domains: tuple[str, ...], index: int) -> dict[str, float]:
-    """Domain `index` with the stacks that were on when it finished training; later ones off."""
-    return {d: 1.0 for d in domains[: index + 1]}
+def isolation_route(domains: tuple[str, ...], index: int, stacked: bool = True) -> dict[str, float]:
+    """Domain `index` with the stacks that were on when it finished training (earlier domains' too
+    when it trained stacked on them); later ones off."""
+    return {d: 1.0 for d in domains[: index + 1]} if stacked else {domains[index]: 1.0}
 
 
 @dataclass
@@ -96,21 +105,20 @@ def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, Domai
     for j in range(start, len(domains)):
         domain = domains[j]
         started = time.perf_counter()
-        earlier = list(domains[:j])
+        earlier = list(domains[:j]) if recipe.stacked else []
         prompts = [b for d in earlier for b in data[d].projection]
-        with routed(model, isolation_route(domains, j)):  # earlier domains on; this one's stacks as they come
+        route = isolation_route(domains, j, recipe.stacked)
+        with routed(model, route):  # earlier domains on (when stacked); this one's stacks as they come
             start_loss = validation_loss(model, data[domain].val)
-            base_accuracy, _ = exact_match(model, tokenizer, data[domain].test, max_new_tokens=recipe.max_new_tokens)
             bases = claimed_bases(model, prompts, earlier, recipe.nullspace)
             results, kept = boost_domain(model, tokenizer, domain, data[domain].train, data[domain].val,
-                                         recipe.boosting, bases)
-        route = isolation_route(domains, j)
+                                         recipe.boosting, bases, recipe.nullspace.mode)
         with routed(model, route):
             post_freeze[domain] = validation_loss(model, data[domain].val)
             accuracy, records = exact_match(model, tokenizer, data[domain].test, max_new_tokens=recipe.max_new_tokens)
         row_iso, row_all = {}, {}
         for i, other in enumerate(domains[: j + 1]):
-            with routed(model, isolation_route(domains, i)):
+            with routed(model, isolation_route(domains, i, recipe.stacked)):
                 row_iso[other] = validation_loss(model, data[other].val)
             with routed(model, None):
                 row_all[other] = validation_loss(model, data[other].val)
@@ -119,13 +127,14 @@ def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, Domai
         report = {
             "domain": domain, "order": j, "seconds": time.perf_counter() - started,
             "val_loss_before": start_loss, "rounds": round_summary(results), "stacks_kept": len(kept),
-            "post_freeze_val_loss": post_freeze[domain], "exact_match_before": base_accuracy,
-            "exact_match_after": accuracy, "samples": records[:5], "projection": recipe.nullspace.enabled and j > 0,
+            "post_freeze_val_loss": post_freeze[domain], "exact_match_after": accuracy, "samples": records[:5],
+            "projection": recipe.nullspace.mode if recipe.nullspace.enabled and earlier else "none",
+            "stacked": recipe.stacked,
             "forgetting_isolation": row_iso, "forgetting_ungated": row_all,  # this row, kept when a build resumes
         }
         reports.append(report)
-        print(f"{domain}: val loss {start_loss:.3f} -> {post_freeze[domain]:.3f}, exact match "
-              f"{base_accuracy:.2f} -> {accuracy:.2f} with {len(kept)} stack(s)", flush=True)
+        print(f"{domain}: val loss {start_loss:.3f} -> {post_freeze[domain]:.3f}, exact match {accuracy:.2f} "
+              f"(n={len(records)}) with {len(kept)} stack(s), {report['seconds']:.0f} s", flush=True)
         if on_domain is not None:
             on_domain(j, domain, len(kept), report)
     return {"domains": reports, "post_freeze": post_freeze,

@@ -17,6 +17,13 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor  # IGNORE outside the reply (and its end-of-sequence token)
 
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The chat template up to the assistant's turn: what the server feeds the model."""

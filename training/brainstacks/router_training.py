@@ -23,20 +23,20 @@ from tqdm import tqdm
 
 from server.chat.moe_lora import routed
 from server.chat.router import MetaRouter, RouterConfig
-from training.brainstacks.data import Batch, batches, prompt_ids
+from training.brainstacks.data import Batch, batches, device_of, prompt_ids
 from training.data.world import Example
 
 
 @dataclass(frozen=True)
 class RouterTraining:
-    examples_per_domain: int = 120
+    examples_per_domain: int = 60
     margin: float = 0.01
     discovered_weight: float = 0.8  # the label gets the rest
     epochs: int = 60
     lr: float = 2e-3
     batch_size: int = 32
     seed: int = 0
-    general_examples: int = 120  # prompts outside every domain, target: no domain
+    general_examples: int = 60  # prompts outside every domain, target: no domain
     # The paper keeps the chat domain on for every prompt (a floor). An instruction-tuned base already
     # chats, so no floor: a general prompt gets the base alone.
     floor_domain: str | None = None
@@ -57,11 +57,12 @@ def greedy_selection(losses: dict[frozenset, float], domains: tuple[str, ...], m
 @torch.no_grad()
 def example_losses(model, batch: Batch) -> torch.Tensor:
     """Mean reply-token loss per example, [batch]."""
+    batch = batch.to(device_of(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
     labels = batch.labels[:, 1:]
     token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     counts = (labels != -100).sum(1).clamp(min=1)
-    return token.sum(1) / counts
+    return (token.sum(1) / counts).cpu()
 
 
 @torch.no_grad()
@@ -135,7 +136,8 @@ def base_features(model, router: MetaRouter, tokenizer, prompts: list[list[dict]
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        feats.append((router.base_features(model, input_ids, mask).float(), mask))
+        device = device_of(model)
+        feats.append((router.base_features(model, input_ids.to(device), mask.to(device)).float(), mask.to(device)))
     return feats
 
 
@@ -146,13 +148,14 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
     started = time.perf_counter()
     chosen = discovered_routes(model, tokenizer, items, domains, cfg.margin, cfg.batch_size)
     target = torch.cat([targets(items, chosen, domains, cfg), torch.zeros(len(general), len(domains))])
+    target = target.to(device_of(model))
     discovered = [{"domain": e.domain, "chosen": list(c)} for e, c in zip(items, chosen)]
     everything = list(items) + list(general)
     order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(cfg.seed))  # mixed batches
     items, target = [everything[i] for i in order], target[order]
     torch.manual_seed(cfg.seed)
     router = MetaRouter(RouterConfig(domains=domains, hidden_size=hidden_size, middle_layer=middle_layer,
-                                     floor_domain=cfg.floor_domain))
+                                     floor_domain=cfg.floor_domain)).to(device_of(model))
     feats = base_features(model, router, tokenizer, [e.messages() for e in items], cfg.batch_size)
     optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.01)
     history = []
@@ -166,7 +169,7 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
             optimizer.step()
             total += loss.item() * len(states)
         history.append(total / len(items))
-    router.eval().requires_grad_(False)
+    router.cpu().eval().requires_grad_(False)
     report = {"seconds": time.perf_counter() - started, "bce": history, "general_prompts": len(general),
               "discovered": discovered}
     return router, report

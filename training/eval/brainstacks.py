@@ -1,20 +1,34 @@
-"""`python -m training eval brainstacks`: the continual system's claims, measured.
+"""`python -m training eval brainstacks`: what a chat zoo's stacks and router add to its base.
 
-(a) Forgetting matrices, isolation and ungated, with and without the null-space projection, and
-    the curriculum order against its reverse: three continual runs at a reduced budget (the same
-    data, seeds and steps; only the projection or the order differs).
-(b) On each domain's test set and on the cross-domain set, for the served zoo (manifest stacks and
-    router): base, ungated (every stack at 1), routed (the meta-router, per prompt; its domains at
-    weight 1, and at their probabilities as the paper serves them) and oracle (per
-    prompt, the subset of domains with the lowest answer loss): answer loss and exact match.
-(c) The router's top-1 accuracy on single-domain prompts, and the domain combinations it applies to
-    cross-domain prompts beside the combinations outcome discovery found best.
-Prints tables, writes JSON and a PNG of the forgetting matrices.
+Every number is measured on held-out phrasings (templates no training step saw), on distinct
+prompts stratified by task kind, with 95% intervals and the distinct-prompt count:
+
+(a) Exact match per domain and on the cross-domain set for five settings: the base alone, ungated
+    (every stack at 1), routed (the meta-router's domains at weight 1, as served), routed at the
+    router's probabilities (the paper's weighting), and the oracle route (per prompt, the subset of
+    domains whose answer loss is lowest).
+    Beside exact match (the reply's "Answer:" line), "answer in reply" counts the expected answer
+    anywhere in the reply: the base, which never uses that line, is judged on its content too.
+(b) General prompts (outside every domain): how often the routed greedy answer equals the base's,
+    and how often the router picks no domain at all.
+(c) Forgetting under the route served: each domain's exact match when it was frozen (the stacks
+    that were on when it finished), against its exact match after each later domain under the
+    router's route restricted to the domains that existed then; paired per prompt (McNemar), and
+    pooled over the earlier domains after the last one. Rows before the last use the final router
+    restricted to the library of that time, not a router retrained then.
+(d) The router: top-1 on single-domain prompts, and on cross-domain prompts the combinations it
+    applies beside those outcome discovery finds best; no floor counts toward them.
+
+Prompts routed differently run in one batch (per-sequence weights, moe_lora.batch_route).
+`--compare` evaluates other zoos (built with another null-space mode, or on the base alone) on the
+same prompts and prints them side by side. Writes JSON and a PNG of the routed exact match.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -24,204 +38,307 @@ import torch
 from tqdm import tqdm
 
 from server.chat.model import ChatModel, load_chat
-from server.chat.moe_lora import routed
+from server.chat.moe_lora import batch_route, read_stack_metadata, routed
 from server.chat.router import MetaRouter
 from server.manifest import BuiltManifest
-from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, prepare_for_training, run_continual
+from training.brainstacks.continual import isolation_route, prepare_for_training
 from training.brainstacks.data import collate
-from training.eval.exact_match import generate_replies
-from training.brainstacks.boosting import BoostingConfig
-from training.brainstacks.router_training import example_losses, greedy_selection, loss_tables
-from training.data.world import examples, final_answer
+from training.brainstacks.router_training import example_losses, greedy_selection
+from training.data.world import Example, final_answer, held_out
+from training.eval.exact_match import generate_replies, mcnemar_p, paired_difference_interval, wilson_interval
+
+SETTINGS = ("base", "ungated", "routed", "routed_at_probability", "oracle")
 
 
 @dataclass(frozen=True)
 class BrainstacksEval:
-    test_examples: int = 40  # per domain, and for the cross-domain set
-    ablation: ChatZooRecipe = ChatZooRecipe(
-        boosting=BoostingConfig(steps_per_round=150, max_rounds=1), router=None, train_examples=2000,
-        val_examples=64, test_examples=20)
-    margin: float = 0.01
-    max_new_tokens: int = 40
+    per_kind: int = 25  # held-out prompts per task kind (fewer where a kind has fewer distinct ones)
+    general_prompts: int = 64
+    margin: float = 0.01  # outcome discovery's rule, as the router was trained
+    batch_size: int = 32
+    max_new_tokens: int = 128  # a cap: each set generates its longest expected reply plus 16 tokens
+    general_tokens: int = 48  # greedy tokens compared on general prompts
 
 
-ABLATIONS = {  # name -> (curriculum order reversed?, null-space projection on?)
-    "with_projection": (False, True),
-    "without_projection": (False, False),
-    "reversed_order": (True, True),
-}
+def proportion(correct: list[bool]) -> dict:
+    n, k = len(correct), sum(correct)
+    low, high = wilson_interval(k, n)
+    return {"exact_match": k / n if n else 0.0, "interval": [low, high], "correct": k, "n": n}
 
 
-def forgetting_ablation(manifests: BuiltManifest, cfg: BrainstacksEval) -> dict:
-    """Continual runs at the reduced budget, identical but for the projection or the curriculum order."""
-    out = {}
-    for name, (reverse, projection) in ABLATIONS.items():
-        chat = load_base(manifests)
-        order = tuple(reversed(cfg.ablation.domains)) if reverse else cfg.ablation.domains
-        recipe = replace(cfg.ablation, domains=order,
-                         nullspace=replace(cfg.ablation.nullspace, enabled=projection))
-        data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
-        run = run_continual(chat.model, chat.tokenizer, recipe, data)
-        out[name] = {k: run[k] for k in ("post_freeze", "forgetting_isolation", "forgetting_ungated")}
-        out[name]["order"] = list(order)
-        out[name]["val_loss_before"] = {r["domain"]: r["val_loss_before"] for r in run["domains"]}
-        out[name]["exact_match"] = {r["domain"]: r["exact_match_after"] for r in run["domains"]}
-    return out
+def answer_in(reply: str, final: str) -> bool:
+    """Lenient: the expected answer appears in the reply as a whole word, in whatever format. The base
+    model never ends on the world's "Answer:" line, so exact match alone would credit it nothing."""
+    return re.search(rf"(?<!\w){re.escape(final.lower())}(?!\w)", reply.lower()) is not None
 
 
-def curriculum_table(forgetting: dict) -> list[str]:
-    """Each domain trained in the paper's order and in reverse, same budget: the loss it started from
-    (what earlier domains' stacks already gave it) and the loss its own stacks reached."""
-    paper, reverse = forgetting["with_projection"], forgetting["reversed_order"]
-    lines = ["curriculum: paper order vs reversed (validation loss; start = before the domain's own stacks)",
-             f"{'domain':<11}{'start paper':>12}{'start rev':>11}{'frozen paper':>14}{'frozen rev':>12}"
-             f"{'ungated paper':>15}{'ungated rev':>13}"]
-    columns = [(paper["val_loss_before"], reverse["val_loss_before"]), (paper["post_freeze"], reverse["post_freeze"]),
-               (paper["forgetting_ungated"][-1], reverse["forgetting_ungated"][-1])]
-    widths = (12, 11, 14, 12, 15, 13)
-    for d in paper["order"]:
-        cells = [column[d] for pair in columns for column in pair]
-        lines.append(f"{d:<11}" + "".join(f"{v:>{w}.3f}" for v, w in zip(cells, widths)))
-    means = [sum(column.values()) / len(column) for pair in columns for column in pair]
-    lines.append(f"{'mean':<11}" + "".join(f"{v:>{w}.3f}" for v, w in zip(means, widths)))
-    return lines
+def reply_budget(tokenizer, items: list[Example], cap: int) -> int:
+    return min(cap, max(len(tokenizer(e.answer).input_ids) for e in items) + 16)
 
 
 @torch.no_grad()
-def per_example(model, tokenizer, items, route_of, max_new_tokens: int) -> tuple[list[float], list[bool]]:
-    """Loss and exact match per example, each with its own route. Examples that share a route (all
-    of them for base and ungated, most for oracle) run as one batch."""
-    groups: dict[tuple | None, list[int]] = {}
-    for index, item in enumerate(items):
-        route = route_of(item)
-        groups.setdefault(None if route is None else tuple(sorted(route.items())), []).append(index)
-    losses, correct = [0.0] * len(items), [False] * len(items)
-    for key, indices in tqdm(groups.items(), desc="routes", unit="route", leave=False):
-        group = [items[i] for i in indices]
-        with routed(model, None if key is None else dict(key)):
-            group_losses = [loss for start in range(0, len(group), 32)
-                            for loss in example_losses(model, collate(tokenizer, group[start:start + 32])).tolist()]
-            replies = generate_replies(model, tokenizer, group, max_new_tokens=max_new_tokens)
-        for i, loss, item, reply in zip(indices, group_losses, group, replies):
-            losses[i], correct[i] = loss, final_answer(reply) == item.final
-    return losses, correct
+def run_routes(chat: ChatModel, items: list[Example], routes: list[dict | None], cfg: BrainstacksEval,
+               losses: bool = True, max_new_tokens: int | None = None) -> tuple[list[float], list[str]]:
+    """Answer loss and greedy reply per example, each under its own route, batched across routes."""
+    tokens = max_new_tokens or reply_budget(chat.tokenizer, items, cfg.max_new_tokens)
+    all_losses, replies = [], []
+    for start in range(0, len(items), cfg.batch_size):
+        chunk, chunk_routes = items[start:start + cfg.batch_size], routes[start:start + cfg.batch_size]
+        with routed(chat.model, batch_route(chunk_routes, chat.domains, chat.device)):
+            if losses:
+                all_losses += example_losses(chat.model, collate(chat.tokenizer, chunk)).tolist()
+            replies += generate_replies(chat.model, chat.tokenizer, chunk, max_new_tokens=tokens,
+                                        batch_size=len(chunk))
+    return all_losses, replies
 
 
-def served_comparison(manifests: BuiltManifest, cfg: BrainstacksEval) -> dict:
-    chat = load_chat(manifests.read().chat, manifests.resolver(), "cpu")  # the served zoo, as the server loads it
-    prepare_for_training(chat)  # the same kernels as the stacks were trained and scored with
-    with chat.mounted():  # every served stack on the base; each setting routes them
-        return compare_settings(chat, cfg)
+@torch.no_grad()
+def subset_losses(chat: ChatModel, items: list[Example], cfg: BrainstacksEval) -> list[dict[frozenset, float]]:
+    """Every example's answer loss under every subset of domains (the oracle's table)."""
+    domains = chat.domains
+    subsets = [frozenset(c) for r in range(len(domains) + 1) for c in itertools.combinations(domains, r)]
+    tables: list[dict[frozenset, float]] = [{} for _ in items]
+    for start in range(0, len(items), cfg.batch_size):
+        batch = collate(chat.tokenizer, items[start:start + cfg.batch_size])
+        for subset in subsets:
+            with routed(chat.model, {d: 1.0 for d in subset}):
+                for i, loss in enumerate(example_losses(chat.model, batch).tolist()):
+                    tables[start + i][subset] = loss
+    return tables
 
 
-def compare_settings(chat: ChatModel, cfg: BrainstacksEval) -> dict:
-    model, tokenizer, domains = chat.model, chat.tokenizer, chat.domains
+def stacked_zoo(manifests: BuiltManifest) -> bool:
+    """Whether the zoo's domains trained on top of the earlier ones (the stacks say so)."""
+    section = manifests.read().chat
+    meta = read_stack_metadata(manifests.resolver().artifact(section.domains[0].stacks[0]))
+    return meta.get("stacked", True)
 
-    sets = {d: examples(d, "test", cfg.test_examples) for d in domains}
-    sets["cross"] = examples("cross", "test", cfg.test_examples)
-    results, router_report = {}, {"top1": {}, "cross": []}
+
+def load_zoo(manifests: BuiltManifest, device: str) -> ChatModel:
+    section = manifests.read().chat
+    if device != "cpu":  # as the stacks were trained there (continual.load_base)
+        section = section.model_copy(update={"base": section.base.model_copy(update={"quantization": "none"})})
+    chat = load_chat(section, manifests.resolver(), device)
+    if chat.router is None or not chat.domains:
+        raise SystemExit(f"{manifests.path}: the chat zoo has no stacks or no router to evaluate")
+    if device != "cpu":
+        chat.model.float()
+        for domain in chat.stacks.values():  # loaded in the base's bf16; trained and scored in float32
+            for stacks in domain.per_layer.values():
+                for stack in stacks:
+                    stack.float()
+    prepare_for_training(chat)  # the same kernels the stacks were trained and scored with
+    return chat
+
+
+def evaluate_zoo(manifests: BuiltManifest, cfg: BrainstacksEval, device: str = "cpu") -> dict:
+    started = time.perf_counter()
+    chat = load_zoo(manifests, device)
+    stacked = stacked_zoo(manifests)
+    with chat.mounted():
+        report = evaluate_mounted(chat, cfg, stacked)
+    report.update(stacked=stacked, base=chat.name, domains=list(chat.domains),
+                  seconds=time.perf_counter() - started)
+    return report
+
+
+def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> dict:
+    domains = chat.domains
+    sets = {d: held_out(d, "test", cfg.per_kind) for d in domains}
+    sets["cross"] = held_out("cross", "test", cfg.per_kind)
     paper_router = MetaRouter(replace(chat.router.config, weighting="probability"))  # route() reads only the config
-    for name, items in sets.items():
-        tables = loss_tables(model, tokenizer, items, domains)
-        best = [min(t, key=t.get) for t in tables]
-        discovered = [greedy_selection(t, domains, cfg.margin) for t in tables]
-        routes = {}
-        for item in items:
-            probabilities = chat.router_probabilities(item.messages())
-            weights, _ = chat.router.route(torch.tensor([probabilities[d] for d in domains]))
-            at_probability, _ = paper_router.route(torch.tensor([probabilities[d] for d in domains]))
-            routes[item.prompt] = (weights, probabilities, at_probability)
-        oracle = {item.prompt: {d: 1.0 for d in b} for item, b in zip(items, best)}
-        row = {}
-        for setting, route_of in (("base", lambda item: {}), ("ungated", lambda item: None),
-                                  ("routed", lambda item: routes[item.prompt][0]),
-                                  ("routed_at_probability", lambda item: routes[item.prompt][2]),
-                                  ("oracle", lambda item: oracle[item.prompt])):
-            losses, correct = per_example(model, tokenizer, items, route_of, cfg.max_new_tokens)
-            row[setting] = {"loss": sum(losses) / len(losses), "exact_match": sum(correct) / len(correct)}
-        results[name] = row
+
+    def routes_of(items):
+        probabilities = [chat.router_probabilities(item.messages()) for item in items]
+        vectors = [torch.tensor([p[d] for d in domains]) for p in probabilities]
+        return probabilities, [chat.router.route(v)[0] for v in vectors], [paper_router.route(v)[0] for v in vectors]
+
+    settings, records, router = {}, {}, {"top1": {}, "cross": []}
+    for name, items in tqdm(sets.items(), desc="evaluation sets", unit="set"):
+        probabilities, gate_routes, probability_routes = routes_of(items)
+        tables = subset_losses(chat, items, cfg)
+        oracle = [{d: 1.0 for d in min(t, key=t.get)} for t in tables]
+        by_setting = {"base": [{}] * len(items), "ungated": [None] * len(items), "routed": gate_routes,
+                      "routed_at_probability": probability_routes, "oracle": oracle}
+        row, correct_by = {}, {}
+        for setting, routes in by_setting.items():
+            losses, replies = run_routes(chat, items, routes, cfg)
+            correct = [final_answer(r) == e.final for r, e in zip(replies, items)]
+            found = [answer_in(r, e.final) for r, e in zip(replies, items)]
+            row[setting] = {**proportion(correct), "loss": sum(losses) / len(losses),
+                            "answer_in_reply": sum(found) / len(found)}
+            correct_by[setting] = correct
+        row["distinct_prompts"] = len({e.prompt for e in items})
+        row["kinds"] = dict(Counter(e.kind for e in items))
+        settings[name] = row
+        records[name] = {"correct": correct_by, "routes": gate_routes}
+        tqdm.write(f"{name}: n={len(items)} " + ", ".join(f"{s} {row[s]['exact_match']:.2f}" for s in SETTINGS)
+                   + f"; answer in reply: base {row['base']['answer_in_reply']:.2f}, "
+                     f"routed {row['routed']['answer_in_reply']:.2f}")
         if name == "cross":
-            for item, found in zip(items, discovered):
-                weights, probabilities, _ = routes[item.prompt]
-                router_report["cross"].append({"kind": item.domain, "router_applied": sorted(weights),
-                                               "discovered": list(found),
-                                               "probabilities": {d: round(p, 3) for d, p in probabilities.items()}})
+            for item, table, applied, p in zip(items, tables, gate_routes, probabilities):
+                router["cross"].append({"kind": item.domain, "router_applied": sorted(applied),
+                                        "discovered": list(greedy_selection(table, domains, cfg.margin)),
+                                        "probabilities": {d: round(v, 3) for d, v in p.items()}})
         else:
-            top1 = [max(routes[i.prompt][1], key=routes[i.prompt][1].get) == name for i in items]
-            router_report["top1"][name] = sum(top1) / len(top1)
-    cross = router_report["cross"]
-    router_report["cross_two_or_more_domains"] = sum(len(c["router_applied"]) >= 2 for c in cross) / len(cross)
-    router_report["cross_applied_combinations"] = Counter(
-        "+".join(c["router_applied"]) or "none" for c in cross).most_common()
-    router_report["cross_discovered_combinations"] = Counter(
-        "+".join(c["discovered"]) or "none" for c in cross).most_common()
-    return {"settings": results, "router": router_report}
+            router["top1"][name] = sum(max(p, key=p.get) == name for p in probabilities) / len(items)
+    cross = router["cross"]
+    router["cross_two_or_more_domains"] = sum(len(c["router_applied"]) >= 2 for c in cross) / len(cross)
+    router["cross_applied_combinations"] = Counter("+".join(c["router_applied"]) or "none" for c in cross).most_common()
+    router["cross_discovered_combinations"] = Counter("+".join(c["discovered"]) or "none" for c in cross).most_common()
+    return {"settings": settings, "router": router, "general": general_prompts(chat, cfg),
+            "forgetting": routed_forgetting(chat, sets, records, cfg, stacked)}
 
 
-def format_tables(report: dict) -> str:
-    lines = []
-    for key in ABLATIONS:
-        run = report["forgetting"][key]
-        lines.append(f"forgetting, {key.replace('_', ' ')} (validation loss; row = after training that domain)")
-        domains = run["order"]
-        lines.append(f"{'after':<11}" + "".join(f"{d:>22}" for d in domains))
-        for row_iso, row_all in zip(run["forgetting_isolation"], run["forgetting_ungated"]):
-            after = list(row_iso)[-1]
-            cells = "".join(f"{row_iso[d]:>10.4f} / {row_all[d]:<9.4f}" if d in row_iso else f"{'':>22}"
-                            for d in domains)
-            lines.append(f"{after:<11}{cells}")
-        lines.append("  (each cell: isolation / ungated)")
-    lines += curriculum_table(report["forgetting"])
-    lines.append("served zoo: answer loss and exact match")
-    settings = ("base", "ungated", "routed", "routed_at_probability", "oracle")
-    lines.append(f"{'set':<11}" + "".join(f"{s:>23}" for s in settings))
-    for name, row in report["served"]["settings"].items():
-        lines.append(f"{name:<11}" + "".join(f"{row[s]['loss']:>13.3f} {row[s]['exact_match']:>9.2f}" for s in settings))
-    lines.append("  (each cell: answer loss, exact match; routed applies the router's domains at weight 1,"
-                 " routed_at_probability at their probabilities)")
-    router = report["served"]["router"]
+def general_prompts(chat: ChatModel, cfg: BrainstacksEval) -> dict:
+    """Prompts outside every domain: does the routed model answer exactly as the base does?"""
+    items = held_out("general", "test", cfg.general_prompts)
+    routes = [chat.router.route(torch.tensor(list(chat.router_probabilities(e.messages()).values())))[0]
+              for e in items]
+    _, base = run_routes(chat, items, [{}] * len(items), cfg, losses=False, max_new_tokens=cfg.general_tokens)
+    _, served = run_routes(chat, items, routes, cfg, losses=False, max_new_tokens=cfg.general_tokens)
+    same = [a == b for a, b in zip(base, served)]
+    return {**{k: v for k, v in proportion(same).items() if k != "exact_match"}, "same_as_base": sum(same) / len(same),
+            "no_domain": sum(not r for r in routes) / len(routes), "distinct_prompts": len({e.prompt for e in items}),
+            "applied": Counter("+".join(sorted(r)) or "none" for r in routes).most_common(),
+            "examples": [{"prompt": e.prompt, "base": b, "routed": s} for e, b, s in list(zip(items, base, served))[:4]]}
+
+
+def routed_forgetting(chat: ChatModel, sets: dict, records: dict, cfg: BrainstacksEval, stacked: bool) -> dict:
+    """Per earlier domain i and later domain j: exact match under the router's route restricted to
+    domains[:j + 1] against exact match at freeze (isolation route), paired per prompt."""
+    domains = chat.domains
+    frozen = {}
+    for i, domain in enumerate(domains):
+        items = sets[domain]
+        _, replies = run_routes(chat, items, [isolation_route(domains, i, stacked)] * len(items), cfg, losses=False)
+        frozen[domain] = [final_answer(r) == e.final for r, e in zip(replies, items)]
+    rows = []
+    for j in range(1, len(domains)):
+        library = set(domains[: j + 1])
+        for i, domain in enumerate(domains[:j]):
+            items = sets[domain]
+            routes = [{d: w for d, w in r.items() if d in library} for r in records[domain]["routes"]]
+            if j == len(domains) - 1:
+                after = records[domain]["correct"]["routed"]  # the full library: the routed setting itself
+            else:
+                _, replies = run_routes(chat, items, routes, cfg, losses=False)
+                after = [final_answer(r) == e.final for r, e in zip(replies, items)]
+            rows.append({"after_domain": domains[j], "domain": domain, **paired(frozen[domain], after)})
+    last = [r for r in rows if r["after_domain"] == domains[-1]]
+    pooled_before = [x for r in last for x in frozen[r["domain"]]]
+    pooled_after = [x for r in last for x in records[r["domain"]]["correct"]["routed"]]
+    return {"at_freeze": {d: proportion(v) for d, v in frozen.items()}, "rows": rows,
+            "pooled_after_last": paired(pooled_before, pooled_after)}
+
+
+def paired(before: list[bool], after: list[bool]) -> dict:
+    lost = sum(b and not a for b, a in zip(before, after))
+    gained = sum(a and not b for b, a in zip(before, after))
+    n = len(before)
+    return {"n": n, "before": sum(before) / n, "after": sum(after) / n, "change": (gained - lost) / n,
+            "change_interval": list(paired_difference_interval(lost, gained, n)), "lost": lost, "gained": gained,
+            "p_value": mcnemar_p(lost, gained)}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['base']}, stacks {'on earlier domains' if report['stacked'] else 'on the base alone'}"
+             f" ({report['seconds'] / 60:.1f} min)",
+             "exact match on held-out phrasings [95% interval], n = distinct prompts"]
+    lines.append(f"{'set':<10}{'n':>5}" + "".join(f"{s:>24}" for s in SETTINGS))
+    for name, row in report["settings"].items():
+        cells = "".join(f"{row[s]['exact_match']:>8.2f} [{row[s]['interval'][0]:.2f},{row[s]['interval'][1]:.2f}]"
+                        .rjust(24) for s in SETTINGS)
+        lines.append(f"{name:<10}{row['distinct_prompts']:>5}{cells}")
+    lines.append(f"{'':<15}" + "".join(f"{'loss ' + format(row_loss, '.3f'):>24}" for row_loss in
+                                      (sum(r[s]['loss'] for r in report['settings'].values()) / len(report['settings'])
+                                       for s in SETTINGS)) + "  (mean answer loss)")
+    lines.append("answer in reply (any format): " + ", ".join(
+        f"{name} base {row['base']['answer_in_reply']:.2f} routed {row['routed']['answer_in_reply']:.2f}"
+        for name, row in report["settings"].items()))
+    g = report["general"]
+    lines.append(f"general prompts (n={g['n']}): routed answer == base answer {g['same_as_base']:.2f} "
+                 f"[{g['interval'][0]:.2f},{g['interval'][1]:.2f}]; router picked no domain {g['no_domain']:.2f}")
+    router = report["router"]
     lines.append("router top-1 on single-domain prompts: " + ", ".join(f"{d} {a:.2f}" for d, a in router["top1"].items()))
-    lines.append(f"cross-domain prompts routed to >= 2 domains: {router['cross_two_or_more_domains']:.2f}")
-    lines.append(f"  router applied: {router['cross_applied_combinations']}")
-    lines.append(f"  outcome discovery found best: {router['cross_discovered_combinations']}")
+    lines.append(f"cross-domain prompts routed to >= 2 domains (no floor): {router['cross_two_or_more_domains']:.2f}")
+    lines.append(f"  router applied: {router['cross_applied_combinations'][:6]}")
+    lines.append(f"  outcome discovery found best: {router['cross_discovered_combinations'][:6]}")
+    f = report["forgetting"]
+    lines.append("forgetting under the served route: exact match at freeze -> after a later domain (paired)")
+    for row in f["rows"]:
+        lines.append(f"  after {row['after_domain']:<10} {row['domain']:<10} n={row['n']:<4} {row['before']:.2f} -> "
+                     f"{row['after']:.2f}  change {row['change']:+.3f} "
+                     f"[{row['change_interval'][0]:+.3f},{row['change_interval'][1]:+.3f}]  p={row['p_value']:.3f}")
+    p = f["pooled_after_last"]
+    lines.append(f"  pooled after the last domain: n={p['n']} {p['before']:.3f} -> {p['after']:.3f}, change "
+                 f"{p['change']:+.3f} [{p['change_interval'][0]:+.3f},{p['change_interval'][1]:+.3f}], "
+                 f"McNemar p={p['p_value']:.3f}")
     return "\n".join(lines)
 
 
-def save_matrices(path: Path, forgetting: dict) -> None:
+def comparison_table(reports: dict[str, dict]) -> str:
+    """Zoos side by side: routed exact match per set, general prompts kept, pooled forgetting."""
+    names = list(reports)
+    sets = list(next(iter(reports.values()))["settings"])
+    lines = ["routed exact match by zoo (the same held-out prompts)", f"{'set':<14}" + "".join(f"{n:>22}" for n in names)]
+    for s in sets + ["base"]:
+        label, key = (s, "routed") if s != "base" else ("mean base", "base")
+        cells = []
+        for n in names:
+            rows = reports[n]["settings"]
+            value = (rows[s]["routed"]["exact_match"] if s != "base"
+                     else sum(r[key]["exact_match"] for r in rows.values()) / len(rows))
+            cells.append(f"{value:>22.2f}")
+        lines.append(f"{label:<14}" + "".join(cells))
+    lines.append(f"{'general same':<14}" + "".join(f"{reports[n]['general']['same_as_base']:>22.2f}" for n in names))
+    lines.append(f"{'forgetting':<14}" + "".join(
+        f"{reports[n]['forgetting']['pooled_after_last']['change']:>+15.3f} p={reports[n]['forgetting']['pooled_after_last']['p_value']:.2f}"
+        for n in names))
+    return "\n".join(lines)
+
+
+def save_chart(path: Path, reports: dict[str, dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    panels = [(k, m) for k in ABLATIONS for m in ("isolation", "ungated")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for ax, (key, mode) in zip(axes, panels):
-        rows = forgetting[key][f"forgetting_{mode}"]
-        domains = forgetting[key]["order"]
-        grid = np.full((len(rows), len(domains)), np.nan)
-        for r, row in enumerate(rows):
-            for c, d in enumerate(domains):
-                grid[r, c] = row.get(d, np.nan)
-        image = ax.imshow(grid, cmap="viridis")
-        ax.set_xticks(range(len(domains)), domains, rotation=45, fontsize=7)
-        ax.set_yticks(range(len(rows)), [f"after {list(r)[-1]}" for r in rows], fontsize=7)
-        ax.set_title(f"{mode}, {key.replace('_', ' ')}", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 3.8), squeeze=False)
+    for ax, (name, report) in zip(axes[0], reports.items()):
+        sets = list(report["settings"])
+        width = 0.16
+        for k, setting in enumerate(SETTINGS):
+            values = [report["settings"][s][setting]["exact_match"] for s in sets]
+            errors = [[v - report["settings"][s][setting]["interval"][0] for v, s in zip(values, sets)],
+                      [report["settings"][s][setting]["interval"][1] - v for v, s in zip(values, sets)]]
+            ax.bar([x + (k - 2) * width for x in range(len(sets))], values, width, yerr=errors, capsize=2,
+                   label=setting)
+        ax.set_xticks(range(len(sets)), sets, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{name}: exact match, held-out phrasings", fontsize=9)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run_brainstacks_eval(manifests: BuiltManifest, out_dir: Path, cfg: BrainstacksEval = BrainstacksEval()) -> dict:
+def run_brainstacks_eval(manifests: BuiltManifest, out_dir: Path, cfg: BrainstacksEval = BrainstacksEval(),
+                         compare: dict[str, BuiltManifest] | None = None, device: str = "cpu") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    report = {"config": asdict(cfg), "machine": f"{torch.get_num_threads()} torch threads, CPU"}
-    report["served"] = served_comparison(manifests, cfg)
-    report["forgetting"] = forgetting_ablation(manifests, cfg)
-    report["seconds"] = time.perf_counter() - started
-    (out_dir / "brainstacks.json").write_text(json.dumps(report, indent=1, default=str))
-    save_matrices(out_dir / "forgetting.png", report["forgetting"])
-    print(format_tables(report))
-    print(f"wrote {out_dir / 'brainstacks.json'} and {out_dir / 'forgetting.png'}")
-    return report
+    zoos = {"served": manifests, **(compare or {})}
+    reports = {}
+    for name, zoo in zoos.items():
+        reports[name] = evaluate_zoo(zoo, cfg, device)
+        print(f"== {name}: {zoo.path}")
+        print(format_report(reports[name]), flush=True)
+    machine = f"{torch.get_num_threads()} torch threads, CPU" if device == "cpu" else torch.cuda.get_device_name(device)
+    result = {"config": asdict(cfg), "machine": machine, "zoos": reports, "seconds": time.perf_counter() - started}
+    if len(reports) > 1:
+        print(comparison_table(reports))
+    (out_dir / "brainstacks.json").write_text(json.dumps(result, indent=1, default=str))
+    save_chart(out_dir / "brainstacks.png", reports)
+    print(f"wrote {out_dir / 'brainstacks.json'} and {out_dir / 'brainstacks.png'} "
+          f"({result['seconds'] / 60:.1f} min on {machine})")
+    return result

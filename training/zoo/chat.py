@@ -66,11 +66,11 @@ def built_prefix(manifests: BuiltManifest, recipe: ChatZooRecipe) -> list[Domain
 
 
 def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooRecipe(), if_missing: bool = False,
-                   runs_dir: Path | None = None) -> dict:
+                   runs_dir: Path | None = None, device: str = "cpu") -> dict:
     runs_dir = runs_dir or runs_folder(manifests) / "zoo" / "chat"
     runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    summary: dict = {"recipe": asdict(recipe), "machine": f"{torch.get_num_threads()} torch threads, CPU"}
+    summary: dict = {"recipe": asdict(recipe), "machine": machine(device)}
     summary["base"] = build_base(manifests, recipe, if_missing, runs_dir)
 
     kept = built_prefix(manifests, recipe) if if_missing else []
@@ -79,7 +79,7 @@ def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooReci
         summary.update(domains=[], router=None, seconds=time.perf_counter() - started)
         return summary
 
-    chat = load_base(manifests)
+    chat = load_base(manifests, device)
     resolver = manifests.resolver()
     for domain in kept:
         for artifact in domain.stacks:
@@ -100,14 +100,21 @@ def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooReci
     return summary
 
 
+def machine(device: str) -> str:
+    if device == "cpu":
+        return f"{torch.get_num_threads()} torch threads, CPU"
+    return torch.cuda.get_device_name(device)
+
+
 def save_domain(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, order: int, domain: str,
-                stacks: int, projection: bool) -> Domain:
+                stacks: int, projection: str) -> Domain:
     """Write a finished domain's frozen stacks; its manifest entry."""
     artifacts = []
     for index in range(stacks):
         relative = f"{STACKS}/{domain}-{index + 1}.safetensors"
         modules = stack_modules(chat.model, domain, index)
-        meta = {"round": index + 1, "order": order, "base": chat.name, "projection": projection}
+        meta = {"round": index + 1, "order": order, "base": chat.name, "projection": projection,
+                "stacked": recipe.stacked}
         sha = write_atomically(manifests.file(relative),
                                lambda tmp: save_stack(tmp, modules, domain, recipe.boosting.stack, meta))
         artifacts.append(Artifact(path=relative, sha256=sha))
