@@ -7,8 +7,8 @@ on the base alone instead (no earlier stack on, no projection): the stacks then 
 router combines them. After each domain a forgetting-matrix row records every domain so far at two
 settings: *isolation* (domain i with the stacks that were on when it finished, and every later
 stack off) and *ungated* (every stack on).
-`training zoo chat` (training/zoo/chat.py) runs it for the served zoo; `eval brainstacks` runs it
-for the forgetting and curriculum ablations.
+`training zoo chat` (training/zoo/chat.py) runs it; `eval brainstacks` then measures the zoo it
+built, and zoos built with the other variants, on the same held-out prompts.
 """
 
 from __future__ import annotations
