@@ -134,5 +134,6 @@ def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecip
     current = manifests.read()
     manifests.write(current.model_copy(update={
         "chat": current.chat.model_copy(update={"router": Artifact(path=relative, sha256=sha)})}))
+    runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "router.json").write_text(json.dumps(report, indent=1))
     return {k: v for k, v in report.items() if k != "discovered"}
