@@ -20,3 +20,12 @@ def open_manifest(artifact_root: Path | None = None, template: Path | None = Non
 def runs_folder(manifests: BuiltManifest) -> Path:
     """Training logs, curves and evaluation reports: `runs/` beside the artifact root."""
     return manifests.root.parent / "runs"
+
+
+def machine(device: str) -> str:
+    """What a measurement ran on, for its report."""
+    import torch
+
+    if device == "cpu":
+        return f"{torch.get_num_threads()} torch threads, CPU"
+    return torch.cuda.get_device_name(device)

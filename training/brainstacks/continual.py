@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from server.chat.model import ChatModel, load_chat
 from server.chat.moe_lora import disable_cpu_weight_packing, routed, wrap_projections
-from server.manifest import BuiltManifest
+from server.manifest import BuiltManifest, ChatSection
 from training.brainstacks.boosting import BoostingConfig, boost_domain, round_summary, validation_loss
 from training.brainstacks.data import batches
 from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases
@@ -55,15 +55,24 @@ MICRO_CHAT = ChatZooRecipe(
 
 
 def load_base(manifests: BuiltManifest, device: str = "cpu") -> ChatModel:
-    """The built manifest's chat base alone (no stacks, no router), prepared for stack training:
-    projections wrapped, bitsandbytes' CPU repacking trap disabled. On the CPU in the precision the
-    manifest gives for it; on a GPU in float32 (stacks train in float32 on either)."""
+    """The built manifest's chat base alone (no stacks, no router), prepared for stack training."""
     section = manifests.read().chat.model_copy(update={"domains": [], "router": None})
+    return load_for_training(section, manifests, device)
+
+
+def load_for_training(section: ChatSection, manifests: BuiltManifest, device: str) -> ChatModel:
+    """A chat section as stacks are trained and scored: projections wrapped, bitsandbytes' CPU
+    repacking trap disabled; on the CPU in the precision the manifest gives for it, on a GPU in
+    float32, base and stacks (stacks train in float32 on either)."""
     if device != "cpu":
         section = section.model_copy(update={"base": section.base.model_copy(update={"quantization": "none"})})
     chat = load_chat(section, manifests.resolver(), device)
     if device != "cpu":
         chat.model.float()
+        for domain in chat.stacks.values():  # loaded in the base's dtype
+            for stacks in domain.per_layer.values():
+                for stack in stacks:
+                    stack.float()
     prepare_for_training(chat)
     return chat
 

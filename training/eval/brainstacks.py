@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.chat.model import ChatModel, load_chat
+from server.chat.model import ChatModel
 from server.chat.moe_lora import batch_route, read_stack_metadata, routed
 from server.chat.router import MetaRouter
 from server.manifest import BuiltManifest
-from training.brainstacks.continual import isolation_route, prepare_for_training
+from training.artifacts import machine
+from training.brainstacks.continual import isolation_route, load_for_training
 from training.brainstacks.data import collate
 from training.brainstacks.router_training import example_losses, greedy_selection
 from training.data.world import Example, final_answer, held_out
@@ -116,19 +117,9 @@ def stacked_zoo(manifests: BuiltManifest) -> bool:
 
 def load_zoo(manifests: BuiltManifest, device: str) -> ChatModel:
     section = manifests.read().chat
-    if device != "cpu":  # as the stacks were trained there (continual.load_base)
-        section = section.model_copy(update={"base": section.base.model_copy(update={"quantization": "none"})})
-    chat = load_chat(section, manifests.resolver(), device)
-    if chat.router is None or not chat.domains:
+    if section.router is None or not section.domains:
         raise SystemExit(f"{manifests.path}: the chat zoo has no stacks or no router to evaluate")
-    if device != "cpu":
-        chat.model.float()
-        for domain in chat.stacks.values():  # loaded in the base's bf16; trained and scored in float32
-            for stacks in domain.per_layer.values():
-                for stack in stacks:
-                    stack.float()
-    prepare_for_training(chat)  # the same kernels the stacks were trained and scored with
-    return chat
+    return load_for_training(section, manifests, device)  # as the stacks were trained and scored
 
 
 def evaluate_zoo(manifests: BuiltManifest, cfg: BrainstacksEval, device: str = "cpu") -> dict:
@@ -333,12 +324,11 @@ def run_brainstacks_eval(manifests: BuiltManifest, out_dir: Path, cfg: Brainstac
         reports[name] = evaluate_zoo(zoo, cfg, device)
         print(f"== {name}: {zoo.path}")
         print(format_report(reports[name]), flush=True)
-    machine = f"{torch.get_num_threads()} torch threads, CPU" if device == "cpu" else torch.cuda.get_device_name(device)
-    result = {"config": asdict(cfg), "machine": machine, "zoos": reports, "seconds": time.perf_counter() - started}
+    result = {"config": asdict(cfg), "machine": machine(device), "zoos": reports, "seconds": time.perf_counter() - started}
     if len(reports) > 1:
         print(comparison_table(reports))
     (out_dir / "brainstacks.json").write_text(json.dumps(result, indent=1, default=str))
     save_chart(out_dir / "brainstacks.png", reports)
     print(f"wrote {out_dir / 'brainstacks.json'} and {out_dir / 'brainstacks.png'} "
-          f"({result['seconds'] / 60:.1f} min on {machine})")
+          f"({result['seconds'] / 60:.1f} min on {result['machine']})")
     return result

@@ -16,14 +16,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from server.artifacts import write_atomically
 from server.chat.model import ChatModel
 from server.chat.moe_lora import load_stack, save_stack, stack_modules
 from server.chat.router import save_router
 from server.manifest import Artifact, BuiltManifest, Domain
-from training.artifacts import runs_folder
+from training.artifacts import machine, runs_folder
 from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
 from training.brainstacks.router_training import train_router
 from training.data.world import examples
@@ -98,12 +96,6 @@ def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooReci
     summary["seconds"] = time.perf_counter() - started
     (runs_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
-
-
-def machine(device: str) -> str:
-    if device == "cpu":
-        return f"{torch.get_num_threads()} torch threads, CPU"
-    return torch.cuda.get_device_name(device)
 
 
 def save_domain(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, order: int, domain: str,
