@@ -98,13 +98,13 @@ def test_projector_removes_earlier_directions_also_after_folding(manifest_path):
     freeze(earlier)
     prompts = batches(tokenizer, examples("chat", "train", 8), 4)
     cfg = NullSpaceConfig(fraction=0.05, samples=64)
-    bases = claimed_bases(model, prompts, ["chat"], cfg)
+    bases = claimed_bases(model, prompts, ["chat"], cfg, config)
     new = add_stack(model, "math", config, seed=1)
-    for stack, v in zip(new, bases):
+    for stack, v in zip(new, bases.values()):
         torch.nn.init.normal_(stack.lora_B, std=0.3)
         stack.output_basis = v
-    ps = [v @ v.T for v in bases]
-    x_by_layer = collect_deltas(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0))
+    ps = [v @ v.T for v in bases.values()]
+    x_by_layer = collect_deltas(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0), config)
     for (name, layer), stack, p in zip(wrapped_layers(model).items(), new, ps):
         k = round(torch.trace(p).item())
         assert k == max(1, round(0.05 * layer.out_features))
@@ -142,10 +142,10 @@ def test_input_side_projection_silences_a_new_stack_on_earlier_inputs_also_after
     freeze(add_stack(model, "chat", config))
     prompts = batches(tokenizer, examples("chat", "train", 8), 4)
     cfg = NullSpaceConfig(mode="input", fraction=0.05, samples=64)
-    bases = claimed_bases(model, prompts, ["chat"], cfg)
-    inputs = collect_rows(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0), side="input")
+    bases = claimed_bases(model, prompts, ["chat"], cfg, config)
+    inputs = collect_rows(model, prompts, ["chat"], 64, torch.Generator().manual_seed(0), "input", config)
     new = add_stack(model, "math", config, seed=1)
-    for (name, layer), stack, u in zip(wrapped_layers(model).items(), new, bases):
+    for (name, layer), stack, u in zip(wrapped_layers(model).items(), new, bases.values()):
         assert u.shape == (layer.in_features, max(1, round(0.05 * layer.in_features)))
         torch.nn.init.normal_(stack.lora_B, std=0.3)
         stack.input_basis = u

@@ -8,8 +8,9 @@ import torch
 from server.chat.model import load_chat_base
 from server.chat.moe_lora import (
     MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, remove_last_stack,
-    routed, save_stack, stack_modules, wrapped_layers,
+    routed, save_stack, stack_modules, wrap_projections, wrapped_layers,
 )
+from server.chat.stacks import load_domain_stacks, mounted
 from server.manifest import ArtifactResolver, load_manifest
 from server.artifacts import ArtifactError
 
@@ -127,6 +128,33 @@ def test_save_load_round_trips_exactly_and_routes_weight_domains(lm, manifest_pa
     with pytest.raises(ArtifactError, match="does not fit"):
         load_stack(fresh, other)
     assert len(next(iter(wrapped_layers(fresh).values())).stacks) == 1  # the refused stack left nothing behind
+
+
+def test_stacks_on_upper_layers_only_train_save_and_serve_beside_full_ones(lm, manifest_path, tmp_path):
+    upper = MoELoRAConfig(experts=4, rank=4, alpha=4.0, upper_layers=0.5)  # the upper layer of two
+    full = add_stack(lm, "chat", SMALL)
+    train_steps(lm, full)
+    freeze(full)
+    stacks = add_stack(lm, "math", upper)
+    assert len(stacks) == 7 and all(".layers.1." in name for name in stack_modules(lm, "math", 0))
+    train_steps(lm, stacks)
+    freeze(stacks)
+    ids = tokens(3)
+    with torch.no_grad(), routed(lm, {"chat": 0.7, "math": 0.6}):
+        trained = lm(input_ids=ids).logits
+    paths = {d: tmp_path / f"{d}.safetensors" for d in ("chat", "math")}
+    save_stack(paths["chat"], stack_modules(lm, "chat", 0), "chat", SMALL)
+    save_stack(paths["math"], stack_modules(lm, "math", 0), "math", upper)
+
+    manifest = load_manifest(manifest_path)
+    fresh = load_chat_base(manifest.chat.base, ArtifactResolver(manifest_path.parent), "cpu").model
+    wrap_projections(fresh)
+    library = [load_domain_stacks(fresh, d, [p]) for d, p in paths.items()]
+    assert sum(len(s) for s in library[1].per_layer.values()) == 7
+    with torch.no_grad(), mounted(fresh, library), routed(fresh, {"chat": 0.7, "math": 0.6}):
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trained, atol=1e-5, rtol=1e-5)
+    remove_last_stack(lm, "math")
+    assert "math" not in {d for layer in wrapped_layers(lm).values() for d in layer.stack_domains}
 
 
 def test_projection_folds_into_the_frozen_stack():

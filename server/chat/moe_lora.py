@@ -16,6 +16,7 @@ Training and serving share this file; the per-domain weights `w` come from the m
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ class MoELoRAConfig:
     top_k: int = 2
     aux_weight: float = 0.01  # Switch load-balancing loss weight
     targets: tuple[str, ...] = PROJECTIONS
+    # the share of decoder layers, from the top, that carry a stack: training then back-propagates
+    # through those only (on SmolLM2, stacks on the upper 15 of 30 layers halve a CPU training step)
+    upper_layers: float = 1.0
 
     @property
     def scale(self) -> float:
@@ -49,6 +53,8 @@ class MoELoRAConfig:
             raise ValueError(f"top_k {self.top_k} must lie in 1..{self.experts}")
         if unknown := set(self.targets) - set(PROJECTIONS):
             raise ValueError(f"unknown projections {sorted(unknown)}")
+        if not 0.0 < self.upper_layers <= 1.0:
+            raise ValueError(f"upper_layers {self.upper_layers} must lie in (0, 1]")
 
 
 class MoELoRA(nn.Module):
@@ -194,6 +200,23 @@ def wrapped_layers(model: nn.Module) -> dict[str, StackedMoELoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, StackedMoELoRALinear)}
 
 
+def _layer_index(projection: str) -> int:
+    match = re.search(r"layers\.(\d+)\.", projection)  # model.layers.{i}.self_attn.q_proj
+    return int(match.group(1)) if match else 0
+
+
+def covered(layers: dict[str, StackedMoELoRALinear], config: MoELoRAConfig) -> dict[str, StackedMoELoRALinear]:
+    """Those of a model's wrapped projections (all of them, by name) that a stack of this shape sits on."""
+    count = 1 + max(map(_layer_index, layers), default=-1)
+    first = count - math.ceil(config.upper_layers * count)
+    return {name: m for name, m in layers.items()
+            if name.rsplit(".", 1)[-1] in config.targets and _layer_index(name) >= first}
+
+
+def covered_layers(model: nn.Module, config: MoELoRAConfig) -> dict[str, StackedMoELoRALinear]:
+    return covered(wrapped_layers(model), config)
+
+
 def wrap_projections(model: nn.Module, targets: tuple[str, ...] = PROJECTIONS) -> dict[str, StackedMoELoRALinear]:
     """Replace each targeted projection of every decoder layer by a StackedMoELoRALinear (idempotent)."""
     model.requires_grad_(False)
@@ -216,8 +239,10 @@ def disable_cpu_weight_packing(model: nn.Module) -> None:
 
 
 def add_stack(model: nn.Module, domain: str, config: MoELoRAConfig, seed: int = 0) -> list[MoELoRA]:
-    """A fresh, trainable stack of `domain` on every wrapped projection (an exact no-op until trained)."""
-    layers = wrap_projections(model, config.targets)
+    """A fresh, trainable stack of `domain` on every projection it covers (an exact no-op until
+    trained), in model order."""
+    wrap_projections(model, config.targets)
+    layers = covered_layers(model, config)
     torch.manual_seed(seed)
     param = next(model.parameters())
     dtype = param.dtype if param.is_floating_point() else torch.float32
@@ -279,11 +304,11 @@ def routed(model: nn.Module, route: dict[str, float] | None) -> Iterator[None]:
 
 # ---------------------------------------------------------------- artifacts
 def stack_modules(model: nn.Module, domain: str, index: int) -> dict[str, MoELoRA]:
-    """The `index`-th stack of `domain` on every wrapped projection, keyed by the projection's name."""
+    """The `index`-th stack of `domain` on every wrapped projection it covers, keyed by the projection's name."""
     out = {}
     for name, layer in wrapped_layers(model).items():
-        mine = [s for d, s in zip(layer.stack_domains, layer.stacks) if d == domain]
-        out[name] = mine[index]
+        if mine := [s for d, s in zip(layer.stack_domains, layer.stacks) if d == domain]:
+            out[name] = mine[index]
     return out
 
 
@@ -312,7 +337,7 @@ def load_stack(model: nn.Module, path: Path) -> dict:
     meta = read_stack_metadata(path)
     added = add_stack(model, meta["domain"], meta["config"])
     try:
-        _copy_from_file(path, wrapped_layers(model), added)
+        _copy_from_file(path, covered_layers(model, meta["config"]), added)
     except ArtifactError:
         remove_last_stack(model, meta["domain"])
         raise
@@ -320,15 +345,16 @@ def load_stack(model: nn.Module, path: Path) -> dict:
     return meta
 
 
-def read_stack(path: Path, layers: dict[str, StackedMoELoRALinear], like: torch.Tensor) -> tuple[dict, list[MoELoRA]]:
-    """A saved stack as frozen modules for these projections (device and float dtype of `like`),
-    attached to nothing: loading it leaves the model untouched."""
+def read_stack(path: Path, layers: dict[str, StackedMoELoRALinear], like: torch.Tensor) -> tuple[dict, dict[str, MoELoRA]]:
+    """A saved stack as frozen modules for those of these projections it covers (device and float
+    dtype of `like`), keyed by projection, attached to nothing: loading it leaves the model untouched."""
     meta = read_stack_metadata(path)
+    layers = covered(layers, meta["config"])
     stacks = [MoELoRA(layer.in_features, layer.out_features, meta["config"]).to(like.device, like.dtype).eval()
               for layer in layers.values()]
     _copy_from_file(path, layers, stacks)
     freeze(stacks)
-    return meta, stacks
+    return meta, dict(zip(layers, stacks))
 
 
 def _copy_from_file(path: Path, layers: dict[str, StackedMoELoRALinear], stacks: list[MoELoRA]) -> None:
@@ -353,6 +379,8 @@ def _copy_from_file(path: Path, layers: dict[str, StackedMoELoRALinear], stacks:
 
 def remove_last_stack(model: nn.Module, domain: str) -> None:
     for layer in wrapped_layers(model).values():
+        if domain not in layer.stack_domains:
+            continue  # a projection the domain's stacks do not cover
         index = max(i for i, d in enumerate(layer.stack_domains) if d == domain)
         del layer.stacks[index]
         del layer.stack_domains[index]

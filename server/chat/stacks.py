@@ -41,7 +41,7 @@ def load_domain_stacks(model: nn.Module, domain: str, paths: list[Path], base: s
         if base is not None and meta.get("base", base) != base:
             raise ArtifactError(path, f"was trained on the base {meta['base']!r}, not on {base!r}")
         _, stacks = read_stack(path, layers, like)
-        for name, stack in zip(layers, stacks):
+        for name, stack in stacks.items():
             per_layer[name].append(stack)
     return DomainStacks(domain, per_layer, len(paths))
 

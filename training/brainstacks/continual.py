@@ -119,7 +119,7 @@ def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, Domai
         route = isolation_route(domains, j, recipe.stacked)
         with routed(model, route):  # earlier domains on (when stacked); this one's stacks as they come
             start_loss = validation_loss(model, data[domain].val)
-            bases = claimed_bases(model, prompts, earlier, recipe.nullspace)
+            bases = claimed_bases(model, prompts, earlier, recipe.nullspace, recipe.boosting.stack)
             results, kept = boost_domain(model, tokenizer, domain, data[domain].train, data[domain].val,
                                          recipe.boosting, bases, recipe.nullspace.mode)
         with routed(model, route):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.chat.moe_lora import routed, wrapped_layers
+from server.chat.moe_lora import MoELoRAConfig, covered_layers, routed
 from training.brainstacks.data import Batch
 
 MODES = ("output", "input", "off")
@@ -50,11 +50,11 @@ def directions(width: int, earlier_domains: int, cfg: NullSpaceConfig) -> int:
 
 @torch.no_grad()
 def collect_rows(model, prompts: list[Batch], earlier: list[str], samples: int, generator: torch.Generator,
-                 side: str = "output") -> dict[str, torch.Tensor]:
-    """Per wrapped projection, up to `samples` real-token rows, with the earlier domains' stacks on:
-    side "output": [rows, d_out] of their summed deltas; side "input": [rows, d_in] of the
-    projection's inputs."""
-    layers = wrapped_layers(model)
+                 side: str, stack: MoELoRAConfig) -> dict[str, torch.Tensor]:
+    """Per projection that stacks of shape `stack` cover, up to `samples` real-token rows, with the
+    earlier domains' stacks on: side "output": [rows, d_out] of their summed deltas; side "input":
+    [rows, d_in] of the projection's inputs."""
+    layers = covered_layers(model, stack)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     handles = []
 
@@ -89,23 +89,23 @@ def collect_rows(model, prompts: list[Batch], earlier: list[str], samples: int, 
 
 
 def collect_deltas(model, prompts: list[Batch], earlier: list[str], samples: int,
-                   generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return collect_rows(model, prompts, earlier, samples, generator, "output")
+                   generator: torch.Generator, stack: MoELoRAConfig) -> dict[str, torch.Tensor]:
+    return collect_rows(model, prompts, earlier, samples, generator, "output", stack)
 
 
-def claimed_bases(model, prompts: list[Batch], earlier: list[str], cfg: NullSpaceConfig) -> list[torch.Tensor | None]:
-    """One orthonormal basis per wrapped projection (in model order): V [d_out, K] for "output",
-    U [d_in, K] for "input"; Nones when off or when no domain came earlier."""
-    layers = wrapped_layers(model)
+def claimed_bases(model, prompts: list[Batch], earlier: list[str], cfg: NullSpaceConfig,
+                  stack: MoELoRAConfig) -> dict[str, torch.Tensor]:
+    """One orthonormal basis per projection that stacks of shape `stack` cover: V [d_out, K] for
+    "output", U [d_in, K] for "input"; none when off or when no domain came earlier."""
     if not cfg.enabled or not earlier:
-        return [None] * len(layers)
+        return {}
     generator = torch.Generator().manual_seed(cfg.seed)
-    rows = collect_rows(model, prompts, earlier, cfg.samples, generator, cfg.mode)
-    out = []
-    for name, layer in layers.items():
+    rows = collect_rows(model, prompts, earlier, cfg.samples, generator, cfg.mode, stack)
+    out = {}
+    for name, layer in covered_layers(model, stack).items():
         width = layer.out_features if cfg.mode == "output" else layer.in_features
         k = directions(width, len(earlier), cfg)
         torch.manual_seed(cfg.seed)  # svd_lowrank draws a random sketch
         _, _, v = torch.svd_lowrank(rows[name], q=min(k + 8, min(rows[name].shape)), niter=4)
-        out.append(v[:, :k].contiguous().to(next(layer.stacks[0].parameters()).dtype))
+        out[name] = v[:, :k].contiguous().to(next(layer.stacks[0].parameters()).dtype)
     return out

@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from server.chat.moe_lora import routed
 from server.chat.router import MetaRouter, RouterConfig
-from training.brainstacks.data import Batch, batches, device_of, prompt_ids
+from training.brainstacks.data import Batch, batches, device_of, prompt_ids, reply_token_losses
 from training.data.world import Example
 
 
 @dataclass(frozen=True)
 class RouterTraining:
-    examples_per_domain: int = 60
+    examples_per_domain: int = 40
     margin: float = 0.01
     discovered_weight: float = 0.8  # the label gets the rest
     epochs: int = 60
@@ -58,11 +58,11 @@ def greedy_selection(losses: dict[frozenset, float], domains: tuple[str, ...], m
 def example_losses(model, batch: Batch) -> torch.Tensor:
     """Mean reply-token loss per example, [batch]."""
     batch = batch.to(device_of(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    labels = batch.labels[:, 1:]
-    token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    counts = (labels != -100).sum(1).clamp(min=1)
-    return (token.sum(1) / counts).cpu()
+    losses, rows = reply_token_losses(model, batch)
+    size = len(batch.input_ids)
+    sums = torch.zeros(size, device=losses.device).index_add_(0, rows, losses)
+    counts = torch.zeros(size, device=losses.device).index_add_(0, rows, torch.ones_like(losses)).clamp(min=1)
+    return (sums / counts).cpu()
 
 
 @torch.no_grad()
