@@ -83,10 +83,11 @@ def loss_tables(model, tokenizer, items: list[Example], domains: tuple[str, ...]
 
 @torch.no_grad()
 def discovered_routes(model, tokenizer, items: list[Example], domains: tuple[str, ...], margin: float,
-                      batch_size: int = 32) -> list[tuple[str, ...]]:
+                      batch_size: int = 32, max_domains: int | None = None) -> list[tuple[str, ...]]:
     """`greedy_selection` for every example, scoring only the subsets its walk visits: each step
     scores, for the examples still walking, their selection plus each domain not in it, one forward
-    per distinct subset over the rows that need it."""
+    per distinct subset over the rows that need it. `max_domains` ends a walk at that many domains."""
+    limit = min(max_domains or len(domains), len(domains))
     chosen = []
     for batch in tqdm(batches(tokenizer, items, batch_size), desc="router targets", unit="batch"):
         rows = len(batch.input_ids)
@@ -111,7 +112,7 @@ def discovered_routes(model, tokenizer, items: list[Example], domains: tuple[str
                     walking.discard(row)
                     continue
                 selected[row], current[row] = selected[row] | {domain}, loss
-                if len(selected[row]) == len(domains):
+                if len(selected[row]) == limit:
                     walking.discard(row)
         chosen += [tuple(d for d in domains if d in s) for s in selected]
     return chosen

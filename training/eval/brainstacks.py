@@ -5,8 +5,11 @@ prompts stratified by task kind, with 95% intervals and the distinct-prompt coun
 
 (a) Exact match per domain and on the cross-domain set for five settings: the base alone, ungated
     (every stack at 1), routed (the meta-router's domains at weight 1, as served), routed at the
-    router's probabilities (the paper's weighting), and the oracle route (per prompt, the subset of
-    domains whose answer loss is lowest).
+    router's probabilities (the paper's weighting), and the oracle route (per prompt, the domains
+    that outcome discovery picks on its own answer: greedy forward selection on answer loss, the
+    rule the router's targets come from, here up to two domains, as many as a cross-domain task
+    combines). With five domains the oracle costs up to 10 forwards a batch, so it runs on the first
+    `oracle_per_kind` prompts of each kind; the routed setting is reported on those prompts too.
     Beside exact match (the reply's "Answer:" line), "answer in reply" counts the expected answer
     anywhere in the reply: the base, which never uses that line, is judged on its content too.
 (b) General prompts (outside every domain): how often the routed greedy answer equals the base's,
@@ -19,14 +22,16 @@ prompts stratified by task kind, with 95% intervals and the distinct-prompt coun
 (d) The router: top-1 on single-domain prompts, and on cross-domain prompts the combinations it
     applies beside those outcome discovery finds best; no floor counts toward them.
 
-Prompts routed differently run in one batch (per-sequence weights, moe_lora.batch_route).
+Prompts routed differently run in one batch (per-sequence weights, moe_lora.batch_route). A
+prompt's reply under a route is generated once and reused by every setting and forgetting row that
+asks for the same route (the oracle's and the router's routes mostly agree; a domain's own route is
+unchanged by a library restricted to the domains that existed then).
 `--compare` evaluates other zoos (built with another null-space mode, or on the base alone) on the
 same prompts and prints them side by side. Writes JSON and a PNG of the routed exact match.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import time
@@ -44,7 +49,7 @@ from server.manifest import BuiltManifest
 from training.artifacts import machine
 from training.brainstacks.continual import isolation_route, load_for_training
 from training.brainstacks.data import collate
-from training.brainstacks.router_training import example_losses, greedy_selection
+from training.brainstacks.router_training import discovered_routes, example_losses
 from training.data.world import Example, final_answer, held_out
 from training.eval.exact_match import generate_replies, mcnemar_p, paired_difference_interval, wilson_interval
 
@@ -59,6 +64,8 @@ class BrainstacksEval:
     batch_size: int = 32
     max_new_tokens: int = 128  # a cap: each set generates its longest expected reply plus 16 tokens
     general_tokens: int = 48  # greedy tokens compared on general prompts
+    oracle_per_kind: int = 5
+    oracle_max_domains: int = 2
 
 
 def proportion(correct: list[bool]) -> dict:
@@ -77,35 +84,28 @@ def reply_budget(tokenizer, items: list[Example], cap: int) -> int:
     return min(cap, max(len(tokenizer(e.answer).input_ids) for e in items) + 16)
 
 
+def route_key(route: dict | None) -> tuple | None:
+    return None if route is None else tuple(sorted((d, round(w, 6)) for d, w in route.items() if w != 0))
+
+
 @torch.no_grad()
 def run_routes(chat: ChatModel, items: list[Example], routes: list[dict | None], cfg: BrainstacksEval,
-               losses: bool = True, max_new_tokens: int | None = None) -> tuple[list[float], list[str]]:
-    """Answer loss and greedy reply per example, each under its own route, batched across routes."""
+               cache: dict, max_new_tokens: int | None = None) -> tuple[list[float], list[str]]:
+    """Answer loss and greedy reply per example, each under its own route, batched across routes;
+    only the (prompt, route, budget) triples not in `cache` run, and land there."""
     tokens = max_new_tokens or reply_budget(chat.tokenizer, items, cfg.max_new_tokens)
-    all_losses, replies = [], []
-    for start in range(0, len(items), cfg.batch_size):
-        chunk, chunk_routes = items[start:start + cfg.batch_size], routes[start:start + cfg.batch_size]
+    keys = [(e.prompt, e.answer, route_key(r), tokens) for e, r in zip(items, routes)]
+    todo = list({k: (e, r) for k, e, r in zip(keys, items, routes) if k not in cache}.items())
+    todo.sort(key=lambda job: len(job[1][0].answer))  # similar lengths together: a batch ends when all rows do
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start:start + cfg.batch_size]
+        chunk_items, chunk_routes = [e for _, (e, _) in chunk], [r for _, (_, r) in chunk]
         with routed(chat.model, batch_route(chunk_routes, chat.domains, chat.device)):
-            if losses:
-                all_losses += example_losses(chat.model, collate(chat.tokenizer, chunk)).tolist()
-            replies += generate_replies(chat.model, chat.tokenizer, chunk, max_new_tokens=tokens,
-                                        batch_size=len(chunk))
-    return all_losses, replies
-
-
-@torch.no_grad()
-def subset_losses(chat: ChatModel, items: list[Example], cfg: BrainstacksEval) -> list[dict[frozenset, float]]:
-    """Every example's answer loss under every subset of domains (the oracle's table)."""
-    domains = chat.domains
-    subsets = [frozenset(c) for r in range(len(domains) + 1) for c in itertools.combinations(domains, r)]
-    tables: list[dict[frozenset, float]] = [{} for _ in items]
-    for start in range(0, len(items), cfg.batch_size):
-        batch = collate(chat.tokenizer, items[start:start + cfg.batch_size])
-        for subset in subsets:
-            with routed(chat.model, {d: 1.0 for d in subset}):
-                for i, loss in enumerate(example_losses(chat.model, batch).tolist()):
-                    tables[start + i][subset] = loss
-    return tables
+            losses = example_losses(chat.model, collate(chat.tokenizer, chunk_items)).tolist()
+            replies = generate_replies(chat.model, chat.tokenizer, chunk_items, max_new_tokens=tokens,
+                                       batch_size=len(chunk_items))
+        cache.update((key, (loss, reply)) for (key, _), loss, reply in zip(chunk, losses, replies))
+    return [cache[k][0] for k in keys], [cache[k][1] for k in keys]
 
 
 def stacked_zoo(manifests: BuiltManifest) -> bool:
@@ -144,21 +144,25 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
         vectors = [torch.tensor([p[d] for d in domains]) for p in probabilities]
         return probabilities, [chat.router.route(v)[0] for v in vectors], [paper_router.route(v)[0] for v in vectors]
 
-    settings, records, router = {}, {}, {"top1": {}, "cross": []}
+    settings, records, router, cache = {}, {}, {"top1": {}, "cross": []}, {}
     for name, items in tqdm(sets.items(), desc="evaluation sets", unit="set"):
         probabilities, gate_routes, probability_routes = routes_of(items)
-        tables = subset_losses(chat, items, cfg)
-        oracle = [{d: 1.0 for d in min(t, key=t.get)} for t in tables]
+        oracle_items = items[:cfg.oracle_per_kind * len({e.kind for e in items})]  # kinds interleave
+        discovered = discovered_routes(chat.model, chat.tokenizer, oracle_items, domains, cfg.margin,
+                                       cfg.batch_size, cfg.oracle_max_domains)
         by_setting = {"base": [{}] * len(items), "ungated": [None] * len(items), "routed": gate_routes,
-                      "routed_at_probability": probability_routes, "oracle": oracle}
+                      "routed_at_probability": probability_routes,
+                      "oracle": [{d: 1.0 for d in chosen} for chosen in discovered]}
         row, correct_by = {}, {}
         for setting, routes in by_setting.items():
-            losses, replies = run_routes(chat, items, routes, cfg)
-            correct = [final_answer(r) == e.final for r, e in zip(replies, items)]
-            found = [answer_in(r, e.final) for r, e in zip(replies, items)]
+            asked = items[:len(routes)]
+            losses, replies = run_routes(chat, asked, routes, cfg, cache)
+            correct = [final_answer(r) == e.final for r, e in zip(replies, asked)]
+            found = [answer_in(r, e.final) for r, e in zip(replies, asked)]
             row[setting] = {**proportion(correct), "loss": sum(losses) / len(losses),
                             "answer_in_reply": sum(found) / len(found)}
             correct_by[setting] = correct
+        row["oracle"]["routed_on_the_same_prompts"] = proportion(correct_by["routed"][:len(oracle_items)])
         row["distinct_prompts"] = len({e.prompt for e in items})
         row["kinds"] = dict(Counter(e.kind for e in items))
         settings[name] = row
@@ -167,9 +171,9 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
                    + f"; answer in reply: base {row['base']['answer_in_reply']:.2f}, "
                      f"routed {row['routed']['answer_in_reply']:.2f}")
         if name == "cross":
-            for item, table, applied, p in zip(items, tables, gate_routes, probabilities):
+            for item, chosen, applied, p in zip(oracle_items, discovered, gate_routes, probabilities):
                 router["cross"].append({"kind": item.domain, "router_applied": sorted(applied),
-                                        "discovered": list(greedy_selection(table, domains, cfg.margin)),
+                                        "discovered": list(chosen),
                                         "probabilities": {d: round(v, 3) for d, v in p.items()}})
         else:
             router["top1"][name] = sum(max(p, key=p.get) == name for p in probabilities) / len(items)
@@ -177,17 +181,18 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
     router["cross_two_or_more_domains"] = sum(len(c["router_applied"]) >= 2 for c in cross) / len(cross)
     router["cross_applied_combinations"] = Counter("+".join(c["router_applied"]) or "none" for c in cross).most_common()
     router["cross_discovered_combinations"] = Counter("+".join(c["discovered"]) or "none" for c in cross).most_common()
-    return {"settings": settings, "router": router, "general": general_prompts(chat, cfg),
-            "forgetting": routed_forgetting(chat, sets, records, cfg, stacked)}
+    report = {"settings": settings, "router": router, "general": general_prompts(chat, cfg, cache),
+              "forgetting": routed_forgetting(chat, sets, records, cfg, stacked, cache)}
+    return {**report, "replies_generated": len(cache)}
 
 
-def general_prompts(chat: ChatModel, cfg: BrainstacksEval) -> dict:
+def general_prompts(chat: ChatModel, cfg: BrainstacksEval, cache: dict) -> dict:
     """Prompts outside every domain: does the routed model answer exactly as the base does?"""
     items = held_out("general", "test", cfg.general_prompts)
     routes = [chat.router.route(torch.tensor(list(chat.router_probabilities(e.messages()).values())))[0]
               for e in items]
-    _, base = run_routes(chat, items, [{}] * len(items), cfg, losses=False, max_new_tokens=cfg.general_tokens)
-    _, served = run_routes(chat, items, routes, cfg, losses=False, max_new_tokens=cfg.general_tokens)
+    _, base = run_routes(chat, items, [{}] * len(items), cfg, cache, max_new_tokens=cfg.general_tokens)
+    _, served = run_routes(chat, items, routes, cfg, cache, max_new_tokens=cfg.general_tokens)
     same = [a == b for a, b in zip(base, served)]
     return {**{k: v for k, v in proportion(same).items() if k != "exact_match"}, "same_as_base": sum(same) / len(same),
             "no_domain": sum(not r for r in routes) / len(routes), "distinct_prompts": len({e.prompt for e in items}),
@@ -195,14 +200,15 @@ def general_prompts(chat: ChatModel, cfg: BrainstacksEval) -> dict:
             "examples": [{"prompt": e.prompt, "base": b, "routed": s} for e, b, s in list(zip(items, base, served))[:4]]}
 
 
-def routed_forgetting(chat: ChatModel, sets: dict, records: dict, cfg: BrainstacksEval, stacked: bool) -> dict:
+def routed_forgetting(chat: ChatModel, sets: dict, records: dict, cfg: BrainstacksEval, stacked: bool,
+                      cache: dict) -> dict:
     """Per earlier domain i and later domain j: exact match under the router's route restricted to
     domains[:j + 1] against exact match at freeze (isolation route), paired per prompt."""
     domains = chat.domains
     frozen = {}
     for i, domain in enumerate(domains):
         items = sets[domain]
-        _, replies = run_routes(chat, items, [isolation_route(domains, i, stacked)] * len(items), cfg, losses=False)
+        _, replies = run_routes(chat, items, [isolation_route(domains, i, stacked)] * len(items), cfg, cache)
         frozen[domain] = [final_answer(r) == e.final for r, e in zip(replies, items)]
     rows = []
     for j in range(1, len(domains)):
@@ -210,11 +216,8 @@ def routed_forgetting(chat: ChatModel, sets: dict, records: dict, cfg: Brainstac
         for i, domain in enumerate(domains[:j]):
             items = sets[domain]
             routes = [{d: w for d, w in r.items() if d in library} for r in records[domain]["routes"]]
-            if j == len(domains) - 1:
-                after = records[domain]["correct"]["routed"]  # the full library: the routed setting itself
-            else:
-                _, replies = run_routes(chat, items, routes, cfg, losses=False)
-                after = [final_answer(r) == e.final for r, e in zip(replies, items)]
+            _, replies = run_routes(chat, items, routes, cfg, cache)  # after the last: the routed setting's replies
+            after = [final_answer(r) == e.final for r, e in zip(replies, items)]
             rows.append({"after_domain": domains[j], "domain": domain, **paired(frozen[domain], after)})
     last = [r for r in rows if r["after_domain"] == domains[-1]]
     pooled_before = [x for r in last for x in frozen[r["domain"]]]
@@ -234,7 +237,7 @@ def paired(before: list[bool], after: list[bool]) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [f"{report['base']}, stacks {'on earlier domains' if report['stacked'] else 'on the base alone'}"
-             f" ({report['seconds'] / 60:.1f} min)",
+             f" ({report['seconds'] / 60:.1f} min, {report['replies_generated']} replies generated)",
              "exact match on held-out phrasings [95% interval], n = distinct prompts"]
     lines.append(f"{'set':<10}{'n':>5}" + "".join(f"{s:>24}" for s in SETTINGS))
     for name, row in report["settings"].items():
@@ -244,6 +247,9 @@ def format_report(report: dict) -> str:
     lines.append(f"{'':<15}" + "".join(f"{'loss ' + format(row_loss, '.3f'):>24}" for row_loss in
                                       (sum(r[s]['loss'] for r in report['settings'].values()) / len(report['settings'])
                                        for s in SETTINGS)) + "  (mean answer loss)")
+    lines.append("oracle prompts (the first of each kind): " + ", ".join(
+        f"{name} n={row['oracle']['n']} oracle {row['oracle']['exact_match']:.2f} routed "
+        f"{row['oracle']['routed_on_the_same_prompts']['exact_match']:.2f}" for name, row in report["settings"].items()))
     lines.append("answer in reply (any format): " + ", ".join(
         f"{name} base {row['base']['answer_in_reply']:.2f} routed {row['routed']['answer_in_reply']:.2f}"
         for name, row in report["settings"].items()))

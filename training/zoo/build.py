@@ -1,8 +1,9 @@
 """`python -m training zoo all`: the whole embedded zoo, step by step, each step resumable.
 
 Placeholders first (seconds, so a server can start), then the chat base (SmolLM2, converted from
-its packaged GGUF in under a minute, so `/chat` answers with a real LLM early), the image models and
-their ILF modules. Every artifact is recorded in the built manifest as soon as it is written, so a
+its packaged GGUF in under a minute, so `/chat` answers with a real LLM early), the image models,
+their ILF modules, and last the chat base's Brainstacks (the domains' stacks, one domain at a time,
+then the router). Every artifact is recorded in the built manifest as soon as it is written, so a
 server watching the manifest serves it at once, and an interrupted build resumes where it stopped
 (each step skips what is already built). The build's state goes to `build.json` in the artifact
 root, where the server shows it in /v1/models.
@@ -22,7 +23,9 @@ from server.manifest import BuiltManifest
 
 
 def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
+    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
     from training.ilf_distill import ILFTraining, MICRO_ILF, train_ilf
+    from training.zoo.chat import build_chat_zoo
     from training.zoo.chat_base import build_packaged_base
     from training.zoo.images import FULL, MICRO, build_image_zoo
     from training.zoo.placeholders import build_placeholder_zoo
@@ -34,6 +37,7 @@ def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
         ("image models", lambda m: build_image_zoo(m, MICRO if micro else FULL, if_missing=True)),
         ("ilf digits-dit", lambda m: train_ilf(m, "digits-dit", ilf, if_missing=True)),
         ("ilf digits-pixart", lambda m: train_ilf(m, "digits-pixart", ilf, if_missing=True)),
+        ("chat stacks", lambda m: build_chat_zoo(m, MICRO_CHAT if micro else ChatZooRecipe(), if_missing=True)),
     ]
 
 
