@@ -7,9 +7,9 @@ prompts stratified by task kind, with 95% intervals and the distinct-prompt coun
     (every stack at 1), routed (the meta-router's domains at weight 1, as served), routed at the
     router's probabilities (the paper's weighting), and the oracle route (per prompt, the domains
     that outcome discovery picks on its own answer: greedy forward selection on answer loss, the
-    rule the router's targets come from, here up to two domains, as many as a cross-domain task
-    combines). With five domains the oracle costs up to 10 forwards a batch, so it runs on the first
-    `oracle_per_kind` prompts of each kind; the routed setting is reported on those prompts too.
+    rule the router's targets come from). With five domains the oracle costs up to 16 forwards a
+    batch, so it runs on the first `oracle_per_kind` prompts of each kind; the routed setting is
+    reported on those prompts too.
     Beside exact match (the reply's "Answer:" line), "answer in reply" counts the expected answer
     anywhere in the reply: the base, which never uses that line, is judged on its content too.
 (b) General prompts (outside every domain): how often the routed greedy answer equals the base's,
@@ -65,7 +65,7 @@ class BrainstacksEval:
     max_new_tokens: int = 128  # a cap: each set generates its longest expected reply plus 16 tokens
     general_tokens: int = 48  # greedy tokens compared on general prompts
     oracle_per_kind: int = 5
-    oracle_max_domains: int = 2
+    oracle_max_domains: int | None = None  # None: the walk goes on while it gains (the paper's rule)
 
 
 def proportion(correct: list[bool]) -> dict:
