@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 venv: $(VENV)/.installed
 
 # `make serve` answers as soon as the install is done: placeholders (seconds) stand in for the
-# embedded zoo while the server builds it in a background process (the chat base, images, ILF), each
-# artifact hot-loaded as it lands. Stopping the server stops the build; the next run resumes it.
+# embedded zoo while the server builds it in a background process (the chat base, images, ILF, the
+# chat base's stacks and router), each artifact hot-loaded as it lands. Stopping the server stops
+# the build; the next run resumes it.
 # `make zoo` builds everything in the foreground.
 zoo: venv
 	$(PY) -m training zoo all
