@@ -18,7 +18,7 @@ from server.api import ROUTERS
 from server.api.dependencies import Services
 from server.engine import Engine
 from server.errors import BodySizeLimit, install_error_handlers
-from server.metrics import Metrics
+from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
 from server.registry import Registry
 from server.schemas import ErrorBody
 from server.settings import Settings
@@ -34,8 +34,8 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     if not settings.allow_network:
         os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched unless an operator allows it
     metrics = Metrics()
-    image_engine = Engine("image", settings.image_queue_size, settings.retry_after_seconds, metrics.queue_depth)
-    chat_engine = Engine("chat", settings.chat_queue_size, settings.retry_after_seconds, metrics.queue_depth)
+    image_engine = Engine("image", settings.image_queue_size, settings.retry_after_seconds, metrics)
+    chat_engine = Engine("chat", settings.chat_queue_size, settings.retry_after_seconds, metrics)
     # new artifacts are warmed on the worker that will run them, between requests
     registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
     svc = Services(settings, metrics, registry, image_engine, chat_engine)
@@ -76,14 +76,18 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-        return response
+        timing = RequestTiming(arrival=time.perf_counter())
+        CURRENT_REQUEST.set(timing)  # the endpoint's task inherits it (a copy of this context)
+        status = 500  # an exception past every handler: the server's error handler answers 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.count_response(route.path if route is not None else "unmatched", status, timing)
 
     for router in ROUTERS:
         app.include_router(router)
+    metrics.preset_endpoints([route.path for router in ROUTERS for route in router.routes] + ["unmatched"])
     return app

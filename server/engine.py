@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from prometheus_client import Gauge
+from server.metrics import CURRENT_REQUEST, Metrics
 
 T = TypeVar("T")
 
@@ -25,11 +26,13 @@ class QueueFull(Exception):
 
 
 class Engine:
-    def __init__(self, name: str, max_waiting: int, retry_after: int, depth_gauge: Gauge):
+    def __init__(self, name: str, max_waiting: int, retry_after: int, metrics: Metrics):
         self.name = name
         self.max_waiting = max_waiting
         self.retry_after = retry_after
-        self._gauge = depth_gauge.labels(engine=name)
+        self._running = metrics.engine_running.labels(engine=name)
+        self._waiting = metrics.engine_waiting.labels(engine=name)
+        metrics.engine_queue_limit.labels(engine=name).set(max_waiting)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         self._lock = threading.Lock()
         self._in_system = 0  # running + waiting
@@ -43,13 +46,25 @@ class Engine:
             if self._in_system > self.max_waiting:  # one running, max_waiting already queued
                 raise QueueFull(self.name, self.retry_after)
             self._in_system += 1
-            self._gauge.set(self.waiting)
+            self._publish()
+        timing, submitted = CURRENT_REQUEST.get(), time.perf_counter()
+
+        def timed() -> T:
+            if timing is not None:  # the request's wait, read back by the middleware that counts it
+                timing.engine = self.name
+                timing.queue_seconds += time.perf_counter() - submitted
+            return fn(*args)
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
         finally:
             with self._lock:
                 self._in_system -= 1
-                self._gauge.set(self.waiting)
+                self._publish()
+
+    def _publish(self) -> None:
+        self._running.set(min(self._in_system, 1))
+        self._waiting.set(self.waiting)
 
     def run(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` on the worker from another thread, between jobs, and wait for it (the registry

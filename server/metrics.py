@@ -1,6 +1,14 @@
-"""Prometheus metrics: one prefix, base units, `_total` counters. One registry per app instance."""
+"""Prometheus metrics: one prefix, base units, `_total` counters. One registry per app instance.
+
+The names, labels and meanings are a contract (docs/metrics.md): dashboards and alert rules read
+them, so later work adds names and never renames one.
+"""
 
 from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -9,27 +17,62 @@ WEIGHT_BUCKETS = (0.05, 0.12, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+@dataclass
+class RequestTiming:
+    """One HTTP request's clock, shared by the middleware that counts it and the engine that runs it."""
+
+    arrival: float  # perf_counter() when the request reached the server
+    engine: str | None = None
+    queue_seconds: float = 0.0  # waiting for the engine's worker, all jobs of the request together
+
+
+# Set by the request middleware; the endpoint's task inherits it, and the engine adds its queue time
+# to the same object, which the middleware reads back when it counts the response.
+CURRENT_REQUEST: ContextVar[RequestTiming | None] = ContextVar("loopstack_request", default=None)
+
+# Statuses whose series exist at 0 for every endpoint from the start: a rate over them (an alert's
+# error ratio) is 0, not absent, before the first error.
+PRESET_STATUSES = ("429", "500", "503")
+
+
+def since_arrival(now: float | None = None) -> float | None:
+    timing = CURRENT_REQUEST.get()
+    return None if timing is None else (now if now is not None else time.perf_counter()) - timing.arrival
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loopstack_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+            "loopstack_requests", "HTTP responses by endpoint and status code (5xx included)", ["endpoint", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "loopstack_request_duration_seconds", "HTTP request latency", ["endpoint"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "loopstack_request_duration_seconds", "HTTP request latency, arrival to response, by endpoint and status",
+            ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("loopstack_queue_depth", "Jobs waiting for an engine", ["engine"], registry=r)
+        self.queue_seconds = Histogram(
+            "loopstack_queue_seconds", "Time a request waited for an engine's worker, by engine and response status",
+            ["engine", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.engine_running = Gauge("loopstack_engine_running", "Jobs an engine's worker is running", ["engine"],
+                                    registry=r)
+        self.engine_waiting = Gauge("loopstack_engine_waiting", "Jobs waiting for an engine's worker", ["engine"],
+                                    registry=r)
+        self.engine_queue_limit = Gauge(
+            "loopstack_engine_queue_limit", "Jobs that may wait before an engine answers 429", ["engine"], registry=r
+        )
         self.image_seconds = Histogram(
             "loopstack_image_seconds", "Sampling time per image request", ["model", "mode"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.images = Counter("loopstack_images", "Images generated", ["model", "mode"], registry=r)
         self.image_denoise_steps = Counter(
             "loopstack_image_denoise_steps", "Denoising steps run", ["model", "mode"], registry=r
         )
         self.chat_ttft = Histogram(
-            "loopstack_chat_time_to_first_token_seconds", "Time from job start to the first token",
+            "loopstack_chat_time_to_first_token_seconds", "Time from the request's arrival to the first token",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.chat_itl = Histogram(
@@ -39,6 +82,10 @@ class Metrics:
         self.chat_prompt_tokens = Counter("loopstack_chat_prompt_tokens", "Prompt tokens read", registry=r)
         self.chat_generation_tokens = Counter(
             "loopstack_chat_generation_tokens", "Tokens generated", registry=r
+        )
+        self.chat_finished = Counter(
+            "loopstack_chat_requests_finished", "Chat answers by finish reason (stop, length)", ["finish_reason"],
+            registry=r,
         )
         # which Brainstacks domains answer the traffic, and how sure the meta-router is about them
         self.chat_domain_applied = Counter(
@@ -62,3 +109,23 @@ class Metrics:
             "loopstack_artifact_generation", "The model-set generation each entry's serving version was loaded in",
             ["model"], registry=r,
         )
+        self.artifact_refused = Gauge(
+            "loopstack_artifact_refused", "1 while an entry's latest artifact on disk is refused (the old one serves)",
+            ["model"], registry=r,
+        )
+        self.artifact_refused.labels(model="manifest").set(0)
+        for reason in ("stop", "length"):
+            self.chat_finished.labels(finish_reason=reason)
+
+    def preset_endpoints(self, endpoints: list[str]) -> None:
+        for endpoint in endpoints:
+            for status in PRESET_STATUSES:
+                self.requests.labels(endpoint=endpoint, status=status)
+
+    def count_response(self, endpoint: str, status: int, timing: RequestTiming) -> None:
+        status_label = str(status)
+        self.requests.labels(endpoint=endpoint, status=status_label).inc()
+        self.request_duration.labels(endpoint=endpoint, status=status_label).observe(
+            time.perf_counter() - timing.arrival)
+        if timing.engine is not None:
+            self.queue_seconds.labels(engine=timing.engine, status=status_label).observe(timing.queue_seconds)

@@ -126,9 +126,11 @@ class Registry:
             try:
                 manifest = load_manifest(path)
                 self.manifest_error = None
+                self.metrics.artifact_refused.labels(model="manifest").set(0)
             except ManifestError as exc:
                 self.manifest_error = str(exc)
                 self.metrics.artifact_reloads.labels(model="manifest", result="refused").inc()
+                self.metrics.artifact_refused.labels(model="manifest").set(1)
                 log.error("%s; every model keeps what it had", exc)
                 report["refused"].append({"entry": "manifest", "reason": str(exc)})
                 return report
@@ -137,6 +139,7 @@ class Registry:
             removed = set(self.entries) - {key for group in groups for key, *_ in group}
             for key in removed:  # gone from the manifest: no longer served
                 del self.entries[key]
+                self.metrics.artifact_refused.labels(model=key).set(0)
             if removed:
                 self._swap()
             for group in groups:
@@ -173,6 +176,7 @@ class Registry:
             entry.error = self._display(str(exc))
             entry.attempted = True
             self.metrics.artifact_reloads.labels(model=key, result="refused").inc()
+            self.metrics.artifact_refused.labels(model=key).set(1)
             log.error("refused %s: %s (%s)", key, entry.error,
                       "the previous version keeps serving" if entry.value is not None else "not served")
             report["refused"].append({"entry": key, "reason": entry.error})
@@ -183,6 +187,7 @@ class Registry:
         entry.checksum = _checksum(spec)
         self.metrics.artifact_reloads.labels(model=key, result="loaded").inc()
         self.metrics.artifact_generation.labels(model=key).set(entry.generation)
+        self.metrics.artifact_refused.labels(model=key).set(0)
         log.info("loaded %s (generation %d) in %.2f s", key, entry.generation, time.perf_counter() - started)
         report["loaded"].append(key)
         return True

@@ -217,11 +217,17 @@ def test_faults_in_a_model_folder_are_refused_with_the_file_named(served, tmp_pa
         outside.write_text("{}")
         (folder / "linked.json").symlink_to(outside)
         named = "linked.json"
-    registry = Registry(make_settings(path), Metrics())
+    metrics = Metrics()
+    registry = Registry(make_settings(path), metrics)
     report = registry.reload()
     assert [r["entry"] for r in report["refused"]] == ["tiny-dit"]
     assert named in report["refused"][0]["reason"] and str(path.parent) not in report["refused"][0]["reason"]
     assert "tiny-pixart" in registry.current.images and "tiny-dit" not in registry.current.images
+    refused = {"tiny-dit": 1.0, "tiny-pixart": 0.0, "manifest": 0.0}
+    assert {m: metrics.registry.get_sample_value("loopstack_artifact_refused", {"model": m}) for m in refused} == refused
+    (folder / named).unlink()  # the fault fixed: the next reload loads it and the alert's gauge clears
+    assert "tiny-dit" in registry.reload()["loaded"]
+    assert metrics.registry.get_sample_value("loopstack_artifact_refused", {"model": "tiny-dit"}) == 0.0
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):

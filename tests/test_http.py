@@ -164,7 +164,7 @@ def test_metrics_change_after_requests(client):
     assert metric_value(client, "loopstack_chat_generation_tokens_total") == before["gen"] + chat["usage"]["completion_tokens"]
     assert metric_value(client, "loopstack_chat_time_to_first_token_seconds_count") == before["ttft"] + 1
     text = client.get("/metrics").text
-    for name in ("loopstack_queue_depth", "loopstack_request_duration_seconds", "loopstack_chat_prompt_tokens_total",
+    for name in ("loopstack_engine_waiting", "loopstack_request_duration_seconds", "loopstack_chat_prompt_tokens_total",
                  "loopstack_chat_inter_token_latency_seconds", "loopstack_artifact_reloads_total"):
         assert name in text
 
@@ -192,7 +192,7 @@ def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
         while engine.waiting < 1 and time.time() < deadline:  # one running, one waiting
             time.sleep(0.01)
         assert engine.waiting == 1
-        assert metric_value(c, "loopstack_queue_depth", engine="image") == 1
+        assert metric_value(c, "loopstack_engine_waiting", engine="image") == 1
         refused = c.post("/generate-image", json=body)
         assert_error_shape(refused, 429)
         assert refused.headers["retry-after"] == "7"

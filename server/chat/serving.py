@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 from server.chat.model import ChatJob, ChatModel, ChatResult
 from server.engine import Engine
 from server.errors import ApiError
-from server.metrics import Metrics
+from server.metrics import Metrics, since_arrival
 from server.schemas import MAX_SEED, ChatRequest, ChatResponse, RouteTrace, Usage
 from server.settings import Settings
 
@@ -113,8 +113,10 @@ def record_metrics(metrics: Metrics, job: ChatJob, result: ChatResult, trace: Ro
         metrics.chat_router_probability.labels(domain=domain).observe(probability)
     metrics.chat_prompt_tokens.inc(result.prompt_tokens)
     metrics.chat_generation_tokens.inc(result.completion_tokens)
-    if trace.time_to_first_token_seconds is not None:
-        metrics.chat_ttft.observe(trace.time_to_first_token_seconds)
+    metrics.chat_finished.labels(finish_reason=result.finish_reason).inc()
+    if result.token_times:  # from the request's arrival: parsing, the queue and the router count too
+        from_arrival = since_arrival(result.token_times[0])
+        metrics.chat_ttft.observe(from_arrival if from_arrival is not None else trace.time_to_first_token_seconds)
     for earlier, later in zip(result.token_times, result.token_times[1:]):
         metrics.chat_itl.observe(later - earlier)
 

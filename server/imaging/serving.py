@@ -108,6 +108,7 @@ def _condition(req: ImageRequest, backbone: ImageBackbone, settings: Settings):
 
 def record_metrics(metrics: Metrics, backbone: ImageBackbone, job: SampleJob, result: SampleResult) -> None:
     metrics.image_seconds.labels(model=backbone.name, mode=job.mode).observe(result.seconds)
+    metrics.images.labels(model=backbone.name, mode=job.mode).inc(len(job.seeds))
     metrics.image_denoise_steps.labels(model=backbone.name, mode=job.mode).inc(result.steps * len(job.seeds))
 
 
