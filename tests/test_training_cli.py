@@ -72,7 +72,8 @@ def test_zoo_all_records_each_step_and_resumes_after_an_interruption(tmp_path, m
             return name != "placeholders"  # placeholders were already there
         return name, run
 
-    monkeypatch.setattr(build, "steps", lambda micro: [step(n) for n in ("placeholders", "image models", "chat zoo")])
+    monkeypatch.setattr(build, "steps",
+                        lambda micro, device: [step(n) for n in ("placeholders", "image models", "chat zoo")])
     manifests = open_manifest(tmp_path / "artifacts")
     with pytest.raises(KeyboardInterrupt):
         build.build_zoo(manifests)

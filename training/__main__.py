@@ -19,7 +19,7 @@ from training.artifacts import open_manifest
 def zoo_all(m: BuiltManifest, args) -> None:
     from training.zoo.build import build_zoo
 
-    state = build_zoo(m, micro=args.micro)
+    state = build_zoo(m, micro=args.micro, device=args.device)
     for step in state["steps"]:
         print(f"  {step['name']:<18} {step['state']:<14} {step['seconds']:>8.1f} s")
 
@@ -122,7 +122,8 @@ VARIANT = (("--variant",), dict(choices=("output", "input", "off", "base-alone")
 # verb -> (what it does, its function, its flags)
 VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("zoo", "all"): ("build every missing part of the embedded zoo, in order, resumably (what `make zoo` runs)",
-                     zoo_all, [MICRO]),
+                     zoo_all, [MICRO, (("--device",), dict(default="cpu", help="torch device for the chat stacks "
+                                                                                   "and router (cpu, cuda)"))]),
     ("zoo", "images"): ("train digits-dit and digits-pixart (about 20 CPU-minutes)", zoo_images,
                         [MICRO, IF_MISSING]),
     ("zoo", "chat-base"): ("convert the packaged SmolLM2-135M-Instruct (GGUF) into a safetensors model folder "

@@ -22,7 +22,7 @@ from server.artifacts import atomic_write_bytes
 from server.manifest import BuiltManifest
 
 
-def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
+def steps(micro: bool, device: str = "cpu") -> list[tuple[str, Callable[[BuiltManifest], object]]]:
     from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
     from training.ilf_distill import ILFTraining, MICRO_ILF, train_ilf
     from training.zoo.chat import build_chat_zoo
@@ -37,18 +37,19 @@ def steps(micro: bool) -> list[tuple[str, Callable[[BuiltManifest], object]]]:
         ("image models", lambda m: build_image_zoo(m, MICRO if micro else FULL, if_missing=True)),
         ("ilf digits-dit", lambda m: train_ilf(m, "digits-dit", ilf, if_missing=True)),
         ("ilf digits-pixart", lambda m: train_ilf(m, "digits-pixart", ilf, if_missing=True)),
-        ("chat stacks", lambda m: build_chat_zoo(m, MICRO_CHAT if micro else ChatZooRecipe(), if_missing=True)),
+        ("chat stacks", lambda m: build_chat_zoo(m, MICRO_CHAT if micro else ChatZooRecipe(), if_missing=True,
+                                                 device=device)),
     ]
 
 
-def build_zoo(manifests: BuiltManifest, micro: bool = False) -> dict:
+def build_zoo(manifests: BuiltManifest, micro: bool = False, device: str = "cpu") -> dict:
     """Run every step; returns (and keeps in build.json) each step's state and seconds. SIGINT and
     SIGTERM stop it cleanly (its state says "stopped"), also where a launcher left SIGINT ignored."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return _run_steps(manifests, steps(micro))
+        return _run_steps(manifests, steps(micro, device))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
