@@ -253,7 +253,7 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
 
 
 def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, capsys):
-    from training.eval.brainstacks import SETTINGS, BrainstacksEval, run_brainstacks_eval
+    from training.eval.brainstacks import SETTINGS, BrainstacksEval, evaluate_zoo, run_brainstacks_eval
 
     served = open_manifest(tmp_path / "served", ZOO_LM_TEMPLATE)
     build_chat_zoo(served, MICRO_CHAT, runs_dir=tmp_path / "runs")
@@ -282,6 +282,15 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
     out = capsys.readouterr().out
     assert "routed exact match by zoo" in out and "pooled after the last domain" in out
     assert (tmp_path / "eval" / "brainstacks.png").is_file() and (tmp_path / "eval" / "brainstacks.json").is_file()
+
+    # the oracle and the comparison settings run on the first prompts of each kind, the rest on all
+    subsets = BrainstacksEval(per_kind=2, oracle_per_kind=1, comparison_per_kind=1, general_prompts=2,
+                              max_new_tokens=4, general_tokens=4)
+    for name, row in evaluate_zoo(served, subsets)["settings"].items():
+        kinds = len(row["kinds"])
+        assert row["base"]["n"] == row["routed"]["n"] == 2 * kinds
+        assert row["ungated"]["n"] == row["routed_at_probability"]["n"] == row["oracle"]["n"] == kinds
+        assert len(row["examples"]) == kinds and all(set(e) >= {"prompt", "expected", "routed"} for e in row["examples"])
 
 
 def test_eval_generates_each_prompt_and_route_once_and_reuses_it(tmp_path):

@@ -9,7 +9,8 @@ prompts stratified by task kind, with 95% intervals and the distinct-prompt coun
     that outcome discovery picks on its own answer: greedy forward selection on answer loss, the
     rule the router's targets come from). With five domains the oracle costs up to 16 forwards a
     batch, so it runs on the first `oracle_per_kind` prompts of each kind; the routed setting is
-    reported on those prompts too.
+    reported on those prompts too. Ungated and routed-at-probability run on the first
+    `comparison_per_kind` prompts of each kind (their n is in the report).
     Beside exact match (the reply's "Answer:" line), "answer in reply" counts the expected answer
     anywhere in the reply: the base, which never uses that line, is judged on its content too.
 (b) General prompts (outside every domain): how often the routed greedy answer equals the base's,
@@ -65,6 +66,9 @@ class BrainstacksEval:
     max_new_tokens: int = 128  # a cap: each set generates its longest expected reply plus 16 tokens
     general_tokens: int = 48  # greedy tokens compared on general prompts
     oracle_per_kind: int = 5
+    # ungated and probability weighting answer a side question (what routing adds, how to weight);
+    # on the first prompts of each kind they cost 40% of the generation the full sets would
+    comparison_per_kind: int = 10
     oracle_max_domains: int | None = None  # None: the walk goes on while it gains (the paper's rule)
 
 
@@ -147,13 +151,15 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
     settings, records, router, cache = {}, {}, {"top1": {}, "cross": []}, {}
     for name, items in tqdm(sets.items(), desc="evaluation sets", unit="set"):
         probabilities, gate_routes, probability_routes = routes_of(items)
-        oracle_items = items[:cfg.oracle_per_kind * len({e.kind for e in items})]  # kinds interleave
+        kinds = len({e.kind for e in items})
+        oracle_items = items[:cfg.oracle_per_kind * kinds]  # kinds interleave: the first of each kind
+        compared = cfg.comparison_per_kind * kinds
         discovered = discovered_routes(chat.model, chat.tokenizer, oracle_items, domains, cfg.margin,
                                        cfg.batch_size, cfg.oracle_max_domains)
-        by_setting = {"base": [{}] * len(items), "ungated": [None] * len(items), "routed": gate_routes,
-                      "routed_at_probability": probability_routes,
+        by_setting = {"base": [{}] * len(items), "ungated": [None] * len(items[:compared]), "routed": gate_routes,
+                      "routed_at_probability": probability_routes[:compared],
                       "oracle": [{d: 1.0 for d in chosen} for chosen in discovered]}
-        row, correct_by = {}, {}
+        row, correct_by, replies_by = {}, {}, {}
         for setting, routes in by_setting.items():
             asked = items[:len(routes)]
             losses, replies = run_routes(chat, asked, routes, cfg, cache)
@@ -161,10 +167,13 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
             found = [answer_in(r, e.final) for r, e in zip(replies, asked)]
             row[setting] = {**proportion(correct), "loss": sum(losses) / len(losses),
                             "answer_in_reply": sum(found) / len(found)}
-            correct_by[setting] = correct
+            correct_by[setting], replies_by[setting] = correct, replies
         row["oracle"]["routed_on_the_same_prompts"] = proportion(correct_by["routed"][:len(oracle_items)])
         row["distinct_prompts"] = len({e.prompt for e in items})
         row["kinds"] = dict(Counter(e.kind for e in items))
+        row["examples"] = [{"prompt": e.prompt, "expected": e.final, "route": sorted(route),
+                            **{s: replies_by[s][k] for s in ("base", "routed", "oracle")}}
+                           for k, (e, route) in enumerate(zip(items[:kinds], gate_routes))]  # one per kind
         settings[name] = row
         records[name] = {"correct": correct_by, "routes": gate_routes}
         tqdm.write(f"{name}: n={len(items)} " + ", ".join(f"{s} {row[s]['exact_match']:.2f}" for s in SETTINGS)
@@ -250,6 +259,8 @@ def format_report(report: dict) -> str:
     lines.append("oracle prompts (the first of each kind): " + ", ".join(
         f"{name} n={row['oracle']['n']} oracle {row['oracle']['exact_match']:.2f} routed "
         f"{row['oracle']['routed_on_the_same_prompts']['exact_match']:.2f}" for name, row in report["settings"].items()))
+    lines.append("ungated and routed at probability ran on the first prompts of each kind: " + ", ".join(
+        f"{name} n={row['ungated']['n']}" for name, row in report["settings"].items()))
     lines.append("answer in reply (any format): " + ", ".join(
         f"{name} base {row['base']['answer_in_reply']:.2f} routed {row['routed']['answer_in_reply']:.2f}"
         for name, row in report["settings"].items()))
