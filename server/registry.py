@@ -142,6 +142,9 @@ class Registry:
                 self.metrics.artifact_refused.labels(model=key).set(0)
             if removed:
                 self._swap()
+            for group in groups:  # every entry shows as loading (and its requests get 503) until its turn
+                for key, kind, _, parent in group:
+                    self.entries.setdefault(key, Entry(key, kind, parent))
             for group in groups:
                 if any([self._update(key, kind, spec, parent, resolver, report) for key, kind, spec, parent in group]):
                     self._swap()
@@ -286,19 +289,28 @@ class Registry:
         serving = sorted(models.images) + ([models.chat.name] if models and models.chat else []) if models else []
         return {"generation": models.generation if models else None, "serving": serving,
                 "placeholders": sorted(e.key for e in entries if e.state == "placeholder"),
-                "loading": sorted(e.key for e in entries if e.state == "loading"),
+                "loading": sorted(e.key for e in entries if self._pending(e)),
                 "failed": sorted(e.key for e in entries if e.error is not None)}
 
     def unavailable(self, kind: EntryKind, key: str | None = None) -> str | None:
         """Why a model of the manifest (an image model by name, or the chat model) does not serve:
         it is still loading, or what refused it; None when the manifest has no such model unserved."""
         entry = next((e for e in list(self.entries.values())
-                      if e.kind == kind and (key is None or e.key == key) and e.value is None), None)
+                      if e.kind == kind and (key is None or e.key == key) and (e.value is None or self._pending(e))),
+                     None)
         if entry is None:
             return None
-        if entry.error:
+        if entry.error and entry.value is None:
             return f"{entry.key} could not be loaded: {entry.error}"
         return f"{entry.key} is still loading; retry shortly"
+
+    def _pending(self, entry: Entry) -> bool:
+        """Not serving yet: still to load, or loaded while the rest of its group (a chat base's
+        stacks and router) loads, before the swap that serves them together."""
+        if entry.value is None:
+            return entry.state == "loading"
+        current = self._current.generation if self._current else 0
+        return entry.generation is not None and entry.generation > current
 
     def not_serving_reason(self) -> str:
         if self.manifest_error is not None:

@@ -243,6 +243,34 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["stack.safetensors"]
 
 
+def test_entries_not_loaded_yet_show_as_loading_and_their_requests_get_503(served, monkeypatch):
+    """During the first load the image models serve before the chat model's group (base, stacks,
+    router) is swapped in: /readyz is 200 with the chat model under "loading", and /chat answers
+    503, not "no chat model" (404), also once the base is loaded and its stacks are still loading."""
+    path, _ = served
+    release, reached = threading.Event(), threading.Event()
+    real_load = Registry._load
+
+    def slow_chat(self, kind, spec, parent, resolver):
+        if kind == "stacks":
+            reached.set()
+            release.wait(timeout=60)
+        return real_load(self, kind, spec, parent, resolver)
+
+    monkeypatch.setattr(Registry, "_load", slow_chat)
+    with TestClient(create_app(make_settings(path, watch=False))) as c:  # loads in the background
+        assert reached.wait(timeout=60)
+        ready = c.get("/readyz").json()
+        assert "tiny-dit" in ready["serving"] and "tiny-lm" in ready["loading"] and "tiny-lm" not in ready["serving"]
+        waiting = c.post("/chat", json={"prompt": "hi", "max_tokens": 1})
+        assert waiting.status_code == 503 and "tiny-lm is still loading" in waiting.json()["error"]["message"]
+        release.set()
+        deadline = time.time() + 60
+        while c.get("/readyz").json()["loading"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert c.post("/chat", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
 def test_the_build_state_shows_in_the_model_list(served):
     path, _ = served
     (path.parent / "build.json").write_text('{"state": "running", "current": "image models (step 2 of 5)"}')
