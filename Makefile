@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: serve test zoo venv clean-venv
+.PHONY: serve test zoo venv clean-venv deploy-check dashboard
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ serve: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The server on the built zoo, Debian's Prometheus (apt-get install prometheus) with the repo's
+# configuration and rules, bounded traffic and scripted faults: every dashboard query returns data
+# and every alert fires and resolves. Writes docs/dashboard.png and runs/deploy-check/report.json.
+deploy-check: venv
+	$(PY) -m deploy.check
+
+dashboard: venv
+	$(PY) -m deploy.grafana.dashboard
 
 clean-venv:
 	rm -rf $(VENV)

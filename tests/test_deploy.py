@@ -1,46 +1,195 @@
-"""No Docker engine runs in CI, so the deployment files are checked for what can break them."""
+"""No Docker engine runs in CI, so the deployment files are checked for what can break them: paths
+that do not exist, entry points that do not parse, images that run as root or carry the training
+extras, PromQL that does not parse or reads a series the server does not export, a dashboard JSON
+that drifted from its code. (`make deploy-check` runs the server, Prometheus and the rules for real.)"""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import promql_parser
+import pytest
 import yaml
+
+from deploy.grafana import dashboard
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_compose_mounts_only_files_that_exist():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"loopstack", "prometheus"} <= set(services)
-    assert (REPO / services["loopstack"]["build"]["context"] / "Dockerfile").is_file()
-    for name, service in services.items():
-        for volume in service.get("volumes", []):
-            host = volume.split(":")[0]
-            if host.startswith((".", "/")):
-                assert (REPO / host).exists(), f"{name} mounts {host}, which does not exist"
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.safe_load((REPO / name).read_text())
 
 
-def test_prometheus_scrapes_the_server_service_on_its_port():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
-    targets = [t for job in config["scrape_configs"] for s in job["static_configs"] for t in s["targets"]]
-    assert "loopstack:8000" in targets
-    assert "8000:8000" in compose["services"]["loopstack"]["ports"]
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions as (KEYWORD, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
+    stages, current = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        if keyword == "FROM":
+            current = rest.split(" AS ")[-1].strip()
+            stages[current] = [(keyword, rest)]
+        elif current is not None:
+            stages[current].append((keyword, rest))
+    return stages
+
+
+def exec_form(arguments: str) -> list[str]:
+    return json.loads(arguments) if arguments.startswith("[") else shlex.split(arguments)
+
+
+def test_dockerfile_has_a_lean_non_root_runtime_and_a_training_target():
+    stages = dockerfile_stages()
+    assert list(stages) == ["runtime", "training"]
+    runtime = stages["runtime"]
+    installs = " ".join(rest for key, rest in runtime if key == "RUN" and "pip install" in rest)
+    assert "[training]" not in installs and "--constraint constraints.txt" in installs
+    assert [rest for key, rest in runtime if key == "USER"][-1] == "10001:10001"
+    health = " ".join(rest for key, rest in runtime if key == "HEALTHCHECK")
+    assert "/readyz" in health
+    training = stages["training"]
+    assert training[0][1] == "runtime AS training"
+    assert any(key == "RUN" and '".[training]"' in rest and "--constraint constraints.txt" in rest for key, rest in training)
+    assert [rest for key, rest in training if key == "USER"][-1] == "10001:10001"
+    env = " ".join(rest for key, rest in runtime if key == "ENV")
+    assert "LOOPSTACK_ARTIFACT_ROOT=/app/artifacts" in env and "HF_HUB_OFFLINE=1" in env
 
 
 def test_dockerfile_copies_files_that_exist():
-    for line in (REPO / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY"):
-            for source in line.split()[1:-1]:
-                assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+    for stage in dockerfile_stages().values():
+        for key, rest in stage:
+            if key == "COPY":
+                for source in rest.split()[:-1]:
+                    assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_hadolint_is_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def entry_point_parses(command: list[str]) -> None:
+    """`python -m server ...` or `python -m training ...`: the module exists and takes these arguments."""
+    assert command[:2] == ["python", "-m"], command
+    module, args = command[2], command[3:]
+    if module == "training":
+        from training.__main__ import parser
+
+        parser().parse_args(args)
+    else:
+        assert module == "server" and (REPO / "server" / "__main__.py").is_file()
+        source = (REPO / "server" / "__main__.py").read_text()
+        for flag in (a for a in args if a.startswith("--")):
+            assert f'"{flag}"' in source, f"python -m server takes no {flag}"
+
+
+def test_every_command_names_a_real_entry_point():
+    stages = dockerfile_stages()
+    for stage in stages.values():
+        for key, rest in stage:
+            if key == "CMD":
+                entry_point_parses(exec_form(rest))
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        for service in compose(name)["services"].values():
+            if "command" in service and not service.get("image", "").startswith(("prom/", "grafana/")):
+                entry_point_parses(service["command"])
+
+
+def test_compose_builds_the_zoo_into_a_volume_the_server_reads():
+    services = compose()["services"]
+    assert {"zoo", "loopstack", "prometheus", "grafana"} <= set(services)
+    assert services["zoo"]["build"]["target"] == "training" and services["loopstack"]["build"]["target"] == "runtime"
+    assert services["zoo"]["restart"] == "no"  # it exits when the zoo is built
+    assert "artifacts:/app/artifacts" in services["zoo"]["volumes"]
+    assert "artifacts:/app/artifacts:ro" in services["loopstack"]["volumes"]
+    assert "artifacts" in compose()["volumes"]
+    assert "8000:8000" in services["loopstack"]["ports"]
+    grace = services["loopstack"]["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) >= 60  # covers a drain of queued work
+
+
+def test_compose_mounts_only_paths_that_exist():
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        for service_name, service in compose(name)["services"].items():
+            for volume in service.get("volumes", []):
+                host = volume.split(":")[0]
+                if host.startswith((".", "/")):
+                    assert (REPO / host).exists(), f"{service_name} mounts {host}, which does not exist"
+
+
+def test_gpu_override_only_changes_services_that_exist():
+    base, gpu = compose()["services"], compose("docker-compose.gpu.yml")["services"]
+    assert set(gpu) <= set(base)
+    for service in gpu.values():
+        assert "cu" in service["build"]["args"]["TORCH_INDEX"]
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_prometheus_is_debians_line_and_scrapes_the_server():
+    services = compose()["services"]
+    assert services["prometheus"]["image"].startswith("prom/prometheus:v2.")
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    targets = [t for job in config["scrape_configs"] for s in job["static_configs"] for t in s["targets"]]
+    assert targets == ["loopstack:8000"]
+    rule_files = [p for pattern in config["rule_files"] for p in (REPO / "deploy").glob(pattern)]
+    assert rule_files == [REPO / "deploy" / "rules" / "loopstack.yml"]
+    assert "./deploy/rules:/etc/prometheus/rules:ro" in services["prometheus"]["volumes"]
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard():
+    grafana = REPO / "deploy" / "grafana"
+    source = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((grafana / "provisioning" / "dashboards" / "loopstack.yml").read_text())
+    mounted = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"])
+    assert mounted["./deploy/grafana/dashboards"] == provider["providers"][0]["options"]["path"]
+    uid = source["datasources"][0]["uid"]
+    panels = json.loads(dashboard.OUT.read_text())["panels"]
+    assert panels and all(t["datasource"]["uid"] == uid for p in panels for t in p["targets"])
+
+
+def test_the_committed_dashboard_json_is_what_its_code_writes():
+    assert json.loads(dashboard.OUT.read_text()) == dashboard.grafana_json()
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    rules = yaml.safe_load((REPO / "deploy" / "rules" / "loopstack.yml").read_text())
+    return [(r.get("record") or r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    return [(p.title, q.expr) for p in dashboard.PANELS for q in p.queries]
+
+
+@pytest.mark.parametrize("name, expr", rule_expressions() + dashboard_expressions())
+def test_every_promql_expression_parses(name, expr):
+    promql_parser.parse(expr)
+
+
+def test_promql_reads_only_series_the_server_exports_or_the_rules_record():
+    documented = set(re.findall(r"^\| `(loopstack_\w+)`", (REPO / "docs" / "metrics.md").read_text(), re.M))
+    recorded = {name for name, _ in rule_expressions() if ":" in name}
+    for name, expr in rule_expressions() + dashboard_expressions():
+        for series in re.findall(r"\bloopstack[:_][\w:]+", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", series)
+            assert series in recorded or series in documented or base in documented, f"{name} reads {series}"
+    assert {"LoopstackDown", "LoopstackHigh5xxRate", "LoopstackQueueSaturated", "LoopstackSlowResponses",
+            "LoopstackArtifactRefused"} <= {name for name, _ in rule_expressions()}
 
 
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     commands = re.findall(r"^\s*(make \w+)\s*(?:#.*)?$", readme, re.M)
-    ci = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines()
-          if l.strip() and not l.startswith("#") and not l.startswith(("set ", "cd "))]
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
     assert "make test" in commands and "make serve" in commands
     assert ci == ["make test"]

@@ -1,0 +1,111 @@
+"""The Loopstack dashboard, defined once: Grafana's JSON (`python -m deploy.grafana.dashboard`
+writes deploy/grafana/dashboards/loopstack.json), the deploy check's "every panel's query returns
+data", and the picture drawn through Prometheus's HTTP API where Grafana does not run all read
+PANELS. Series: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "loopstack.json"
+RATE = "1m"  # short windows: a test load of a few minutes shows in them
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    unit: str  # Grafana's unit id: reqps, s, percentunit, short, ...
+    queries: tuple[Query, ...]
+    kind: str = "timeseries"  # or "stat"
+
+
+def quantiles(metric: str, by: str = "", where: str = "") -> tuple[Query, ...]:
+    group = f"le, {by}" if by else "le"
+    label = f" {{{{{by}}}}}" if by else ""
+    return tuple(Query(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{where}[{RATE}])))",
+                       f"p{int(q * 100)}{label}") for q in (0.5, 0.95, 0.99))
+
+
+def per_image(mode: str) -> str:
+    return (f'sum(rate(loopstack_image_seconds_sum{{mode="{mode}"}}[5m])) '
+            f'/ sum(rate(loopstack_images_total{{mode="{mode}"}}[5m]))')
+
+
+PANELS: tuple[Panel, ...] = (
+    Panel("Server up", "short", (Query('up{job="loopstack"}', "{{instance}}"),), "stat"),
+    Panel("Requests per second by endpoint and status", "reqps", (
+        Query(f"sum by (endpoint, status) (rate(loopstack_requests_total[{RATE}]))", "{{endpoint}} {{status}}"),)),
+    Panel("Errors per second (4xx and 5xx) by endpoint and status", "reqps", (
+        Query(f'sum by (endpoint, status) (rate(loopstack_requests_total{{status=~"[45].."}}[{RATE}]))',
+              "{{endpoint}} {{status}}"),)),
+    Panel("5xx share of responses", "percentunit", (Query("loopstack:error_ratio:rate1m", "5xx"),)),
+    Panel("Latency of successful requests", "s",
+          quantiles("loopstack_request_duration_seconds", where='{status=~"2.."}')),
+    Panel("Queue: running and waiting per engine", "short", (
+        Query("loopstack_engine_running", "running {{engine}}"),
+        Query("loopstack_engine_waiting", "waiting {{engine}}"),
+        Query("loopstack_engine_queue_limit", "limit {{engine}}"))),
+    Panel("Queue time per engine (p95)", "s", (
+        Query(f"histogram_quantile(0.95, sum by (le, engine) (rate(loopstack_queue_seconds_bucket[{RATE}])))",
+              "p95 {{engine}}"),)),
+    Panel("Image seconds per image by mode", "s", (
+        Query("sum by (mode) (rate(loopstack_image_seconds_sum[5m])) / sum by (mode) (rate(loopstack_images_total[5m]))",
+              "{{mode}}"),)),
+    Panel("ILF speedup (baseline seconds per image / ILF)", "short", (
+        Query(f"({per_image('baseline')}) / ({per_image('ilf')})", "speedup"),), "stat"),
+    Panel("Chat time to first token (from arrival)", "s", quantiles("loopstack_chat_time_to_first_token_seconds")),
+    Panel("Chat inter-token latency", "s", quantiles("loopstack_chat_inter_token_latency_seconds")),
+    Panel("Chat tokens per second", "short", (
+        Query(f"rate(loopstack_chat_generation_tokens_total[{RATE}])", "generated"),
+        Query(f"rate(loopstack_chat_prompt_tokens_total[{RATE}])", "prompt"))),
+    Panel("Chat answers by finish reason", "reqps", (
+        Query("sum by (finish_reason) (rate(loopstack_chat_requests_finished_total[5m]))", "{{finish_reason}}"),)),
+    Panel("Brainstacks: requests applying each domain", "reqps", (
+        Query("sum by (domain, route) (rate(loopstack_chat_domain_applied_total[5m]))", "{{domain}} ({{route}})"),)),
+    Panel("Brainstacks: mean weight and router probability per domain", "short", (
+        Query("sum by (domain) (rate(loopstack_chat_domain_weight_sum[5m])) "
+              "/ sum by (domain) (rate(loopstack_chat_domain_weight_count[5m]))", "weight {{domain}}"),
+        Query("sum by (domain) (rate(loopstack_chat_router_probability_sum[5m])) "
+              "/ sum by (domain) (rate(loopstack_chat_router_probability_count[5m]))", "probability {{domain}}"))),
+    Panel("Artifacts: serving generation per entry", "short", (
+        Query("loopstack_artifact_generation", "{{model}}"),)),
+    Panel("Artifacts: loads and refusals (15 min)", "short", (
+        Query("sum by (result) (increase(loopstack_artifact_reloads_total[15m]))", "{{result}}"),
+        Query("max by (model) (loopstack_artifact_refused)", "refused now: {{model}}"))),
+)
+
+
+def grafana_json() -> dict:
+    panels = []
+    for index, panel in enumerate(PANELS):
+        panels.append({
+            "id": index + 1, "type": panel.kind, "title": panel.title,
+            "datasource": {"type": "prometheus", "uid": "prometheus"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},  # two a row
+            "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if panel.kind == "timeseries" else {},
+            "targets": [{"refId": chr(ord("A") + k), "expr": q.expr, "legendFormat": q.legend,
+                         "datasource": {"type": "prometheus", "uid": "prometheus"}} for k, q in enumerate(panel.queries)],
+        })
+    return {"uid": "loopstack", "title": "Loopstack", "tags": ["loopstack"], "timezone": "browser",
+            "schemaVersion": 39, "version": 1, "refresh": "10s", "time": {"from": "now-30m", "to": "now"},
+            "panels": panels}
+
+
+def main() -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(grafana_json(), indent=1) + "\n")
+    print(f"wrote {OUT} ({len(PANELS)} panels)")
+
+
+if __name__ == "__main__":
+    main()
