@@ -15,7 +15,8 @@ from server.chat.router import MetaRouter, RouterConfig, load_router, save_route
 from server.manifest import load_manifest
 from tests.conftest import ZOO_LM_TEMPLATE, built, make_settings
 from training.artifacts import open_manifest
-from training.brainstacks.continual import MICRO_CHAT, domain_data, load_base, run_continual
+from training.brainstacks.continual import (MICRO_CHAT, ChatZooRecipe, domain_data, load_base, run_continual,
+                                            with_variant)
 from training.brainstacks.data import batches
 from training.brainstacks.boosting import validation_loss
 from training.brainstacks.data import collate
@@ -132,7 +133,7 @@ def test_projector_removes_earlier_directions_also_after_folding(manifest_path):
 
 def test_isolation_reproduces_the_post_freeze_loss_bit_for_bit(manifest_path):
     chat = load_base(built(manifest_path))
-    recipe = replace(MICRO_CHAT, domains=("chat", "math", "medical"))
+    recipe = with_variant(replace(MICRO_CHAT, domains=("chat", "math", "medical")), "output")
     data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
     out = run_continual(chat.model, chat.tokenizer, recipe, data)
     last_isolation, last_ungated = out["forgetting_isolation"][-1], out["forgetting_ungated"][-1]
@@ -170,9 +171,19 @@ def test_input_side_projection_silences_a_new_stack_on_earlier_inputs_also_after
         assert (inputs[name] @ u).norm() > 0.5 * inputs[name].norm()
 
 
+def test_variants_set_how_domains_train_and_how_the_router_weights_them():
+    # a regression guard on the defaults: the build trains on the base alone and serves probabilities
+    for recipe in (ChatZooRecipe(), MICRO_CHAT, with_variant(with_variant(MICRO_CHAT, "input"), "base-alone")):
+        assert not recipe.stacked and recipe.nullspace.mode == "off" and recipe.router.weighting == "probability"
+    stacked = with_variant(ChatZooRecipe(), "input")
+    assert stacked.stacked and stacked.nullspace.mode == "input" and stacked.router.weighting == "gate"
+    with pytest.raises(ValueError, match="variant"):
+        with_variant(MICRO_CHAT, "stacked")
+
+
 def test_domains_trained_on_the_base_alone_start_from_the_base(manifest_path):
     chat = load_base(built(manifest_path))
-    recipe = replace(MICRO_CHAT, stacked=False, nullspace=replace(MICRO_CHAT.nullspace, mode="off"))
+    recipe = MICRO_CHAT
     data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
     with routed(chat.model, {}):
         base_loss = validation_loss(chat.model, data["math"].val)
@@ -257,13 +268,14 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
 
     served = open_manifest(tmp_path / "served", ZOO_LM_TEMPLATE)
     build_chat_zoo(served, MICRO_CHAT, runs_dir=tmp_path / "runs")
-    alone = open_manifest(tmp_path / "alone", ZOO_LM_TEMPLATE)
-    build_chat_zoo(alone, replace(MICRO_CHAT, stacked=False, nullspace=replace(MICRO_CHAT.nullspace, mode="off")),
-                   runs_dir=tmp_path / "runs-alone")
+    stacked = open_manifest(tmp_path / "stacked", ZOO_LM_TEMPLATE)
+    build_chat_zoo(stacked, with_variant(MICRO_CHAT, "output"), runs_dir=tmp_path / "runs-stacked")
     cfg = BrainstacksEval(per_kind=1, general_prompts=3, max_new_tokens=4, general_tokens=4)
-    report = run_brainstacks_eval(served, tmp_path / "eval", cfg, compare={"alone": alone})
+    report = run_brainstacks_eval(served, tmp_path / "eval", cfg, compare={"stacked": stacked})
     zoo = report["zoos"]["served"]
-    assert zoo["stacked"] is True and report["zoos"]["alone"]["stacked"] is False
+    assert zoo["stacked"] is False and report["zoos"]["stacked"]["stacked"] is True
+    assert (zoo["router"]["weighting"], zoo["router"]["other_weighting"]) == ("probability", "gate")
+    assert report["zoos"]["stacked"]["router"]["weighting"] == "gate"
     assert set(zoo["settings"]) == {"chat", "math", "cross"}
     for name, row in zoo["settings"].items():
         assert set(SETTINGS) <= set(row)
@@ -289,7 +301,7 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
     for name, row in evaluate_zoo(served, subsets)["settings"].items():
         kinds = len(row["kinds"])
         assert row["base"]["n"] == row["routed"]["n"] == 2 * kinds
-        assert row["ungated"]["n"] == row["routed_at_probability"]["n"] == row["oracle"]["n"] == kinds
+        assert row["ungated"]["n"] == row["routed_other_weighting"]["n"] == row["oracle"]["n"] == kinds
         assert len(row["examples"]) == kinds and all(set(e) >= {"prompt", "expected", "routed"} for e in row["examples"])
 
 
@@ -316,18 +328,33 @@ def test_eval_generates_each_prompt_and_route_once_and_reuses_it(tmp_path):
 
 def test_general_prompts_teach_the_router_to_leave_the_base_alone(manifest_path, monkeypatch):
     from training.brainstacks import router_training
-    from training.brainstacks.router_training import RouterTraining, train_router
+    from training.brainstacks.router_training import RouterTraining, choose_gate_threshold, train_router
 
     chat = load_base(built(manifest_path))
     domains = ("chat", "math")
     # the outcome every math answer discovered: its own domain (the stacks are not what this tests)
     monkeypatch.setattr(router_training, "discovered_routes", lambda m, t, items, *a, **k: [("math",)] * len(items))
     config = chat.model.config
+    math_validation, general_validation = held_out("math", "val", 3), held_out("general", "val", 8)
+    validation = math_validation + general_validation
     router, report = train_router(
         chat.model, chat.tokenizer, examples("math", "train", 24), domains,
         RouterTraining(epochs=40, batch_size=8, lr=1e-2), middle_layer=1, hidden_size=config.hidden_size,
-        general=examples("general", "train", 24))
+        general=examples("general", "train", 24), validation=validation)
     assert report["general_prompts"] == 24 and router.config.floor_domain is None
+    # the gate threshold: the best-scoring candidate on the validation prompts (ties: the lowest)
+    table = report["gate_threshold_validation"]
+    assert [row["threshold"] for row in table] == list(RouterTraining().gate_thresholds)
+    best = max(row["score"] for row in table)
+    assert router.config.gate_threshold == min(row["threshold"] for row in table if row["score"] == best)
+    assert table[0]["domain_prompts"] == len(math_validation) and table[0]["general_prompts"] == len(general_validation)
+    # a router whose every probability is 0.35 applies both domains under 0.3 (every route wrong)
+    # and none from 0.4 (general prompts right, domain prompts wrong): 0.4 is the lowest best
+    flat = MetaRouter(replace(router.config, gate_threshold=0.12))
+    torch.nn.init.zeros_(flat.mlp[-1].weight)
+    torch.nn.init.constant_(flat.mlp[-1].bias, torch.logit(torch.tensor(0.35)).item())
+    threshold, flat_table = choose_gate_threshold(flat, chat.model, chat.tokenizer, validation, (0.2, 0.3, 0.4, 0.5))
+    assert threshold == 0.4 and [row["score"] for row in flat_table] == [0.0, 0.0, 0.5, 0.5]
 
     def math_probability(items):
         ids = [chat.encode(e.messages()) for e in items]

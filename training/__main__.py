@@ -34,14 +34,10 @@ def zoo_images(m: BuiltManifest, args) -> None:
 def zoo_chat(m: BuiltManifest, args) -> None:
     from dataclasses import replace
 
-    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
+    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe, with_variant
     from training.zoo.chat import build_chat_zoo
 
-    recipe = MICRO_CHAT if args.micro else ChatZooRecipe()
-    if args.variant == "base-alone":
-        recipe = replace(recipe, stacked=False, nullspace=replace(recipe.nullspace, mode="off"))
-    elif args.variant:
-        recipe = replace(recipe, nullspace=replace(recipe.nullspace, mode=args.variant))
+    recipe = with_variant(MICRO_CHAT if args.micro else ChatZooRecipe(), args.variant)
     if args.steps:
         recipe = replace(recipe, boosting=replace(recipe.boosting, steps_per_round=args.steps,
                                                   later_round_steps=max(1, args.steps // 3)))
@@ -115,9 +111,10 @@ IF_MISSING = (("--if-missing",), dict(action="store_true", help="do nothing when
 MODEL = (("--model",), dict(required=True, help="an image model of the manifest"))
 OUT = (("--out",), dict(type=Path, default=Path("runs/eval"), help="where reports, JSON and PNGs go"))
 DEVICE = (("--device",), dict(default="cpu", help="torch device to train or evaluate on (cpu, cuda)"))
-VARIANT = (("--variant",), dict(choices=("output", "input", "off", "base-alone"), default=None,
-                                help="how a domain keeps out of earlier ones' way: null space on the output side "
-                                     "(default), on the input side, none, or each domain on the base alone"))
+VARIANT = (("--variant",), dict(choices=("base-alone", "output", "input", "off"), default="base-alone",
+                                help="each domain on the base alone, served at the router's probabilities "
+                                     "(default); or stacked on the earlier domains with a null space on the "
+                                     "output side, on the input side, or none, served at weight 1"))
 
 # verb -> (what it does, its function, its flags)
 VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {

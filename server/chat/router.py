@@ -36,10 +36,12 @@ class RouterConfig:
     floor_domain: str | None = "chat"  # always applied at least at `floor`
     floor: float = 0.2
     gate_threshold: float = 0.12  # a domain at or under this probability is skipped
-    # "gate": an applied domain runs at weight 1, the weight its stacks were trained on top of and
-    # its outcome targets were scored at; "probability": at its probability, as the paper serves it.
-    # Measured (docs/brainstacks.md): probabilities of 0.8-0.95 on the earlier domains cut the last
-    # domain's exact match from 0.60 to 0.17, since its stacks learned on top of them at 1.
+    # "gate": an applied domain runs at weight 1; "probability": at its probability, as the paper
+    # serves it. Measured (docs/brainstacks.md): stacks trained on top of earlier domains need
+    # "gate" (at probabilities of 0.8-0.95 on the earlier domains, the last domain's exact match fell
+    # from 0.60 to 0.17: its stacks learned on top of them at 1); stacks trained on the base alone
+    # need "probability" (at 1, the extra domains a gate lets through cost 9 points). The chat zoo
+    # build writes the one its variant needs.
     weighting: str = "gate"
 
 

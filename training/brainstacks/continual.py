@@ -1,10 +1,12 @@
 """The continual outer loop (Brainstacks §3.4, Algorithm 2).
 
-Domains train one after another in curriculum order, each domain's residual boosting on top of
-every earlier domain's frozen stacks, its new stacks confined to a null space of the earlier
-domains (`nullspace.py`: output side, input side, or off). With `stacked=False` each domain trains
-on the base alone instead (no earlier stack on, no projection): the stacks then only meet when the
-router combines them. After each domain a forgetting-matrix row records every domain so far at two
+Domains train one after another in curriculum order. By default (`variant` "base-alone") each
+domain's residual boosting runs on the base alone (no earlier stack on, no projection): the stacks
+only meet when the router combines them, at its probabilities. The paper's variant trains each
+domain on top of every earlier domain's frozen stacks (`stacked=True`), its new stacks confined to
+a null space of the earlier domains (`nullspace.py`: output side, input side, or off); measured on
+SmolLM2 (docs/brainstacks.md), it bought nothing that training on the base alone did not, and cost
+time. After each domain a forgetting-matrix row records every domain so far at two
 settings: *isolation* (domain i with the stacks that were on when it finished, and every later
 stack off) and *ungated* (every stack on).
 `training zoo chat` (training/zoo/chat.py) runs it; `eval brainstacks` then measures the zoo it
@@ -14,7 +16,7 @@ built, and zoos built with the other variants, on the same held-out prompts.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from server.chat.model import ChatModel, load_chat
 from server.chat.moe_lora import disable_cpu_weight_packing, routed, wrap_projections
@@ -32,10 +34,10 @@ from training.zoo.language import MICRO_LM, LMRecipe
 class ChatZooRecipe:
     lm: LMRecipe = field(default_factory=LMRecipe)
     boosting: BoostingConfig = field(default_factory=BoostingConfig)
-    nullspace: NullSpaceConfig = field(default_factory=NullSpaceConfig)
+    nullspace: NullSpaceConfig = field(default_factory=lambda: NullSpaceConfig(mode="off"))
     router: RouterTraining | None = field(default_factory=RouterTraining)
     domains: tuple[str, ...] = DOMAINS  # the curriculum order (docs/brainstacks.md says why)
-    stacked: bool = True  # False: each domain trains on the base alone
+    stacked: bool = False  # True: each domain trains on top of every earlier domain's frozen stacks
     train_examples: int = 1200
     val_examples: int = 32
     test_examples: int = 16  # the build's own check after each domain; `eval brainstacks` measures properly
@@ -47,11 +49,27 @@ MICRO_CHAT = ChatZooRecipe(
     lm=MICRO_LM,
     boosting=BoostingConfig(steps_per_round=4, later_round_steps=None, eval_every=2, batch_size=4, max_rounds=2,
                             min_gain=-1.0),
-    nullspace=NullSpaceConfig(samples=64),
-    router=RouterTraining(examples_per_domain=4, epochs=3, batch_size=8, general_examples=4),
+    nullspace=NullSpaceConfig(mode="off", samples=64),
+    router=RouterTraining(examples_per_domain=4, epochs=3, batch_size=8, general_examples=4,
+                          validation_per_kind=1, general_validation=4),
     domains=("chat", "math"), train_examples=32, val_examples=8, test_examples=4, projection_examples=4,
     max_new_tokens=8,
 )
+
+
+VARIANTS = ("base-alone", "output", "input", "off")
+
+
+def with_variant(recipe: ChatZooRecipe, variant: str) -> ChatZooRecipe:
+    """"base-alone": each domain on the base alone, served at the router's probabilities (the
+    default); "output" / "input" / "off": stacked on the earlier domains with that null-space
+    projection, served at weight 1 per applied domain (the weight their stacks trained on top of)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"chat zoo variant {variant!r} is not one of {VARIANTS}")
+    alone = variant == "base-alone"
+    router = recipe.router and replace(recipe.router, weighting="probability" if alone else "gate")
+    return replace(recipe, stacked=not alone, nullspace=replace(recipe.nullspace, mode="off" if alone else variant),
+                   router=router)
 
 
 def load_base(manifests: BuiltManifest, device: str = "cpu") -> ChatModel:

@@ -420,12 +420,15 @@ GENERAL_KINDS = [TaskKind("general", "everyday", (
     "What is a good gift for {person} who likes {activity}?", "Why do people enjoy {activity}?",
     "Describe {thing} to a child.", "Write a friendly message to {person} about {thing}.",
     "What are the benefits of {activity}?", "Suggest a weekend plan that includes {activity}.",
-    # held out: the router never trains on these phrasings
+    # held out: the router never trains on these phrasings; its gate threshold is chosen on the
+    # first four (validation), the evaluation asks the last eight (test)
+    "What do I need to get started with {activity}?", "Write a limerick about {thing}.",
+    "Recommend a book or a film about {thing}.", "How do I stay motivated with {activity}?",
     "What mistakes do beginners make when {activity}?", "Write a haiku about {thing}.",
     "How would you explain {activity} to {person}?", "Write a short thank-you note to {person}.",
     "What is the best time of year for {activity}?", "Tell me a short story about {thing}.",
     "Is {activity} a good hobby for {person}?", "Give me a reason to try {activity} this week.",
-), _general, held_out=(8, 0))]
+), _general, held_out=(8, 4))]
 
 
 def kinds_of(domain: str) -> list[TaskKind]:

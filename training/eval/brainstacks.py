@@ -4,13 +4,15 @@ Every number is measured on held-out phrasings (templates no training step saw),
 prompts stratified by task kind, with 95% intervals and the distinct-prompt count:
 
 (a) Exact match per domain and on the cross-domain set for five settings: the base alone, ungated
-    (every stack at 1), routed (the meta-router's domains at weight 1, as served), routed at the
-    router's probabilities (the paper's weighting), and the oracle route (per prompt, the domains
+    (every stack at 1), routed (the meta-router's route as served: its domains at their
+    probabilities, or at weight 1, as the zoo's router is configured), routed at the other
+    weighting, and the oracle route (per prompt, the domains
     that outcome discovery picks on its own answer: greedy forward selection on answer loss, the
     rule the router's targets come from). With five domains the oracle costs up to 16 forwards a
     batch, so it runs on the first `oracle_per_kind` prompts of each kind; the routed setting is
     reported on those prompts too. Ungated and routed-at-probability run on the first
-    `comparison_per_kind` prompts of each kind (their n is in the report).
+    `comparison_per_kind` prompts of each kind (their n is in the report). The gate threshold is
+    the router's own, chosen on validation prompts when it was trained.
     Beside exact match (the reply's "Answer:" line), "answer in reply" counts the expected answer
     anywhere in the reply: the base, which never uses that line, is judged on its content too.
 (b) General prompts (outside every domain): how often the routed greedy answer equals the base's,
@@ -54,7 +56,7 @@ from training.brainstacks.router_training import discovered_routes, example_loss
 from training.data.world import Example, final_answer, held_out
 from training.eval.exact_match import generate_replies, mcnemar_p, paired_difference_interval, wilson_interval
 
-SETTINGS = ("base", "ungated", "routed", "routed_at_probability", "oracle")
+SETTINGS = ("base", "ungated", "routed", "routed_other_weighting", "oracle")
 
 
 @dataclass(frozen=True)
@@ -141,23 +143,24 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
     domains = chat.domains
     sets = {d: held_out(d, "test", cfg.per_kind) for d in domains}
     sets["cross"] = held_out("cross", "test", cfg.per_kind)
-    paper_router = MetaRouter(replace(chat.router.config, weighting="probability"))  # route() reads only the config
+    other = "gate" if chat.router.config.weighting == "probability" else "probability"
+    other_router = MetaRouter(replace(chat.router.config, weighting=other))  # route() reads only the config
 
     def routes_of(items):
         probabilities = [chat.router_probabilities(item.messages()) for item in items]
         vectors = [torch.tensor([p[d] for d in domains]) for p in probabilities]
-        return probabilities, [chat.router.route(v)[0] for v in vectors], [paper_router.route(v)[0] for v in vectors]
+        return probabilities, [chat.router.route(v)[0] for v in vectors], [other_router.route(v)[0] for v in vectors]
 
     settings, records, router, cache = {}, {}, {"top1": {}, "cross": []}, {}
     for name, items in tqdm(sets.items(), desc="evaluation sets", unit="set"):
-        probabilities, gate_routes, probability_routes = routes_of(items)
+        probabilities, served_routes, other_routes = routes_of(items)
         kinds = len({e.kind for e in items})
         oracle_items = items[:cfg.oracle_per_kind * kinds]  # kinds interleave: the first of each kind
         compared = cfg.comparison_per_kind * kinds
         discovered = discovered_routes(chat.model, chat.tokenizer, oracle_items, domains, cfg.margin,
                                        cfg.batch_size, cfg.oracle_max_domains)
-        by_setting = {"base": [{}] * len(items), "ungated": [None] * len(items[:compared]), "routed": gate_routes,
-                      "routed_at_probability": probability_routes[:compared],
+        by_setting = {"base": [{}] * len(items), "ungated": [None] * len(items[:compared]), "routed": served_routes,
+                      "routed_other_weighting": other_routes[:compared],
                       "oracle": [{d: 1.0 for d in chosen} for chosen in discovered]}
         row, correct_by, replies_by = {}, {}, {}
         for setting, routes in by_setting.items():
@@ -173,14 +176,14 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
         row["kinds"] = dict(Counter(e.kind for e in items))
         row["examples"] = [{"prompt": e.prompt, "expected": e.final, "route": sorted(route),
                             **{s: replies_by[s][k] for s in ("base", "routed", "oracle")}}
-                           for k, (e, route) in enumerate(zip(items[:kinds], gate_routes))]  # one per kind
+                           for k, (e, route) in enumerate(zip(items[:kinds], served_routes))]  # one per kind
         settings[name] = row
-        records[name] = {"correct": correct_by, "routes": gate_routes}
+        records[name] = {"correct": correct_by, "routes": served_routes}
         tqdm.write(f"{name}: n={len(items)} " + ", ".join(f"{s} {row[s]['exact_match']:.2f}" for s in SETTINGS)
                    + f"; answer in reply: base {row['base']['answer_in_reply']:.2f}, "
                      f"routed {row['routed']['answer_in_reply']:.2f}")
         if name == "cross":
-            for item, chosen, applied, p in zip(oracle_items, discovered, gate_routes, probabilities):
+            for item, chosen, applied, p in zip(oracle_items, discovered, served_routes, probabilities):
                 router["cross"].append({"kind": item.domain, "router_applied": sorted(applied),
                                         "discovered": list(chosen),
                                         "probabilities": {d: round(v, 3) for d, v in p.items()}})
@@ -190,6 +193,8 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
     router["cross_two_or_more_domains"] = sum(len(c["router_applied"]) >= 2 for c in cross) / len(cross)
     router["cross_applied_combinations"] = Counter("+".join(c["router_applied"]) or "none" for c in cross).most_common()
     router["cross_discovered_combinations"] = Counter("+".join(c["discovered"]) or "none" for c in cross).most_common()
+    router.update(weighting=chat.router.config.weighting, other_weighting=other,
+                  gate_threshold=chat.router.config.gate_threshold)
     report = {"settings": settings, "router": router, "general": general_prompts(chat, cfg, cache),
               "forgetting": routed_forgetting(chat, sets, records, cfg, stacked, cache)}
     return {**report, "replies_generated": len(cache)}
@@ -259,7 +264,10 @@ def format_report(report: dict) -> str:
     lines.append("oracle prompts (the first of each kind): " + ", ".join(
         f"{name} n={row['oracle']['n']} oracle {row['oracle']['exact_match']:.2f} routed "
         f"{row['oracle']['routed_on_the_same_prompts']['exact_match']:.2f}" for name, row in report["settings"].items()))
-    lines.append("ungated and routed at probability ran on the first prompts of each kind: " + ", ".join(
+    router = report["router"]
+    lines.append(f"routed: the router's {router['weighting']} weighting, gate threshold {router['gate_threshold']}; "
+                 f"routed_other_weighting: {router['other_weighting']} weighting")
+    lines.append(f"ungated and routed at {router['other_weighting']} weighting ran on the first prompts of each kind: " + ", ".join(
         f"{name} n={row['ungated']['n']}" for name, row in report["settings"].items()))
     lines.append("answer in reply (any format): " + ", ".join(
         f"{name} base {row['base']['answer_in_reply']:.2f} routed {row['routed']['answer_in_reply']:.2f}"
@@ -267,7 +275,6 @@ def format_report(report: dict) -> str:
     g = report["general"]
     lines.append(f"general prompts (n={g['n']}): routed answer == base answer {g['same_as_base']:.2f} "
                  f"[{g['interval'][0]:.2f},{g['interval'][1]:.2f}]; router picked no domain {g['no_domain']:.2f}")
-    router = report["router"]
     lines.append("router top-1 on single-domain prompts: " + ", ".join(f"{d} {a:.2f}" for d, a in router["top1"].items()))
     lines.append(f"cross-domain prompts routed to >= 2 domains (no floor): {router['cross_two_or_more_domains']:.2f}")
     lines.append(f"  router applied: {router['cross_applied_combinations'][:6]}")

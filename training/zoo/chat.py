@@ -24,7 +24,7 @@ from server.manifest import Artifact, BuiltManifest, Domain
 from training.artifacts import machine, runs_folder
 from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
 from training.brainstacks.router_training import train_router
-from training.data.world import examples
+from training.data.world import examples, held_out
 from training.zoo.chat_base import PACKAGED_BASES, build_packaged_base
 from training.zoo.language import ZOO_LM, build_zoo_lm
 
@@ -117,10 +117,12 @@ def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecip
     """Train the meta-router on every domain's stacks, write it, enter it in the built manifest."""
     items = [e for d in recipe.domains for e in examples(d, "train", recipe.router.examples_per_domain, seed=2)]
     general = examples("general", "train", recipe.router.general_examples, seed=2)
+    validation = ([e for d in recipe.domains for e in held_out(d, "val", recipe.router.validation_per_kind)]
+                  + held_out("general", "val", recipe.router.general_validation))
     config = chat.model.config
     router, report = train_router(chat.model, chat.tokenizer, items, recipe.domains, recipe.router,
                                   middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size,
-                                  general=general)
+                                  general=general, validation=validation)
     relative = f"{STACKS}/router.safetensors"
     sha = write_atomically(manifests.file(relative), lambda tmp: save_router(tmp, router, {"base": chat.name}))
     current = manifests.read()
