@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from server import __version__
 from server.api import ROUTERS
 from server.api.dependencies import Services
+from server.chat.batching import ChatBatcher
 from server.engine import Engine
 from server.errors import BodySizeLimit, install_error_handlers
 from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
@@ -26,7 +27,7 @@ from server.watch import watch_artifacts
 
 log = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 429, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 429, 503, 504)}
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
@@ -35,7 +36,8 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched unless an operator allows it
     metrics = Metrics()
     image_engine = Engine("image", settings.image_queue_size, settings.retry_after_seconds, metrics)
-    chat_engine = Engine("chat", settings.chat_queue_size, settings.retry_after_seconds, metrics)
+    chat_engine = ChatBatcher("chat", settings.chat_max_batch, settings.chat_queue_size, settings.retry_after_seconds,
+                              metrics, settings.chat_timeout_seconds)
     # new artifacts are warmed on the worker that will run them, between requests
     registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
     svc = Services(settings, metrics, registry, image_engine, chat_engine)

@@ -24,7 +24,9 @@ _TYPES = {
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "overloaded",
+    499: "client_closed_request",
     503: "not_ready",
+    504: "timeout",
 }
 
 

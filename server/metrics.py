@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 WEIGHT_BUCKETS = (0.05, 0.12, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -60,6 +61,10 @@ class Metrics:
                                     registry=r)
         self.engine_waiting = Gauge("loopstack_engine_waiting", "Jobs waiting for an engine's worker", ["engine"],
                                     registry=r)
+        self.chat_batch_rows = Histogram(
+            "loopstack_chat_batch_rows", "Requests decoded together, per chat decode step", buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.engine_queue_limit = Gauge(
             "loopstack_engine_queue_limit", "Jobs that may wait before an engine answers 429", ["engine"], registry=r
         )

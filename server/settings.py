@@ -46,9 +46,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(256, ge=1)
     default_max_tokens: int = Field(128, ge=1, description="max_tokens of a chat request that gives none.")
 
-    # Each engine runs one job at a time; this many more may wait before clients get 429.
+    # The image engine runs one job at a time, the chat engine decodes up to chat_max_batch requests
+    # together; this many more may wait before clients get 429.
     image_queue_size: int = Field(16, ge=0)
     chat_queue_size: int = Field(16, ge=0)
+    chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")
+    chat_timeout_seconds: float = Field(300.0, gt=0, description="a chat answer not done by then gets 504")
     retry_after_seconds: int = Field(2, ge=1)
 
     def manifests(self) -> BuiltManifest:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from fastapi import Depends, Request
 
+from server.chat.batching import ChatBatcher
 from server.engine import Engine
 from server.errors import ApiError
 from server.metrics import Metrics
@@ -24,7 +25,7 @@ class Services:
     metrics: Metrics
     registry: Registry
     image_engine: Engine
-    chat_engine: Engine
+    chat_engine: ChatBatcher
 
 
 def services(request: Request) -> Services:

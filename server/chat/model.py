@@ -58,6 +58,7 @@ class ChatResult:
     token_times: list[float] = field(default_factory=list)  # perf_counter() per generated token
     started: float = 0.0
     plan: RoutePlan | None = None  # the stacks this answer ran with, and why
+    route_seconds: float = 0.0  # planning the route (the meta-router's forward, for "auto")
 
 
 class _TokenClock(BaseStreamer):

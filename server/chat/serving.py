@@ -1,32 +1,40 @@
 """A /chat request's way through the server, HTTP aside: plan the job (every bound checked, the
 route validated), then, once the chat worker has answered, the routing trace and the metrics.
 
-The route travels inside the job; the worker plans it (running the meta-router for "auto") and
-generates in one go (`ChatModel.answer`), so the trace reports exactly the weights that were applied.
+The route travels inside the job; the chat engine (server/chat/batching.py) plans it when the
+request joins its batch (running the meta-router for "auto") and decodes with exactly those weights,
+so the trace reports the weights that were applied.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from typing import Awaitable, Callable
 
 import torch
 from jinja2 import TemplateError
 
+from server.chat.batching import ChatBatcher, ClientGone, DeadlineExceeded
 from server.chat.model import ChatJob, ChatModel, ChatResult
-from server.engine import Engine
 from server.errors import ApiError
 from server.metrics import Metrics, since_arrival
 from server.schemas import MAX_SEED, ChatRequest, ChatResponse, RouteTrace, Usage
 from server.settings import Settings
 
 
-async def answer(req: ChatRequest, chat: ChatModel, generation: int, settings: Settings, engine: Engine,
-                 metrics: Metrics) -> ChatResponse:
-    """Plan the job, answer it on the chat worker (route, then generate), trace it, record it."""
+async def answer(req: ChatRequest, chat: ChatModel, generation: int, settings: Settings, engine: ChatBatcher,
+                 metrics: Metrics, disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResponse:
+    """Plan the job, answer it on the chat engine (route, then decode in its batch), trace it, record it."""
     job = plan_job(req, chat, settings)
     submitted = time.perf_counter()
-    result = await engine.submit(chat.answer, job)
+    try:
+        result = await engine.submit(chat, job, disconnected)
+    except DeadlineExceeded as exc:
+        raise ApiError(504, f"{exc} (the server's chat timeout); ask for fewer max_tokens, or retry later",
+                       "max_tokens") from None
+    except ClientGone:
+        raise ApiError(499, "the client closed the request before its answer was ready") from None
     trace = make_trace(job, result, result.started - submitted, generation)
     record_metrics(metrics, job, result, trace)
     return respond(chat, job, result, trace)
