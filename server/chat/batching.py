@@ -243,9 +243,13 @@ class ChatBatcher:
         return future.result()
 
     def shutdown(self) -> None:
+        """Stop after the current step; waits for the thread (a torch thread still running at
+        interpreter exit aborts the process)."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
     def _publish(self) -> None:
         self._running.set(self.running)
