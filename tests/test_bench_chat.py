@@ -33,3 +33,18 @@ def test_stack_calibration_trains_one_stack_and_scores_held_out_phrasings(manife
     assert set(row["by_kind"]) == {"add-subtract", "multiply-add"}
     assert all("Answer:" not in s["prompt"] for s in row["samples"])
     assert "math" in table([row])
+
+
+def test_chat_speed_bench_measures_the_baseline_and_the_engine_in_one_run(manifest_path):
+    from bench import chat as bench
+
+    report = bench.measure(built(manifest_path), "cpu", tokens=3)
+    rows = {(r["clients"], r["setting"]): r for r in report["rows"]}
+    settings = ["transformers generate (baseline)", "engine, base", "engine, 1 domain"]
+    assert set(rows) == {(c, s) for c in (1, 8) for s in settings}
+    for clients in (1, 8):
+        baseline, engine = rows[clients, settings[0]], rows[clients, settings[1]]
+        assert baseline["vs_baseline"] == 1.0 and engine["tokens_per_s"] > 0
+        # greedy, same model, same prompts: the engine and generate (left-padded at 8) end alike
+        assert engine["tokens"] == baseline["tokens"] and baseline["requests"] == len(bench.PROMPTS)
+    assert report["router"] is None and report["multiply_adds"]["base"] > 0
