@@ -197,3 +197,73 @@ def test_fused_frozen_stacks_equal_the_per_stack_sum(lm):
         freeze(replacement)
         expected = by_stack - 2.0 * groups[2][0](x) + 2.0 * replacement[0](x)
         torch.testing.assert_close(layer(x) - layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mounted_stacks_serve_each_route_and_each_row_its_own_never_a_stale_plan(lm):
+    from server.chat.moe_lora import batch_route
+    from server.chat.stacks import DomainStacks
+
+    layers = wrap_projections(lm)
+    domains = ("chat", "math", "medical")
+    library = []
+    for i, domain in enumerate(domains):
+        torch.manual_seed(i)
+        per_layer = {}
+        for name, layer in layers.items():
+            stack = MoELoRA(layer.in_features, layer.out_features, SMALL)
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+            torch.nn.init.normal_(stack.router.weight, std=1.0)
+            freeze([stack])
+            per_layer[name] = [stack]
+        library.append(DomainStacks(domain, per_layer, 1))
+    ids = tokens()
+    # a route, rows routed apart, the first route again (its cached plan), then one not seen yet
+    routes = [{"chat": 1.0, "math": 0.5}, batch_route([{"chat": 1.0, "math": 0.5}, {"medical": 2.0}], domains),
+              {"chat": 1.0, "math": 0.5}, {"math": 1.0}]
+    with torch.no_grad(), mounted(lm, library):
+        served = []
+        for route in routes:
+            with routed(lm, route):
+                served.append(lm(input_ids=ids).logits)
+    assert all(layer.mount_token is None and len(layer.stacks) == 0 for layer in layers.values())
+    # the reference: the same stacks attached one by one, unfused (trainable stacks' path)
+    for name, layer in layers.items():
+        layer.stacks = torch.nn.ModuleList([d.per_layer[name][0] for d in library])
+        layer.stack_domains = list(domains)
+        for stack in layer.stacks:
+            stack.frozen_token = None
+    with torch.no_grad():
+        for route, logits in zip(routes, served):
+            with routed(lm, route):
+                torch.testing.assert_close(logits, lm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(served[1][0], served[0][0], atol=1e-5, rtol=1e-5)  # row 0 kept its route
+    assert (served[3] - served[0]).abs().max() > 1e-3  # the routes differ, and so do their logits
+
+
+def test_projections_that_share_an_input_are_computed_together_and_each_takes_its_own_part():
+    from server.chat.moe_lora import SharedInputStacks, StackedMoELoRALinear
+
+    torch.manual_seed(0)
+    members = [StackedMoELoRALinear(torch.nn.Linear(32, width)) for width in (48, 16, 16)]  # q, k, v
+    for member in members:
+        for domain in ("chat", "math"):
+            stack = MoELoRA(32, member.out_features, SMALL)
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+            torch.nn.init.normal_(stack.router.weight, std=1.0)
+            freeze([stack])
+            member.stacks.append(stack)
+            member.stack_domains.append(domain)
+        member.route = {"chat": 1.0, "math": 0.5}
+    x, other = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        alone = [m(x) for m in members]  # each projection's own fused pass
+        group = SharedInputStacks(members)
+        for member in members:
+            member.input_group, member.mount_token = group, object()
+        torch.testing.assert_close([m(x) for m in members], alone, atol=1e-5, rtol=1e-5)
+        # the group holds no input once every member has its part; a member fed another input recomputes
+        assert group._input is None
+        mixed = [members[0](x), members[1](other), members[2](x)]
+        for member in members:
+            member.input_group = member.mount_token = None
+        torch.testing.assert_close(mixed, [members[0](x), members[1](other), members[2](x)], atol=1e-5, rtol=1e-5)

@@ -99,8 +99,10 @@ def prefill(chat: ChatModel, input_ids: torch.Tensor, weights: dict[str, float])
     """One prompt alone through the model with its route: its last logits and its KV cache."""
     input_ids = input_ids.to(chat.device)
     with chat.mounted(), routed(chat.model, weights):
+        # logits of the last position only, as generate() asks: the LM head over the whole prompt
+        # would cost a fifth of the prefill
         out = chat.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         cache=DynamicCache(config=chat.model.config), use_cache=True)
+                         cache=DynamicCache(config=chat.model.config), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1], out.cache
 
 
@@ -117,6 +119,7 @@ class DecodeBatch:
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cached length]: 1 a real token, 0 padding
+        self._route: dict | None = None  # the rows' route, until rows join or leave
 
     @property
     def room(self) -> int:
@@ -134,14 +137,17 @@ class DecodeBatch:
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
         self.rows.append(row)
+        self._route = None
 
     def route(self) -> dict[str, float] | dict[str, torch.Tensor]:
         """The rows' weights: one route for all when they agree (the fast path, bit for bit a single
-        request's), else per-row weights for every domain any row uses."""
-        routes = [row.plan.weights for row in self.rows]
-        if all(r == routes[0] for r in routes):
-            return routes[0]
-        return batch_route(routes, self.chat.domains, self.chat.device)
+        request's), else per-row weights for every domain any row uses. The same object from step to
+        step while the rows stay: the projections reuse what they built for it."""
+        if self._route is None:
+            routes = [row.plan.weights for row in self.rows]
+            same = all(r == routes[0] for r in routes)
+            self._route = routes[0] if same else batch_route(routes, self.chat.domains, self.chat.device)
+        return self._route
 
     @torch.no_grad()
     def step(self, tokens: list[int]) -> torch.Tensor:
@@ -160,6 +166,7 @@ class DecodeBatch:
         if len(indices) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in indices]
+        self._route = None
         if not self.rows:
             self.cache = self.mask = None
             return
@@ -336,6 +343,9 @@ class ChatBatcher:
     def _append(self, row: Sequence, logits: torch.Tensor) -> bool:
         """Sample the row's next token; True when the row has ended (and its result is set)."""
         job = row.job
+        if len(row.tokens) < job.min_tokens:  # as transformers' MinNewTokensLengthLogitsProcessor
+            logits = logits.clone()
+            logits[list(row.chat.end_of_turn_ids)] = float("-inf")
         token = sample(logits, job.temperature, job.top_p, row.generator)
         row.tokens.append(token)
         row.token_times.append(time.perf_counter())

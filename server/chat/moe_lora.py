@@ -122,6 +122,11 @@ class StackedMoELoRALinear(nn.Module):
         # or a [batch] tensor, one weight per sequence (a batch of mixed routes)
         self.route: dict[str, float | torch.Tensor] | None = None
         self._fused_cache: dict[tuple, FusedFrozenStacks] = {}
+        # set while a serving set's frozen stacks are mounted (server/chat/stacks.py): the fused
+        # stacks and weights of each route are then built once and reused at every step
+        self.mount_token: object | None = None
+        self.input_group: SharedInputStacks | None = None  # with the projections that read the same input
+        self._plans: dict[tuple, tuple[FusedFrozenStacks | None, torch.Tensor | None]] = {}
 
     @property
     def in_features(self) -> int:
@@ -133,6 +138,14 @@ class StackedMoELoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if not self.stacks:
+            return out
+        if self.mount_token is not None:  # serving: every mounted stack is frozen
+            if self.input_group is not None:
+                delta = self.input_group.delta(self, x)
+                return out if delta is None else out + delta.to(out.dtype)
+            fused, weights = self._mounted_plan(x.device)
+            return out if fused is None else out + fused(x, weights).to(out.dtype)
         frozen, weights = [], []
         for domain, stack in zip(self.stack_domains, self.stacks):
             weight = 1.0 if self.route is None else self.route.get(domain, 0.0)
@@ -148,8 +161,24 @@ class StackedMoELoRALinear(nn.Module):
         if len(frozen) == 1:
             out = out + (weights[0] * frozen[0](x)).to(out.dtype)
         elif frozen:
-            out = out + self._fused(frozen)(x, weights).to(out.dtype)
+            fused = self._fused(frozen)
+            out = out + fused(x, fused.weights([w.view(-1) if isinstance(w, torch.Tensor) else w
+                                                for w in weights], x.device)).to(out.dtype)
         return out
+
+    def _mounted_plan(self, device: torch.device) -> tuple["FusedFrozenStacks | None", torch.Tensor | None]:
+        """The mounted stacks this route turns on, fused, and their weights: built at the first step
+        of a route and reused (a route's key holds its per-sequence tensors, so an id is never reused)."""
+        key = (self.mount_token, route_key(self.route))
+        plan = self._plans.get(key)
+        if plan is None:
+            frozen, weights = active_stacks(self.route, self.stack_domains, self.stacks)
+            fused = self._fused(frozen) if frozen else None
+            plan = (fused, fused.weights(weights, device) if fused else None)
+            if len(self._plans) >= 32:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def _fused(self, frozen: list["MoELoRA"]) -> "FusedFrozenStacks":
         key = tuple(stack.frozen_token for stack in frozen)  # unique per freeze: never stale
@@ -161,42 +190,131 @@ class StackedMoELoRALinear(nn.Module):
 
 
 class FusedFrozenStacks:
-    """Several frozen stacks of one projection as three matmuls (routers, A, B) for all of them,
-    instead of a dozen small operations per stack: with a few domains on, that overhead dominated a
-    training step (0.40 s with one stack, 0.83 s with two frozen ones more)."""
+    """Frozen stacks of one projection as two matmuls for all of them (the routers' and the A
+    matrices' rows in one, then B), instead of a dozen small operations per stack: with a few
+    domains on, that overhead dominated a training step (0.40 s with one stack, 0.83 s with two
+    frozen ones more) and a decode step."""
 
-    def __init__(self, stacks: list["MoELoRA"]):
+    def __init__(self, stacks: list["MoELoRA"], outputs: list[int] | None = None):
+        """`outputs`: for stacks of several projections that read one input, each stack's projection
+        (0, 1, ...); their B matrices then sit block-diagonally, each writing its projection's columns."""
         configs = {(s.config.experts, s.config.rank, s.config.top_k) for s in stacks}
         if len(configs) != 1:
             raise ValueError("fused stacks must share experts, rank and top_k")
         (self.experts, self.rank, self.top_k), = configs
         n, r = self.experts, self.rank
-        self.router = torch.cat([s.router.weight for s in stacks]).detach()  # [S*n, d_in]
-        self.lora_A = torch.cat([s.lora_A.reshape(n * r, -1) for s in stacks]).detach()  # [S*n*r, d_in]
-        self.lora_B = torch.cat([s.lora_B.permute(0, 2, 1).reshape(n * r, -1) for s in stacks]).detach()
-        self.scale = torch.tensor([s.config.scale for s in stacks], dtype=self.lora_A.dtype)
-
-    def __call__(self, x: torch.Tensor, weights: list[float | torch.Tensor]) -> torch.Tensor:
-        """`weights`: one per stack, a float, or a per-sequence tensor shaped [batch, 1, ...]."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(self.lora_A.dtype)
-        stacks, n, r = len(weights), self.experts, self.rank
-        logits = (x @ self.router.T).view(-1, stacks, n)
-        top, index = logits.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, index, top.softmax(-1))
-        scale = self.scale.to(x.device)
-        if any(isinstance(w, torch.Tensor) for w in weights):  # [tokens, stacks]: each row its sequence's
-            columns = [w.reshape(-1).to(x.device, x.dtype).repeat_interleave(x.shape[0] // w.numel())
-                       if isinstance(w, torch.Tensor)
-                       else torch.full((x.shape[0],), float(w), device=x.device, dtype=x.dtype) for w in weights]
-            gates = gates * (torch.stack(columns, 1) * scale).unsqueeze(-1)
+        self.stacks = len(stacks)
+        routers = torch.cat([s.router.weight for s in stacks])  # [S*n, d_in]
+        lora_A = torch.cat([s.lora_A.reshape(n * r, -1) for s in stacks])  # [S*n*r, d_in]
+        self.router_and_A = torch.cat([routers, lora_A]).detach()
+        blocks = [s.lora_B.detach().permute(0, 2, 1).reshape(n * r, -1) for s in stacks]  # [n*r, d_out] each
+        if outputs is None:
+            self.lora_B = torch.cat(blocks)
         else:
-            gates = gates * (scale * torch.tensor(weights, dtype=scale.dtype, device=x.device)).view(1, stacks, 1)
-        hidden = (x @ self.lora_A.T).view(-1, stacks, n, r) * gates.unsqueeze(-1)
-        return (hidden.reshape(-1, stacks * n * r) @ self.lora_B).view(*shape[:-1], -1)
+            widths = {o: b.shape[1] for o, b in zip(outputs, blocks)}
+            starts = {o: sum(widths[p] for p in sorted(widths) if p < o) for o in widths}
+            self.lora_B = blocks[0].new_zeros(len(stacks) * n * r, sum(widths.values()))
+            for i, (o, block) in enumerate(zip(outputs, blocks)):
+                self.lora_B[i * n * r:(i + 1) * n * r, starts[o]:starts[o] + widths[o]] = block
+        self.scale = torch.tensor([s.config.scale for s in stacks], dtype=self.lora_B.dtype)
+
+    def weights(self, weights: list[float | torch.Tensor], device: torch.device | str) -> torch.Tensor:
+        """One weight per stack (a float, or a [batch] tensor: one per sequence) times its scale:
+        [stacks], or [batch, stacks]."""
+        scale = self.scale.to(device)
+        if not any(isinstance(w, torch.Tensor) for w in weights):
+            return scale * torch.tensor(weights, dtype=scale.dtype, device=device)
+        batch = next(w.numel() for w in weights if isinstance(w, torch.Tensor))
+        columns = [w.reshape(-1).to(device, scale.dtype) if isinstance(w, torch.Tensor)
+                   else torch.full((batch,), float(w), device=device, dtype=scale.dtype) for w in weights]
+        return torch.stack(columns, 1) * scale
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`x` [batch, ..., d_in]; `weights` from `weights()`, per sequence or for all."""
+        x = x.to(self.lora_B.dtype)
+        stacks, n, r = self.stacks, self.experts, self.rank
+        both = x @ self.router_and_A.T
+        logits = both[..., :stacks * n].unflatten(-1, (stacks, n))
+        top, index = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter_(-1, index, top.softmax(-1))
+        if weights.dim() == 2:  # [batch, stacks]: each sequence's own
+            weights = weights.view(weights.shape[0], *[1] * (x.dim() - 2), stacks)
+        gates = gates * weights.unsqueeze(-1)
+        hidden = both[..., stacks * n:].unflatten(-1, (stacks, n, r)) * gates.unsqueeze(-1)
+        return hidden.flatten(-3) @ self.lora_B
+
+
+def route_key(route: dict[str, float | torch.Tensor] | None) -> tuple | None:
+    """A route as a dict key: floats by value, per-sequence tensors by identity (the key holds them,
+    so an id is never reused while it is cached)."""
+    return None if route is None else tuple(route.items())
+
+
+def active_stacks(route, domains: list[str], stacks) -> tuple[list["MoELoRA"], list[float | torch.Tensor]]:
+    """The stacks a route turns on, with their domains' weights (a gated-off stack is skipped)."""
+    frozen, weights = [], []
+    for domain, stack in zip(domains, stacks):
+        weight = 1.0 if route is None else route.get(domain, 0.0)
+        if isinstance(weight, torch.Tensor) or weight != 0.0:
+            frozen.append(stack)
+            weights.append(weight)
+    return frozen, weights
+
+
+class SharedInputStacks:
+    """The mounted stacks of projections that read the same input (a layer's q, k and v; gate and
+    up), computed in one fused pass when the first of them is called, each member then taking its
+    columns: 2 passes instead of 5 per layer, which is most of the stacks' cost at batch 1 on a CPU
+    (each pass is a dozen small operations). Members called with another input (not the same tensor)
+    recompute, so a model that feeds them differently stays correct, only slower."""
+
+    def __init__(self, members: list[StackedMoELoRALinear]):
+        self.members = members
+        self._plans: dict[tuple, tuple[FusedFrozenStacks | None, torch.Tensor | None]] = {}
+        self._input: torch.Tensor | None = None
+        self._deltas: dict[StackedMoELoRALinear, torch.Tensor] = {}
+
+    def delta(self, member: StackedMoELoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """What `member`'s stacks add to its base output for input `x` (None: no stack is on)."""
+        if x is not self._input or member not in self._deltas:
+            fused, weights = self._plan(member.route, x.device)
+            if fused is None:
+                return None
+            widths = [m.out_features for m in self.members]
+            self._deltas = dict(zip(self.members, fused(x, weights).split(widths, -1)))
+            self._input = x
+        delta = self._deltas.pop(member)
+        if not self._deltas:
+            self._input = None  # every member has its part: hold on to nothing
+        return delta
+
+    def _plan(self, route, device) -> tuple["FusedFrozenStacks | None", torch.Tensor | None]:
+        key = route_key(route)
+        plan = self._plans.get(key)
+        if plan is None:
+            frozen, weights, outputs = [], [], []
+            for index, member in enumerate(self.members):
+                stacks, member_weights = active_stacks(route, member.stack_domains, member.stacks)
+                frozen += stacks
+                weights += member_weights
+                outputs += [index] * len(stacks)
+            fused = FusedFrozenStacks(frozen, outputs) if frozen else None
+            plan = (fused, fused.weights(weights, device) if fused else None)
+            if len(self._plans) >= 32:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def wrapped_layers(model: nn.Module) -> dict[str, StackedMoELoRALinear]:
+    """The model's wrapped projections by name; remembered by `wrap_projections` (walking a 30-layer
+    model's modules takes ~10 ms, and serving asks at every decode step)."""
+    known = model.__dict__.get("_wrapped_layers")
+    if known is not None:
+        return known
     return {name: m for name, m in model.named_modules() if isinstance(m, StackedMoELoRALinear)}
 
 
@@ -226,6 +344,8 @@ def wrap_projections(model: nn.Module, targets: tuple[str, ...] = PROJECTIONS) -
                 child = getattr(parent, name, None)
                 if child is not None and not isinstance(child, StackedMoELoRALinear):
                     setattr(parent, name, StackedMoELoRALinear(child))
+    model.__dict__.pop("_wrapped_layers", None)
+    model.__dict__["_wrapped_layers"] = wrapped_layers(model)
     return wrapped_layers(model)
 
 
@@ -286,7 +406,7 @@ def aux_loss(stacks: list[MoELoRA]) -> torch.Tensor:
 def set_route(model: nn.Module, route: dict[str, float] | None) -> None:
     """Per-domain weights on every wrapped projection ({}: base alone; None: every stack at 1)."""
     for layer in wrapped_layers(model).values():
-        layer.route = route
+        layer.__dict__["route"] = route  # a plain attribute: skips nn.Module's __setattr__, per step
 
 
 @contextmanager
@@ -299,7 +419,7 @@ def routed(model: nn.Module, route: dict[str, float] | None) -> Iterator[None]:
         yield
     finally:
         for layer, old in zip(layers, previous):
-            layer.route = old
+            layer.__dict__["route"] = old
 
 
 # ---------------------------------------------------------------- artifacts

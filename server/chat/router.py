@@ -65,8 +65,9 @@ class MetaRouter(nn.Module):
     @torch.no_grad()
     def base_features(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """What the router reads: the frozen base's mixed hidden states for a prompt, every stack off."""
-        with routed(model, {}):
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        with routed(model, {}):  # the decoder alone: the LM head's logits would be a fifth of the cost, unused
+            hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      output_hidden_states=True).hidden_states
         return self.features(hidden)
 
     @torch.no_grad()
