@@ -8,11 +8,15 @@ One run, the same prompts, greedy, on the served chat zoo (its base, stacks and 
 - engine, routed with 1, 3 and 5 domains active: explicit routes, the active domains rotated from
   request to request, so 8 concurrent clients are 8 mixed routes.
 At 1 client the requests run one after another; at 8 clients all are submitted at once. Tokens/s is
-generated tokens over wall time (aggregate); time to first token is submission to first token
-(median). Also measured: the meta-router's share of a request's time ("auto" route, 64 tokens), and
-the stacks' multiply-adds per token against the base's: when decoding is compute-bound, the base's
-share is the ceiling on routed speed relative to the base (attention's own products are left out:
-small at these lengths).
+generated tokens over wall time (aggregate), every request generating exactly `--tokens` tokens (the
+end of turn held off, as `min_new_tokens` does, so that routes with shorter answers do not look
+slower for their larger share of prefill); time to first token is submission to first token
+(median). Also measured: the meta-router's share of a request's time ("auto" route, 64 tokens of
+prompts that ask for long answers); the stacks' multiply-adds per token against the base's: when
+decoding is compute-bound, the base's share is the ceiling on routed speed relative to the base
+(attention's own products are left out: small at these lengths); and what batching can give on this
+machine: a base decode step of 8 rows against one of 1 row (8 x t1 / t8 is the most 8 clients can
+gain over one, before prefills).
 
     python -m bench.chat --artifacts ROOT [--device cuda] [--tokens 32] [--out runs/bench/chat]
 """
@@ -30,7 +34,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from server.chat.batching import ChatBatcher
+from server.chat.batching import ChatBatcher, DecodeBatch, Sequence, prefill
 from server.chat.model import ChatJob, ChatModel, _TokenClock, load_chat, nf4_config
 from server.chat.moe_lora import wrapped_layers
 from server.manifest import BuiltManifest
@@ -46,6 +50,13 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
     "Write a Python function that reverses a string.",
     "How much Thermadol is given to a 20 kg child?",
+]
+# long answers: the router's share is of a whole 64-token request (the end of turn is held off too)
+LONG_PROMPTS = [
+    "Write a long story about a lighthouse keeper and a storm.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Describe a week-long trip through Italy, day by day.",
+    "Write a detailed guide to starting a vegetable garden.",
 ]
 
 
@@ -91,7 +102,8 @@ def baseline(model, chat: ChatModel, clients: int, tokens: int) -> dict:
             ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
         clock, submitted = _TokenClock(), time.perf_counter()
         out = model.generate(ids.to(chat.device), attention_mask=mask.to(chat.device), max_new_tokens=tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, streamer=clock)
+                             min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=eos, streamer=clock)
         for row in out[:, width:].tolist():
             ended = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             results.append((ended, clock.times[0] - submitted))
@@ -100,7 +112,7 @@ def baseline(model, chat: ChatModel, clients: int, tokens: int) -> dict:
 
 # ---------------------------------------------------------------- the chat engine
 def engine_run(engine: ChatBatcher, chat: ChatModel, routes: list, clients: int, tokens: int) -> dict:
-    jobs = [ChatJob(messages(p), tokens, 0.0, 1.0, 0, route, input_ids=chat.encode(messages(p)))
+    jobs = [ChatJob(messages(p), tokens, 0.0, 1.0, 0, route, input_ids=chat.encode(messages(p)), min_tokens=tokens)
             for p, route in zip(PROMPTS, routes)]
 
     async def wave(batch: list[ChatJob]) -> list:
@@ -116,15 +128,35 @@ def engine_run(engine: ChatBatcher, chat: ChatModel, routes: list, clients: int,
 
 def router_share(engine: ChatBatcher, chat: ChatModel) -> dict:
     """The meta-router's share of a 64-token request's time ("auto" route), one request at a time."""
-    shares, seconds = [], []
-    for prompt in PROMPTS[:4]:
-        job = ChatJob(messages(prompt), 64, 0.0, 1.0, 0, "auto", input_ids=chat.encode(messages(prompt)))
+    shares, seconds, tokens = [], [], []
+    for prompt in LONG_PROMPTS:
+        job = ChatJob(messages(prompt), 64, 0.0, 1.0, 0, "auto", input_ids=chat.encode(messages(prompt)), min_tokens=64)
         submitted = time.perf_counter()
         result = asyncio.run(engine.submit(chat, job))
         total = time.perf_counter() - submitted
         shares.append(result.route_seconds / total)
         seconds.append(result.route_seconds)
-    return {"requests": len(shares), "router_s": statistics.median(seconds), "share": statistics.median(shares)}
+        tokens.append(result.completion_tokens)
+    return {"requests": len(shares), "router_s": statistics.median(seconds), "share": statistics.median(shares),
+            "completion_tokens": tokens}
+
+
+@torch.no_grad()
+def decode_steps(chat: ChatModel, rows: int, steps: int = 8) -> float:
+    """Seconds per base decode step of `rows` rows (the prompts' caches joined, no stacks)."""
+    batch, tokens = DecodeBatch(chat, rows), []
+    for prompt in (PROMPTS * rows)[:rows]:
+        logits, cache = prefill(chat, chat.encode(messages(prompt)), {})
+        row = Sequence(chat, None, None)
+        row.plan = type("Plan", (), {"weights": {}})()
+        batch.join(row, cache)
+        tokens.append(int(logits.argmax()))
+    times = []
+    for _ in range(steps + 2):
+        started = time.perf_counter()
+        tokens = batch.step(tokens).argmax(-1).tolist()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])  # the first steps warm up
 
 
 def multiply_adds(chat: ChatModel) -> dict:
@@ -173,6 +205,8 @@ def measure(manifests: BuiltManifest, device: str, tokens: int) -> dict:
         router = router_share(engine, chat) if chat.router is not None else None
     finally:
         engine.shutdown()
+    one, eight = decode_steps(chat, 1), decode_steps(chat, 8)
+    batching = {"step_s_1_row": one, "step_s_8_rows": eight, "ceiling_8_clients": 8 * one / eight}
     for row in rows:
         base = next(r for r in rows if r["clients"] == row["clients"] and r["setting"].startswith("transformers"))
         one = next(r for r in rows if r["clients"] == 1 and r["setting"] == row["setting"])
@@ -181,7 +215,7 @@ def measure(manifests: BuiltManifest, device: str, tokens: int) -> dict:
         row["of_ceiling"] = row["vs_baseline"] / row["macs_ceiling"]
     return {"model": chat.name, "domains": list(domains), "stacks": {d: s.count for d, s in chat.stacks.items()},
             "prompts": len(PROMPTS), "max_new_tokens": tokens, "multiply_adds": macs, "rows": rows,
-            "router": router}
+            "router": router, "batching": batching}
 
 
 def table(report: dict) -> str:
@@ -193,8 +227,11 @@ def table(report: dict) -> str:
                      f"{r['macs_ceiling']:>8.2f}{r['of_ceiling']:>11.2f}")
     if report["router"]:
         lines.append(f"meta-router: {report['router']['router_s'] * 1000:.0f} ms, "
-                     f"{report['router']['share']:.1%} of a 64-token request's time (median of "
-                     f"{report['router']['requests']})")
+                     f"{report['router']['share']:.1%} of a request's time (median of "
+                     f"{report['router']['requests']}, {report['router']['completion_tokens']} tokens generated)")
+    b = report["batching"]
+    lines.append(f"base decode step: {b['step_s_1_row'] * 1000:.0f} ms at 1 row, {b['step_s_8_rows'] * 1000:.0f} ms "
+                 f"at 8 rows: 8 clients can gain at most {b['ceiling_8_clients']:.2f}x over one on this machine")
     return "\n".join(lines)
 
 

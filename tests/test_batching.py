@@ -163,3 +163,21 @@ def test_a_departed_client_and_a_passed_deadline_leave_the_batch(manifest_path, 
         assert [r.completion_tokens for r in run(overfill())] == [30] * 4
     finally:
         engine.shutdown()
+
+
+def test_min_tokens_holds_off_the_end_of_turn_as_transformers_min_new_tokens_does(manifest_path, tmp_path):
+    chat = chat_with_stacks(manifest_path, tmp_path, "none")
+    prompt = chat.encode([{"role": "user", "content": "Name a colour"}])
+    greedy = chat.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+                                 pad_token_id=chat.tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+    chat.model.generation_config.eos_token_id = greedy[2]  # the answer now ends by its third token
+    engine = ChatBatcher("chat", max_batch=2, max_waiting=2, retry_after=1, metrics=Metrics())
+    try:
+        ended = run(engine.submit(chat, job("Name a colour", {}, max_new_tokens=8)))
+        held = run(engine.submit(chat, job("Name a colour", {}, max_new_tokens=8, min_tokens=8)))
+    finally:
+        engine.shutdown()
+    assert ended.finish_reason == "stop" and ended.completion_tokens <= 3
+    assert (held.finish_reason, held.completion_tokens) == ("length", 8)
+    reference = chat.generate(job("Name a colour", {}, max_new_tokens=8, min_tokens=8), {})
+    assert held.text == reference.text and reference.completion_tokens == 8

@@ -48,3 +48,7 @@ def test_chat_speed_bench_measures_the_baseline_and_the_engine_in_one_run(manife
         # greedy, same model, same prompts: the engine and generate (left-padded at 8) end alike
         assert engine["tokens"] == baseline["tokens"] and baseline["requests"] == len(bench.PROMPTS)
     assert report["router"] is None and report["multiply_adds"]["base"] > 0
+    batching = report["batching"]
+    assert batching["step_s_1_row"] > 0 and batching["ceiling_8_clients"] == pytest.approx(
+        8 * batching["step_s_1_row"] / batching["step_s_8_rows"])
+    assert "8 clients can gain at most" in bench.table(report)

@@ -47,6 +47,7 @@ class ChatJob:
     route: Route = "auto"
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
     input_ids: torch.Tensor | None = None  # the rendered prompt, when the request path already has it
+    min_tokens: int = 0  # the end of turn is not sampled before this many tokens (fixed-length benchmarks)
 
 
 @dataclass
@@ -176,6 +177,7 @@ class ChatModel:
             temperature=job.temperature if sampling else None,
             top_p=job.top_p if sampling else None,
             top_k=None,
+            min_new_tokens=job.min_tokens or None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=list(self.end_of_turn_ids),
             streamer=clock,
