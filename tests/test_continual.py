@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -81,6 +82,9 @@ def test_gating_respects_the_chat_floor_and_the_threshold():
         MetaRouter(RouterConfig(domains=("chat",), hidden_size=8, middle_layer=1, weighting="probabilities"))
     weights, _ = router.route(torch.tensor([0.9, 0.13, 0.0]))
     assert weights == {"chat": pytest.approx(0.9), "math": pytest.approx(0.13)}
+    top = MetaRouter(replace(router.config, weighting="top", floor_domain=None))
+    weights, gated = top.route(torch.tensor([0.4, 0.8, 0.05]))  # the most probable at 1, the others relative
+    assert weights == {"chat": pytest.approx(0.5), "math": 1.0} and set(gated) == {"medical"}
 
 
 def test_router_round_trips(tmp_path):
@@ -274,8 +278,11 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
     report = run_brainstacks_eval(served, tmp_path / "eval", cfg, compare={"stacked": stacked})
     zoo = report["zoos"]["served"]
     assert zoo["stacked"] is False and report["zoos"]["stacked"]["stacked"] is True
-    assert (zoo["router"]["weighting"], zoo["router"]["other_weighting"]) == ("probability", "gate")
-    assert report["zoos"]["stacked"]["router"]["weighting"] == "gate"
+    for name, runs in (("served", "runs"), ("stacked", "runs-stacked")):  # the weighting the build chose
+        router = report["zoos"][name]["router"]
+        chosen = json.loads((tmp_path / runs / "router.json").read_text())["weighting"]
+        assert router["weighting"] == chosen
+        assert router["other_weighting"] == ("gate" if chosen == "probability" else "probability")
     assert set(zoo["settings"]) == {"chat", "math", "cross"}
     for name, row in zoo["settings"].items():
         assert set(SETTINGS) <= set(row)
@@ -363,3 +370,40 @@ def test_general_prompts_teach_the_router_to_leave_the_base_alone(manifest_path,
     held_out_general = math_probability(held_out("general", "test", 8))
     held_out_math = math_probability(held_out("math", "test", 4))
     assert max(held_out_general) < min(held_out_math)  # on phrasings neither set was trained on
+
+
+def test_the_weighting_is_chosen_by_what_it_serves_on_validation_prompts(manifest_path, monkeypatch):
+    from training.brainstacks import router_training
+
+    chat = load_base(built(manifest_path))
+    router = MetaRouter(RouterConfig(domains=("chat", "math"), hidden_size=chat.model.config.hidden_size,
+                                     middle_layer=1, floor_domain=None))
+    torch.nn.init.zeros_(router.mlp[-1].weight)  # every prompt: both domains at probability 0.6
+    torch.nn.init.constant_(router.mlp[-1].bias, torch.logit(torch.tensor(0.6)).item())
+    layer = next(iter(wrapped_layers(chat.model).values()))
+    generated = []
+
+    def replies(model, tokenizer, items, max_new_tokens, batch_size):
+        # a stand-in for the stacks: a domain prompt is answered right only with math at weight 1; any
+        # domain on changes a general prompt's answer
+        route = layer.route
+        rows = []
+        for row, item in enumerate(items):
+            weights = {d: float(w[row]) for d, w in route.items()}
+            generated.append((item.prompt, tuple(sorted(weights.items()))))
+            if item.domain == "math":
+                rows.append(f"Answer: {item.final}" if weights.get("math") == 1.0 else "Answer: ?")
+            else:
+                rows.append("changed" if any(weights.values()) else "the base's answer")
+        return rows
+
+    monkeypatch.setattr(router_training, "generate_replies", replies)
+    validation = held_out("math", "val", 2) + held_out("general", "val", 3)
+    chosen, table = router_training.choose_weighting(router, chat.model, chat.tokenizer, validation,
+                                                     ("probability", "top", "gate"), batch_size=4)
+    scores = {row["weighting"]: (row["domain_exact_match"], row["general_as_base"]) for row in table}
+    assert scores == {"probability": (0.0, 0.0), "top": (1.0, 0.0), "gate": (1.0, 0.0)}
+    assert chosen == "top"  # tied with gate: the earlier candidate
+    maths, general = sum(e.domain == "math" for e in validation), sum(e.domain == "general" for e in validation)
+    # each (prompt, route) once: math prompts at 0.6 and at 1; general prompts also with the base alone
+    assert len(generated) == len(set(generated)) == 2 * maths + 3 * general

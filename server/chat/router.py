@@ -5,7 +5,8 @@ the last (0.45 / 0.55), pooled over tokens by attention with a learned global qu
 query per domain, then a small MLP gives one logit per domain, divided by a learned temperature,
 and one sigmoid per domain (domains are not exclusive: a dose question wants medical *and* math).
 At inference the chat domain gets a floor, a domain at or under the gate threshold is skipped, and
-every applied domain runs at weight 1 (`weighting="gate"`) or at its probability (the paper's).
+every applied domain runs at weight 1 (`weighting="gate"`), at its probability (the paper's), or
+relative to the most probable (`"top"`: that one at 1, the others at p / p_max).
 `plan_route` turns a request's route ("auto", "none" or {domain: weight}) into the weights applied
 and the reason every other domain stays off. No library has it; it is small enough to read top to
 bottom. Its training (outcome discovery, BCE) is training/brainstacks/router_training.py.
@@ -24,6 +25,7 @@ from server.artifacts import ArtifactError, load_with_config, save_with_config
 from server.chat.moe_lora import routed
 
 Route = Literal["auto", "none"] | dict[str, float]  # what a request asks for
+WEIGHTINGS = ("gate", "probability", "top")
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,20 @@ class RouterConfig:
     floor: float = 0.2
     gate_threshold: float = 0.12  # a domain at or under this probability is skipped
     # "gate": an applied domain runs at weight 1; "probability": at its probability, as the paper
-    # serves it. Measured (docs/brainstacks.md): stacks trained on top of earlier domains need
-    # "gate" (at probabilities of 0.8-0.95 on the earlier domains, the last domain's exact match fell
-    # from 0.60 to 0.17: its stacks learned on top of them at 1); stacks trained on the base alone
-    # need "probability" (at 1, the extra domains a gate lets through cost 9 points). The chat zoo
-    # build writes the one its variant needs.
+    # serves it; "top": the most probable domain at 1, the others at p / p_max. Measured
+    # (docs/brainstacks.md): stacks trained on top of earlier domains need "gate" (at probabilities
+    # of 0.8-0.95 on the earlier domains, the last domain's exact match fell from 0.60 to 0.17: its
+    # stacks learned on top of them at 1); stacks trained on the base alone lose to "probability" at
+    # "gate" (the extra domains a gate lets through cost 9 points) but lose under "probability" what
+    # a stack below weight 1 forgets. The chat zoo build chooses on validation prompts.
     weighting: str = "gate"
 
 
 class MetaRouter(nn.Module):
     def __init__(self, config: RouterConfig):
         super().__init__()
-        if config.weighting not in ("gate", "probability"):
-            raise ValueError(f"router weighting must be 'gate' or 'probability', not {config.weighting!r}")
+        if config.weighting not in WEIGHTINGS:
+            raise ValueError(f"router weighting must be one of {WEIGHTINGS}, not {config.weighting!r}")
         self.config = config
         d, n = config.hidden_size, len(config.domains)
         self.norm = nn.LayerNorm(d)
@@ -90,16 +93,17 @@ class MetaRouter(nn.Module):
     def route(self, probabilities: torch.Tensor) -> tuple[dict[str, float], dict[str, str]]:
         """One prompt's probabilities -> (weights applied, domains gated off and why)."""
         c = self.config
-        weights, gated = {}, {}
+        applied, gated = {}, {}
         for domain, p in zip(c.domains, probabilities.tolist()):
             if domain == c.floor_domain and p < c.floor:
-                weight = c.floor
+                applied[domain] = c.floor
             elif p <= c.gate_threshold:
                 gated[domain] = f"router probability {p:.3f} <= gate threshold {c.gate_threshold}"
-                continue
             else:
-                weight = round(p, 6)
-            weights[domain] = 1.0 if c.weighting == "gate" else weight
+                applied[domain] = p
+        top = max(applied.values(), default=1.0)
+        weights = {d: 1.0 if c.weighting == "gate" else round(p / top if c.weighting == "top" else p, 6)
+                   for d, p in applied.items()}
         return weights, gated
 
 

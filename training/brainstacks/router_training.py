@@ -11,7 +11,9 @@ Training scores only the subsets the greedy walks visit (`discovered_routes`: ba
 oracle scores every subset (`loss_tables`) and walks the same rule over that table.
 The gate threshold is chosen after training on validation prompts (phrasings training never saw):
 the threshold under which the router applies exactly the prompt's own domain to a domain's prompt,
-and no domain to a general one, most often (`choose_gate_threshold`).
+and no domain to a general one, most often (`choose_gate_threshold`). Then, on the same prompts,
+the weighting by what it serves (`choose_weighting`): exact match of the greedy answers to domain
+prompts, and general prompts answered as the base alone answers them.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from server.chat.moe_lora import routed
-from server.chat.router import MetaRouter, RouterConfig
+from server.chat.moe_lora import batch_route, routed
+from server.chat.router import WEIGHTINGS, MetaRouter, RouterConfig
 from training.brainstacks.data import Batch, batches, device_of, prompt_ids, reply_token_losses
-from training.data.world import Example
+from training.data.world import Example, final_answer
+from training.eval.exact_match import generate_replies
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class RouterTraining:
     # chats, so no floor: a general prompt gets the base alone.
     floor_domain: str | None = None
     weighting: str = "probability"  # how an applied domain is weighted (server/chat/router.py)
+    weightings: tuple[str, ...] = WEIGHTINGS  # candidates, chosen on validation (else `weighting` stays)
     gate_thresholds: tuple[float, ...] = (0.12, 0.2, 0.3, 0.4, 0.5, 0.6)  # candidates, chosen on validation
     validation_per_kind: int = 3  # held-out validation prompts per task kind of every domain
     general_validation: int = 32
@@ -177,6 +181,42 @@ def choose_gate_threshold(router: MetaRouter, model, tokenizer, validation: list
     return best["threshold"], table
 
 
+@torch.no_grad()
+def choose_weighting(router: MetaRouter, model, tokenizer, validation: list[Example], weightings: tuple[str, ...],
+                     batch_size: int = 32) -> tuple[str, list[dict]]:
+    """The candidate weighting whose served answers score best on validation prompts: the exact
+    match of domain prompts' greedy answers and the share of general prompts answered as the base
+    alone answers them, weighted equally. Each distinct (prompt, route) is generated once; ties go
+    to the earlier candidate."""
+    domains = router.config.domains
+    probabilities = torch.cat([torch.sigmoid(router(states, mask)).cpu() for states, mask in
+                               base_features(model, router, tokenizer, [e.messages() for e in validation], batch_size)])
+    candidates = {w: [MetaRouter(replace(router.config, weighting=w)).route(p)[0] for p in probabilities]
+                  for w in weightings}  # route() reads only the config
+    budget = max(len(tokenizer(e.answer).input_ids) for e in validation) + 16
+    jobs = {}  # (prompt, route) -> (example, route); a general prompt's base answer is the reference
+    for i, e in enumerate(validation):
+        for route in ([] if e.domain in domains else [{}]) + [routes[i] for routes in candidates.values()]:
+            jobs.setdefault((e.prompt, tuple(sorted(route.items()))), (e, route))
+    replies, todo = {}, list(jobs.items())
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        with routed(model, batch_route([r for _, (_, r) in chunk], domains, device_of(model))):
+            answers = generate_replies(model, tokenizer, [e for _, (e, _) in chunk], budget, len(chunk))
+        replies.update(zip([key for key, _ in chunk], answers))
+    table = []
+    for weighting, routes in candidates.items():
+        served = [replies[e.prompt, tuple(sorted(r.items()))] for e, r in zip(validation, routes)]
+        exact = [final_answer(s) == e.final for s, e in zip(served, validation) if e.domain in domains]
+        as_base = [s == replies[e.prompt, ()] for s, e in zip(served, validation) if e.domain not in domains]
+        parts = [sum(rows) / len(rows) for rows in (exact, as_base) if rows]
+        table.append({"weighting": weighting, "score": sum(parts) / len(parts),
+                      "domain_exact_match": sum(exact) / max(1, len(exact)), "domain_prompts": len(exact),
+                      "general_as_base": sum(as_base) / max(1, len(as_base)), "general_prompts": len(as_base)})
+    best = max(table, key=lambda row: (row["score"], -weightings.index(row["weighting"])))
+    return best["weighting"], table
+
+
 def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...], cfg: RouterTraining,
                  middle_layer: int, hidden_size: int, general: list[Example] = (),
                  validation: list[Example] = ()) -> tuple[MetaRouter, dict]:
@@ -215,8 +255,16 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
         router.config = replace(router.config, gate_threshold=chosen_threshold)
         tqdm.write(f"gate threshold {chosen_threshold} chosen on {len(validation)} validation prompts: " + ", ".join(
             f"{row['threshold']} -> {row['score']:.2f}" for row in thresholds))
+    weightings = None
+    if validation and len(cfg.weightings) > 1:
+        chosen_weighting, weightings = choose_weighting(router, model, tokenizer, list(validation), cfg.weightings,
+                                                        cfg.batch_size)
+        router.config = replace(router.config, weighting=chosen_weighting)
+        tqdm.write(f"weighting {chosen_weighting!r} chosen on the same prompts: " + ", ".join(
+            f"{row['weighting']} -> {row['score']:.2f} (domains {row['domain_exact_match']:.2f}, "
+            f"general as base {row['general_as_base']:.2f})" for row in weightings))
     router.cpu()
     report = {"seconds": time.perf_counter() - started, "bce": history, "general_prompts": len(general),
               "gate_threshold": router.config.gate_threshold, "weighting": router.config.weighting,
-              "gate_threshold_validation": thresholds, "discovered": discovered}
+              "gate_threshold_validation": thresholds, "weighting_validation": weightings, "discovered": discovered}
     return router, report

@@ -143,7 +143,7 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
     domains = chat.domains
     sets = {d: held_out(d, "test", cfg.per_kind) for d in domains}
     sets["cross"] = held_out("cross", "test", cfg.per_kind)
-    other = "gate" if chat.router.config.weighting == "probability" else "probability"
+    other = "gate" if chat.router.config.weighting == "probability" else "probability"  # the paper's, or the gate
     other_router = MetaRouter(replace(chat.router.config, weighting=other))  # route() reads only the config
 
     def routes_of(items):
