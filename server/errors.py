@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -43,6 +44,11 @@ def error_response(status: int, type: str, message: str, param: str | None = Non
     return JSONResponse(
         {"error": {"type": type, "message": message, "param": param}}, status_code=status, headers=headers
     )
+
+
+def error_body(type: str, message: str, param: str | None = None) -> str:
+    """The error shape as JSON text, for a failure inside a stream that has already begun."""
+    return json.dumps({"error": {"type": type, "message": message, "param": param}})
 
 
 def _validation_param(loc: tuple) -> str | None:

@@ -86,6 +86,8 @@ class ChatRequest(_Request):
     route: Literal["auto", "none"] | dict[str, float] = Field(
         "auto", description='"auto" lets the router choose, "none" is the base alone, or {domain: weight}.'
     )
+    stream: bool = Field(False, description="Server-sent events: `token` events with text as it is decoded, "
+                                            "then one `done` event with the whole response (or an `error` event).")
 
     @model_validator(mode="after")
     def _one_input(self) -> "ChatRequest":
@@ -123,6 +125,10 @@ class RouteTrace(BaseModel):
     time_to_first_token_seconds: float | None
     generation_seconds: float
     generation: int = Field(description="The model-set generation (base, stacks, router) that served it.")
+
+
+class ChatToken(BaseModel):
+    text: str = Field(description="The next piece of the answer; the pieces add up to the final text.")
 
 
 class ChatResponse(BaseModel):

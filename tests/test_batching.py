@@ -181,3 +181,27 @@ def test_min_tokens_holds_off_the_end_of_turn_as_transformers_min_new_tokens_doe
     assert (held.finish_reason, held.completion_tokens) == ("length", 8)
     reference = chat.generate(job("Name a colour", {}, max_new_tokens=8, min_tokens=8), {})
     assert held.text == reference.text and reference.completion_tokens == 8
+
+
+def test_a_stream_closed_early_takes_its_row_out_of_the_batch(manifest_path, tmp_path):
+    from server.chat.batching import stream_listener
+
+    chat = chat_with_stacks(manifest_path, tmp_path, "none")
+    chat.model.generation_config.eos_token_id = None  # no end of turn: only the closed stream ends it
+    chat.tokenizer.eos_token_id = None
+    engine = ChatBatcher("chat", max_batch=2, max_waiting=0, retry_after=1, metrics=Metrics())
+    try:
+        async def read_then_close():
+            row = engine.enqueue(chat, job("Tell me a story", {"math": 1.0}, max_new_tokens=100_000), stream_listener())
+            stream = engine.stream(row)
+            pieces = [await anext(stream) for _ in range(3)]
+            await stream.aclose()
+            return row, pieces
+        row, pieces = run(read_then_close())
+        assert all(isinstance(p, str) and p for p in pieces) and row.cancelled
+        deadline = time.time() + 10
+        while engine.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.running == 0 and len(row.tokens) < 1000
+    finally:
+        engine.shutdown()

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,7 @@ class Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     stop_at: int | None = None  # where the first stop sequence begins in the decoded text
+    listener: Callable[[], None] | None = None  # told, from the engine's thread, of each new token
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -179,6 +180,48 @@ class DecodeBatch:
             layer.values = layer.values[index, :, first:]
 
 
+def stream_listener() -> Callable[[], None]:
+    """A row listener that wakes a streaming request's coroutine (on its event loop) from the
+    engine's thread; pass it to `ChatBatcher.enqueue`, then iterate `ChatBatcher.stream`."""
+    loop, event = asyncio.get_running_loop(), asyncio.Event()
+
+    def listener() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    listener.event = event
+    return listener
+
+
+class StreamedText:
+    """The part of a row's answer that can be sent so far: what its tokens decode to, less what the
+    final answer may still drop (the end-of-turn token, trailing whitespace that `strip()` removes,
+    a half-decoded character, and the last characters that could begin a stop sequence), so that
+    the pieces sent add up to the final text exactly."""
+
+    def __init__(self, row: Sequence):
+        self.row = row
+        self.sent = ""
+        self.hold = max((len(s) - 1 for s in row.job.stop), default=0)
+
+    def new(self) -> str:
+        chat, tokens = self.row.chat, list(self.row.tokens)
+        tokens = [t for t in tokens if t not in chat.end_of_turn_ids]
+        text = chat.decode(torch.tensor(tokens, dtype=torch.long)).lstrip().rstrip("\ufffd")
+        cuts = [i for i in (text.find(s) for s in self.row.job.stop) if i >= 0]
+        text = text[:min(cuts)] if cuts else text[:max(0, len(text) - self.hold)]
+        text = text.rstrip()
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def rest(self, final: str) -> str:
+        """What is left to send of the final text (the final text begins with what was sent)."""
+        piece = final[len(self.sent):] if final.startswith(self.sent) else ""
+        self.sent = final
+        return piece
+
+
 class ChatBatcher:
     """The chat engine: a bounded queue in front of one thread that decodes every active request
     in one batch per model set. The same surface as `server.engine.Engine` (`submit`, `run`,
@@ -216,7 +259,12 @@ class ChatBatcher:
                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResult:
         """Answer `job` on `chat`, decoded beside every other active request. Refuses at once
         (QueueFull) when every batch slot is taken and `max_waiting` requests already wait."""
-        row = Sequence(chat, job, Future(), timing=CURRENT_REQUEST.get(), timeout=self.timeout)
+        return await self.wait(self.enqueue(chat, job), disconnected)
+
+    def enqueue(self, chat: ChatModel, job: ChatJob, listener: Callable[[], None] | None = None) -> Sequence:
+        """Queue `job` (QueueFull at once when every slot is taken and `max_waiting` wait); its row.
+        `listener` is called from the engine's thread after each token the row gets."""
+        row = Sequence(chat, job, Future(), timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener)
         if self.timeout is not None:
             row.deadline = row.submitted + self.timeout
         with self._lock:
@@ -225,6 +273,35 @@ class ChatBatcher:
             self._queue.append(row)
             self._publish()
             self._lock.notify()
+        return row
+
+    async def stream(self, row: Sequence, disconnected: Callable[[], Awaitable[bool]] | None = None
+                     ) -> AsyncIterator[str | ChatResult]:
+        """An enqueued row's answer as it is decoded: text pieces that add up to the answer's text,
+        then its ChatResult. Enqueue it with `stream_listener()` as its listener."""
+        wake: asyncio.Event = row.listener.event
+        text = StreamedText(row)
+        try:
+            while not row.future.done():
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+                if disconnected is not None and await disconnected():
+                    raise ClientGone()
+                if piece := text.new():
+                    yield piece
+            result = await asyncio.wrap_future(row.future)
+        finally:
+            if not row.future.done():
+                row.cancelled = True  # a client gone, or the stream closed early: the row leaves at the next step
+        if piece := text.rest(result.text):
+            yield piece
+        yield result
+
+    async def wait(self, row: Sequence, disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResult:
+        """An enqueued row's result; a client that has gone (`disconnected`) takes its row out."""
         result = asyncio.wrap_future(row.future)
         try:
             while True:
@@ -349,6 +426,8 @@ class ChatBatcher:
         token = sample(logits, job.temperature, job.top_p, row.generator)
         row.tokens.append(token)
         row.token_times.append(time.perf_counter())
+        if row.listener is not None:
+            row.listener()
         chat = row.chat
         if token in chat.end_of_turn_ids:
             row.finish_reason = "stop"

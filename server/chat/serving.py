@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 from jinja2 import TemplateError
 
-from server.chat.batching import ChatBatcher, ClientGone, DeadlineExceeded
+from server.chat.batching import ChatBatcher, ClientGone, DeadlineExceeded, stream_listener
 from server.chat.model import ChatJob, ChatModel, ChatResult
 from server.errors import ApiError
 from server.metrics import Metrics, since_arrival
@@ -38,6 +38,33 @@ async def answer(req: ChatRequest, chat: ChatModel, generation: int, settings: S
     trace = make_trace(job, result, result.started - submitted, generation)
     record_metrics(metrics, job, result, trace)
     return respond(chat, job, result, trace)
+
+
+def start_stream(req: ChatRequest, chat: ChatModel, generation: int, settings: Settings, engine: ChatBatcher,
+                 metrics: Metrics, disconnected: Callable[[], Awaitable[bool]] | None = None
+                 ) -> AsyncIterator[str | ChatResponse]:
+    """Plan the job and queue it now (a refusal or a full queue is an HTTP error before any event);
+    the answer's text pieces as they are decoded, then the whole response. A passed deadline raises
+    ApiError (504) from the iterator; a client that has gone ends it."""
+    job = plan_job(req, chat, settings)
+    submitted = time.perf_counter()
+    row = engine.enqueue(chat, job, stream_listener())
+
+    async def pieces() -> AsyncIterator[str | ChatResponse]:
+        try:
+            async for item in engine.stream(row, disconnected):
+                if isinstance(item, str):
+                    yield item
+                    continue
+                trace = make_trace(job, item, item.started - submitted, generation)
+                record_metrics(metrics, job, item, trace)
+                yield respond(chat, job, item, trace)
+        except DeadlineExceeded as exc:
+            raise ApiError(504, f"{exc} (the server's chat timeout)", "max_tokens") from None
+        except ClientGone:
+            return
+
+    return pieces()
 
 
 def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
