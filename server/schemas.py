@@ -143,7 +143,13 @@ class ChatResponse(BaseModel):
 
 class ModelCard(BaseModel):
     id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time its serving version was loaded (0: not loaded yet).")
+    owned_by: str = "loopstack"
     kind: Literal["dit", "pixart", "causal-lm"]
+    route: str | dict[str, float] | None = Field(
+        None, description="A chat route alias: the route this id asks for (POST /v1/chat/completions).")
+    domains: list[str] | None = Field(None, description="A chat model's Brainstacks domains.")
     placeholder: bool
     status: Literal["ready", "placeholder", "loading", "failed"]
     generation: int | None = Field(description="The model-set generation its serving version was loaded in.")
@@ -155,3 +161,129 @@ class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
     build: dict | None = Field(None, description="The background zoo build, while one runs or after it ran.")
+
+
+# ---------------------------------------------------------------- OpenAI's chat completions
+class ContentPart(_Request):
+    type: Literal["text"] = Field(description="Text parts only: Loopstack's chat models read text.")
+    text: str
+
+
+class CompletionMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is read as system.")
+    content: str | list[ContentPart]
+    name: str | None = Field(None, max_length=64, description="Accepted; not shown to the model.")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"] = Field(description="Plain text only (no JSON mode or schemas).")
+
+
+class ChatCompletionRequest(_Request):
+    """OpenAI's chat completion request. Values Loopstack does not support are refused (422, naming
+    the field), not ignored: several choices, penalties, logit biases, log probabilities, tools."""
+    model: str = Field(min_length=1, max_length=200, description=(
+        "The chat model, or a route alias of it from GET /v1/models: `<model>:auto` (the router), "
+        "`<model>:none` (the base alone), `<model>+<domain>[+<domain>...]` (those domains at weight 1)."))
+    messages: list[CompletionMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens when both are given.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1, as OpenAI's; 0 is greedy.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted; not stored.")
+    store: bool | None = None
+    route: Literal["auto", "none"] | dict[str, float] | None = Field(
+        None, description='Loopstack: "auto", "none" or {domain: weight} (default: the model alias\'s, else auto).')
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field whose value Loopstack does not support: (field, why)."""
+        checks = [
+            ("n", self.n not in (None, 1), "one choice per request"),
+            ("presence_penalty", self.presence_penalty not in (None, 0), "no penalties"),
+            ("frequency_penalty", self.frequency_penalty not in (None, 0), "no penalties"),
+            ("logit_bias", bool(self.logit_bias), "no logit biases"),
+            ("logprobs", bool(self.logprobs), "no log probabilities"),
+            ("top_logprobs", bool(self.top_logprobs), "no log probabilities"),
+            ("tools", bool(self.tools), "no tool calls"),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto") or
+             (self.tool_choice == "auto" and bool(self.tools)), "no tool calls"),
+            ("store", bool(self.store), "completions are not stored"),
+            ("stream_options", self.stream_options is not None and not self.stream,
+             "stream_options needs stream: true"),
+        ]
+        return next(((field, why) for field, bad, why in checks if bad), None)
+
+
+class CompletionAnswer(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    message: CompletionAnswer
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class LoopstackExtra(BaseModel):
+    seed: int
+    placeholder: bool
+    trace: RouteTrace
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = Field(None, description="The model-set generation that served it.")
+    loopstack: LoopstackExtra = Field(description="Loopstack's routing trace, the seed and whether the model is a placeholder.")
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+    loopstack: LoopstackExtra | None = Field(None, description="On the chunk that carries the finish reason.")

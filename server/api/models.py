@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server.api.dependencies import Services, services
+from server.api.openai import alias_route, route_aliases
 from server.chat.model import ChatModel
 from server.imaging.backbones import ImageBackbone
 from server.registry import Entry
@@ -27,8 +28,14 @@ async def list_models(svc: Services = Depends(services)) -> ModelList:
             details = chat_details(models.chat)
         else:
             details = {}
-        cards.append(ModelCard(id=entry.key, kind=kind_of(entry), placeholder=entry.placeholder,
-                               status=entry.state, generation=entry.generation, errors=errors, details=details))
+        card = ModelCard(id=entry.key, created=int(entry.loaded_at or 0), kind=kind_of(entry),
+                         placeholder=entry.placeholder, status=entry.state, generation=entry.generation,
+                         errors=errors, details=details)
+        cards.append(card)
+        if entry.kind == "chat" and models is not None and models.chat is not None:
+            card.domains = list(models.chat.domains)
+            cards += [card.model_copy(update={"id": alias, "route": alias_route(alias, models.chat)})
+                      for alias in route_aliases(models.chat)]
     return ModelList(data=cards, build=registry.build_state())
 
 

@@ -1,0 +1,130 @@
+"""OpenAI's chat completions API (`POST /v1/chat/completions`), streamed or not, on the same serving
+path as POST /chat: the request becomes a native one (a route alias in `model`, or `route` in the
+extra body), and the answer comes back in OpenAI's shapes with Loopstack's trace in `loopstack`
+(on the last content chunk when streaming)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from server.api.chat import served_chat
+from server.api.dependencies import Services, loaded_models, services
+from server.chat import serving
+from server.chat.model import ChatModel
+from server.chat.router import Route
+from server.errors import ApiError, error_body
+from server.registry import ModelSet
+from server.schemas import (
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, ChatResponse, ChunkChoice, ChunkDelta,
+    CompletionAnswer, CompletionChoice, LoopstackExtra,
+)
+
+router = APIRouter(tags=["openai"])
+log = logging.getLogger(__name__)
+
+
+def route_aliases(chat: ChatModel) -> list[str]:
+    """The model ids GET /v1/models lists for a chat model: the router's and the base alone's, and
+    each domain on its own (any +-joined set of served domains is accepted too)."""
+    return [f"{chat.name}:auto", f"{chat.name}:none"] + [f"{chat.name}+{d}" for d in chat.domains]
+
+
+def alias_route(model: str, chat: ChatModel) -> Route | None:
+    """The route a model id names (None: the plain model, no route of its own)."""
+    if model == chat.name:
+        return None
+    if model in (f"{chat.name}:auto", f"{chat.name}:none"):
+        return model.rsplit(":", 1)[1]
+    if model.startswith(f"{chat.name}+"):
+        domains = model[len(chat.name) + 1:].split("+")
+        if unknown := [d for d in domains if d not in chat.domains]:
+            raise ApiError(404, f"model {model!r}: {chat.name!r} has no domain {unknown[0]!r}; "
+                                f"served domains: {list(chat.domains)}", "model", "model_not_found")
+        return {d: 1.0 for d in domains}
+    raise ApiError(404, f"unknown model {model!r}; this server's chat model is {chat.name!r} "
+                        f"(route aliases: GET /v1/models)", "model", "model_not_found")
+
+
+def native_request(req: ChatCompletionRequest, chat: ChatModel) -> ChatRequest:
+    if bad := req.unsupported():
+        raise ApiError(422, f"{bad[0]}: not supported by Loopstack ({bad[1]})", bad[0])
+    route = alias_route(req.model, chat)
+    if route is not None and req.route is not None and req.route != route:
+        raise ApiError(422, f"route: the model alias {req.model!r} already names a route; give one or the other",
+                       "route")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    for i, m in enumerate(messages):
+        if not m["content"].strip():
+            raise ApiError(422, f"messages.{i}.content: must not be blank", f"messages.{i}.content")
+    try:
+        return ChatRequest.model_validate({
+            "messages": messages, "stop": req.stop, "seed": req.seed,
+            "max_tokens": req.max_completion_tokens or req.max_tokens,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "route": req.route or route or "auto"})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(422, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response,
+                           models: ModelSet = Depends(loaded_models), svc: Services = Depends(services)):
+    chat = served_chat(models, svc)
+    native = native_request(req, chat)
+    completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    fingerprint = f"generation-{models.generation}"
+    headers = {"X-Loopstack-Generation": str(models.generation)}
+    if req.stream:
+        pieces = serving.start_stream(native, chat, models.generation, svc.settings, svc.chat_engine, svc.metrics,
+                                      request.is_disconnected)
+        chunk = ChatCompletionChunk(id=completion_id, created=created, model=req.model, choices=[],
+                                    system_fingerprint=fingerprint)
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return EventSourceResponse(chunks(pieces, chunk, usage), headers=headers)
+    answer = await serving.answer(native, chat, models.generation, svc.settings, svc.chat_engine, svc.metrics,
+                                  request.is_disconnected)
+    response.headers.update(headers)
+    return ChatCompletion(
+        id=completion_id, created=created, model=req.model, system_fingerprint=fingerprint, usage=answer.usage,
+        choices=[CompletionChoice(message=CompletionAnswer(content=answer.text), finish_reason=answer.finish_reason)],
+        loopstack=extra(answer))
+
+
+def extra(answer: ChatResponse) -> LoopstackExtra:
+    return LoopstackExtra(seed=answer.seed, placeholder=answer.placeholder, trace=answer.trace)
+
+
+async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usage: bool) -> AsyncIterator[dict]:
+    """OpenAI's stream: the assistant's role, its content in pieces, a chunk with the finish reason
+    (and Loopstack's trace), with `include_usage` one more with the usage and no choices, then
+    [DONE]. A failure after the stream began is a chunk with an `error`, as OpenAI sends it."""
+
+    def data(**update) -> dict:
+        return {"data": chunk.model_copy(update=update).model_dump_json(exclude_none=True)}
+
+    try:
+        yield data(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+        async for item in pieces:
+            if isinstance(item, str):
+                yield data(choices=[ChunkChoice(delta=ChunkDelta(content=item))])
+                continue
+            yield data(choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=item.finish_reason)], loopstack=extra(item))
+            if include_usage:
+                yield data(choices=[], usage=item.usage)
+    except ApiError as exc:
+        yield {"data": error_body(exc.type, exc.message, exc.param)}
+    except Exception:  # the status line has gone out: the failure travels in the stream
+        log.exception("a streamed chat completion failed")
+        yield {"data": error_body("internal_error", "the answer failed; see the server's log")}
+    yield {"data": "[DONE]"}

@@ -1,0 +1,92 @@
+"""OpenAI's own Python client against the server: models, chat completions plain and streamed, and
+refusals in the one error shape (which OpenAI's client reads as its own)."""
+
+from __future__ import annotations
+
+import httpx2
+import openai
+import pytest
+
+
+class InProcessTransport(httpx2.BaseTransport):
+    """OpenAI's client (on httpx2) sending to the app in-process, through Starlette's test client."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
+        reply = self.client.request(request.method, str(request.url), headers=headers, content=request.read())
+        return httpx2.Response(reply.status_code, headers=list(reply.headers.items()), content=reply.content,
+                               request=request)
+
+
+@pytest.fixture()
+def oai(client):
+    return openai.OpenAI(api_key="unused", base_url="http://testserver/v1", max_retries=0,
+                         http_client=httpx2.Client(transport=InProcessTransport(client)))
+
+
+def test_models_are_listed_in_openai_shape_with_route_aliases(oai, client):
+    listed = {m.id: m for m in oai.models.list().data}
+    assert {"tiny-lm", "tiny-lm:auto", "tiny-lm:none", "tiny-lm+chat", "tiny-lm+math"} <= set(listed)
+    assert all(m.object == "model" and m.owned_by == "loopstack" and m.created > 0 for m in listed.values())
+    raw = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert raw["tiny-lm"]["domains"] == ["chat", "math"] and raw["tiny-lm+math"]["route"] == {"math": 1.0}
+    assert raw["tiny-lm:none"]["route"] == "none" and raw["tiny-lm"]["kind"] == "causal-lm"
+
+
+def test_chat_completion_matches_the_native_answer_and_carries_the_trace(oai, client):
+    native = client.post("/chat", json={"prompt": "What is 3 + 4?", "max_tokens": 6, "route": {"math": 1.0}}).json()
+    completion = oai.chat.completions.create(model="tiny-lm+math", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+                                             max_tokens=6, temperature=0)
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
+    assert completion.model == "tiny-lm+math" and choice.message.role == "assistant"
+    assert choice.message.content == native["text"] and choice.finish_reason == native["finish_reason"]
+    assert completion.usage.total_tokens == native["usage"]["total_tokens"]
+    trace = completion.model_extra["loopstack"]["trace"]
+    assert trace["route_requested"] == {"math": 1.0} and trace["domains_applied"] == native["trace"]["domains_applied"]
+    # the route in the extra body, on the plain model, is the same request
+    again = oai.chat.completions.create(model="tiny-lm", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+                                        max_tokens=6, temperature=0, extra_body={"route": {"math": 1.0}})
+    assert again.choices[0].message.content == choice.message.content
+
+
+def test_streamed_completion_adds_up_to_the_plain_one_and_ends_with_usage(oai):
+    request = dict(model="tiny-lm:none", messages=[{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Tell me about the sea"}],
+                   max_tokens=10, temperature=0)
+    plain = oai.chat.completions.create(**request)
+    chunks = list(oai.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == plain.choices[0].message.content
+    finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finished) == 1 and finished[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert finished[0].model_extra["loopstack"]["trace"]["route_requested"] == "none"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(n=2), "n"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(logprobs=True), "logprobs"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (dict(extra_body={"route": {"astrology": 1.0}}), "route"),
+    (dict(extra_body={"route": "none"}, model="tiny-lm+math"), "route"),
+    (dict(extra_body={"temperatur": 0.5}), "temperatur"),
+])
+def test_unsupported_values_are_refused_in_the_error_shape(oai, kwargs, param):
+    request = dict(model="tiny-lm", messages=[{"role": "user", "content": "hi"}], max_tokens=2) | kwargs
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        oai.chat.completions.create(**request)
+    assert refused.value.status_code == 422 and refused.value.body["param"] == param
+
+
+def test_an_unknown_model_or_domain_alias_is_not_found(oai):
+    for model in ("gpt-4o", "tiny-lm+astrology"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert missing.value.body["param"] == "model"
