@@ -47,6 +47,14 @@ class ImageRequest(_Request):
     response_format: Literal["json", "png"] = Field(
         "json", description="png (or Accept: image/png) returns the image itself; n > 1 gives a row of images."
     )
+    stream: bool = Field(False, description="Server-sent events: `progress` after each denoising step, then one "
+                                            "`done` event with the JSON response (or an `error` event).")
+
+
+class ImageProgress(BaseModel):
+    step: int = Field(description="Denoising steps done.")
+    steps: int
+    mode: Literal["ilf", "baseline"]
 
 
 class ImageResponse(BaseModel):

@@ -52,3 +52,57 @@ def test_a_refused_streaming_request_is_a_plain_error_before_any_event(client):
     response = client.post("/chat", json={"prompt": "hi", "stream": True, "route": {"astrology": 1.0}})
     assert_error_shape(response, 422, "route")
     assert not response.headers["content-type"].startswith("text/event-stream")
+
+
+def test_a_streamed_image_reports_each_step_then_the_same_images_as_a_plain_request(client):
+    request = {"model": "tiny-dit", "class_label": 0, "seed": 5, "steps": 4, "n": 2, "mode": "baseline"}
+    plain = client.post("/generate-image", json=request).json()
+    response = client.post("/generate-image", json={**request, "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert [name for name, _ in events] == ["progress"] * 4 + ["done"]
+    assert [(d["step"], d["steps"], d["mode"]) for _, d in events[:4]] == [(i, 4, "baseline") for i in range(1, 5)]
+    done = events[-1][1]
+    assert done["images"] == plain["images"] and done["seeds"] == plain["seeds"] == [5, 6]
+
+
+def test_a_refused_image_stream_is_a_plain_error(client):
+    response = client.post("/generate-image", json={"model": "tiny-dit", "class_label": 99, "stream": True})
+    assert_error_shape(response, 422, "class_label")
+
+
+def test_a_closed_image_stream_stops_the_sampling_at_its_next_step(manifest_path, monkeypatch):
+    import asyncio
+
+    from server.engine import Engine
+    from server.imaging import serving
+    from server.imaging.backbones import load_image_backbone
+    from server.manifest import ArtifactResolver, load_manifest
+    from server.metrics import Metrics
+    from server.schemas import ImageRequest
+    from tests.conftest import make_settings
+
+    spec = next(m for m in load_manifest(manifest_path).image if m.name == "tiny-dit")
+    backbone = load_image_backbone(spec, ArtifactResolver(manifest_path.parent), "cpu")
+    engine = Engine("image", max_waiting=2, retry_after=1, metrics=Metrics())
+    sampled, real = [], serving.sample
+
+    def counting(backbone, job, progress):
+        def counted(done, total):
+            sampled.append(done)
+            progress(done, total)
+        return real(backbone, job, progress=counted)
+
+    monkeypatch.setattr(serving, "sample", counting)
+
+    async def read_two_steps_then_close():
+        events = await serving.start_stream(ImageRequest(model="tiny-dit", class_label=0, steps=50, mode="baseline"),
+                                            backbone, 1, make_settings(manifest_path), engine, Metrics())
+        seen = [await anext(events), await anext(events)]
+        await events.aclose()
+        await engine.submit(lambda: None)  # runs once the worker has left the stopped job
+        return seen
+
+    seen = asyncio.run(read_two_steps_then_close())
+    assert [(p.step, p.steps) for p in seen] == [(1, 50), (2, 50)]
+    assert 2 <= max(sampled) <= 5  # stopped a step or so after the close, not after 50

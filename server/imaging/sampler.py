@@ -60,11 +60,14 @@ def initial_noise(backbone: ImageBackbone, job: SampleJob) -> torch.Tensor:
 @torch.no_grad()
 def sample(backbone: ImageBackbone, job: SampleJob,
            step_context: Callable[[int, torch.Tensor], ContextManager] | None = None,
-           trajectory: list[torch.Tensor] | None = None) -> SampleResult:
+           trajectory: list[torch.Tensor] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> SampleResult:
     """The sampling loop; in ILF mode the same loop runs the backbone with its feedback loop inside.
 
     step_context(i, t), if given, wraps each step: where diffusers' cache hooks learn the step.
     trajectory, if given, receives the starting noise and the sample after every step (ILF's teacher).
+    progress(done, steps), if given, is told after each step; an exception it raises (a streaming
+    client that has gone) stops the sampling there.
     """
     if job.mode == "ilf" and backbone.ilf is None:
         raise ValueError(f"{backbone.name} has no ILF module")
@@ -84,6 +87,8 @@ def sample(backbone: ImageBackbone, job: SampleJob,
                 x = denoise_step(backbone, scheduler, x, t, cond, job.guidance_scale)
             if trajectory is not None:
                 trajectory.append(x)
+            if progress is not None:
+                progress(i + 1, len(scheduler.timesteps))
 
     images = backbone.decode(x)
     steps = len(scheduler.timesteps)

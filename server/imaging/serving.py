@@ -4,9 +4,13 @@ sampled it, the metrics and the answer (PNG bytes or JSON with base64 PNGs)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import secrets
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
 
 import numpy as np
 import torch
@@ -121,12 +125,65 @@ def respond(backbone: ImageBackbone, job: SampleJob, result: SampleResult, gener
     if as_png:
         image = images[0] if len(images) == 1 else row_of(images)
         return Response(png_bytes(image), media_type="image/png", headers=headers)
-    return JSONResponse(ImageResponse(
+    return JSONResponse(image_response(backbone, job, result, generation, images).model_dump(), headers=headers)
+
+
+def image_response(backbone: ImageBackbone, job: SampleJob, result: SampleResult, generation: int,
+                   images: list[Image.Image] | None = None) -> ImageResponse:
+    return ImageResponse(
         model=backbone.name, mode=job.mode, scheduler=job.scheduler, steps=result.steps,
         block_evaluations=result.block_evaluations, guidance_scale=job.guidance_scale, seeds=job.seeds,
         width=job.width, height=job.height, seconds=result.seconds, placeholder=backbone.spec.placeholder,
-        generation=generation, images=b64_pngs(images),
-    ).model_dump(), headers=headers)
+        generation=generation, images=b64_pngs(images or to_pil(result.images)))
+
+
+class StreamClosed(Exception):
+    """A streaming client has gone: its sampling stops after the step it is in."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    steps: int
+    mode: str
+
+
+async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings,
+                       engine: Engine, metrics: Metrics) -> AsyncIterator[Progress | ImageResponse]:
+    """Plan the job and queue it now (a refusal or a full queue raises before any event); then the
+    sampling's progress after each step, and the response. Closing the iterator early stops the
+    sampling at its next step."""
+    job = plan_job(req, backbone, settings)
+    loop, steps, closed = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+    def progress(done: int, total: int) -> None:  # on the image worker's thread
+        if closed.is_set():
+            raise StreamClosed()
+        loop.call_soon_threadsafe(steps.put_nowait, Progress(done, total, job.mode))
+
+    task = asyncio.create_task(engine.submit(lambda: sample(backbone, job, progress=progress)))
+    await asyncio.sleep(0)  # the engine takes it or refuses it (QueueFull) before its first await
+    if task.done() and task.exception() is not None:
+        raise task.exception()
+
+    async def events() -> AsyncIterator[Progress | ImageResponse]:
+        try:
+            while not (task.done() and steps.empty()):
+                waiter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield waiter.result()
+                else:
+                    waiter.cancel()
+            result = task.result()
+            record_metrics(metrics, backbone, job, result)
+            yield image_response(backbone, job, result, generation)
+        finally:
+            closed.set()
+            if not task.done():
+                task.add_done_callback(lambda t: t.exception())  # its StreamClosed is expected: not logged
+
+    return events()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
