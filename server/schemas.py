@@ -295,3 +295,39 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     usage: Usage | None = None
     loopstack: LoopstackExtra | None = Field(None, description="On the chunk that carries the finish reason.")
+
+
+# ---------------------------------------------------------------- OpenAI's image generations
+class ImageGenerationRequest(_Request):
+    """OpenAI's image generation request; Loopstack's sampling settings travel in the extra body."""
+    model: str = Field(min_length=1, max_length=64, description="An image model from GET /v1/models.")
+    prompt: str = Field(min_length=1, description=(
+        "Text-to-image models: the prompt. Class-conditional models: a class name (or send class_label)."))
+    n: int | None = Field(None, ge=1)
+    size: str | None = Field(None, max_length=16, description='"WIDTHxHEIGHT" or "auto" (the model\'s native size).')
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json only: no image hosting.")
+    output_format: Literal["png"] | None = None
+    quality: Literal["auto", "standard"] | None = None
+    style: None = None
+    background: Literal["auto"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    user: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    steps: int | None = Field(None, ge=1)
+    mode: Literal["ilf", "baseline"] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    class_label: int | str | None = None
+    guidance_scale: float | None = Field(None, ge=0)
+    scheduler: Literal["ddim", "dpm++"] | None = None
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[GeneratedImage]
+    output_format: Literal["png"] = "png"
+    size: str
+    loopstack: dict = Field(description="What ran: mode, steps, block evaluations, seeds, seconds, generation.")

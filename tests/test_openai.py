@@ -90,3 +90,33 @@ def test_an_unknown_model_or_domain_alias_is_not_found(oai):
         with pytest.raises(openai.NotFoundError) as missing:
             oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert missing.value.body["param"] == "model"
+
+
+def test_image_generation_in_openai_shape_matches_the_native_images(oai, client):
+    import base64
+
+    native = client.post("/generate-image", json={"model": "tiny-dit", "class_label": 0, "seed": 4, "n": 2}).json()
+    names = client.get("/v1/models").json()["data"]
+    first_class = next(m for m in names if m["id"] == "tiny-dit")["details"]["classes"][0]
+    generated = oai.images.generate(model="tiny-dit", prompt=first_class, n=2, response_format="b64_json",
+                                    extra_body={"seed": 4})
+    assert [d.b64_json for d in generated.data] == native["images"]
+    assert base64.b64decode(generated.data[0].b64_json).startswith(b"\x89PNG")
+    ran = generated.model_extra["loopstack"]
+    assert (ran["mode"], ran["steps"], ran["seeds"]) == (native["mode"], native["steps"], [4, 5])
+    assert ran["block_evaluations"] == native["block_evaluations"] and generated.size == f"{ran['width']}x{ran['height']}"
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(prompt="a cat"), 422, "prompt"),  # not one of a class-conditional model's classes
+    (dict(response_format="url"), 422, "response_format"),
+    (dict(size="big"), 422, "size"),
+    (dict(model="dall-e-3"), 404, "model"),
+])
+def test_image_generation_refusals_name_their_field(oai, kwargs, status, param):
+    request = dict(model="tiny-dit", prompt="0", extra_body={"class_label": 0}) | kwargs
+    if param == "prompt":
+        request.pop("extra_body")
+    with pytest.raises(openai.APIStatusError) as refused:
+        oai.images.generate(**request)
+    assert refused.value.status_code == status and refused.value.body["param"] == param

@@ -1,11 +1,13 @@
-"""OpenAI's chat completions API (`POST /v1/chat/completions`), streamed or not, on the same serving
-path as POST /chat: the request becomes a native one (a route alias in `model`, or `route` in the
-extra body), and the answer comes back in OpenAI's shapes with Loopstack's trace in `loopstack`
-(on the last content chunk when streaming)."""
+"""OpenAI's API on Loopstack's serving paths: chat completions (`POST /v1/chat/completions`), streamed
+or not, and image generations (`POST /v1/images/generations`). Each request becomes a native one
+(a chat route alias in `model` or `route` in the extra body; image sampling settings in the extra
+body), and the answer comes back in OpenAI's shapes with what Loopstack ran in `loopstack` (the
+chat trace on the finishing chunk when streaming)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from typing import AsyncIterator
@@ -20,10 +22,14 @@ from server.chat import serving
 from server.chat.model import ChatModel
 from server.chat.router import Route
 from server.errors import ApiError, error_body
+from server.imaging import serving as image_serving
+from server.imaging.backbones import ImageBackbone
+from server.imaging.sampler import sample
 from server.registry import ModelSet
 from server.schemas import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, ChatResponse, ChunkChoice, ChunkDelta,
-    CompletionAnswer, CompletionChoice, LoopstackExtra,
+    CompletionAnswer, CompletionChoice, GeneratedImage, ImageGenerationRequest, ImageRequest, ImagesResponse,
+    LoopstackExtra,
 )
 
 router = APIRouter(tags=["openai"])
@@ -128,3 +134,56 @@ async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usag
         log.exception("a streamed chat completion failed")
         yield {"data": error_body("internal_error", "the answer failed; see the server's log")}
     yield {"data": "[DONE]"}
+
+
+# ---------------------------------------------------------------- images
+@router.post("/v1/images/generations", response_model=ImagesResponse)
+async def image_generations(req: ImageGenerationRequest, response: Response, models: ModelSet = Depends(loaded_models),
+                            svc: Services = Depends(services)) -> ImagesResponse:
+    backbone = served_image(req.model, models, svc)
+    if req.response_format == "url":
+        raise ApiError(422, "response_format: 'url' is not supported (no image hosting); use b64_json",
+                       "response_format")
+    native = native_image_request(req, backbone)
+    job = image_serving.plan_job(native, backbone, svc.settings)
+    result = await svc.image_engine.submit(sample, backbone, job)
+    image_serving.record_metrics(svc.metrics, backbone, job, result)
+    answer = image_serving.image_response(backbone, job, result, models.generation)
+    response.headers["X-Loopstack-Generation"] = str(models.generation)
+    return ImagesResponse(created=int(time.time()), data=[GeneratedImage(b64_json=i) for i in answer.images],
+                          size=f"{answer.width}x{answer.height}", loopstack=answer.model_dump(exclude={"images"}))
+
+
+def native_image_request(req: ImageGenerationRequest, backbone: ImageBackbone) -> ImageRequest:
+    """The native request: the size parsed, and for a class-conditional model the prompt read as a
+    class name unless class_label is given."""
+    width = height = None
+    if req.size not in (None, "auto"):
+        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", req.size)
+        if match is None:
+            raise ApiError(422, f"size: {req.size!r} is not WIDTHxHEIGHT or 'auto'", "size")
+        width, height = int(match[1]), int(match[2])
+        if not (width and height):
+            raise ApiError(422, "size: width and height must be positive", "size")
+    prompt, class_label = req.prompt, req.class_label
+    if backbone.spec.kind == "dit":
+        prompt = None
+        if class_label is None:
+            names = backbone.class_names()
+            if req.prompt.strip().lower() not in names:
+                raise ApiError(422, f"prompt: {backbone.name} is class-conditional; the prompt must be one of its "
+                                    f"classes {names} (or send class_label)", "prompt")
+            class_label = req.prompt.strip().lower()
+    return ImageRequest(model=req.model, prompt=prompt, class_label=class_label, steps=req.steps,
+                        guidance_scale=req.guidance_scale, seed=req.seed, n=req.n or 1, width=width, height=height,
+                        scheduler=req.scheduler, mode=req.mode)
+
+
+def served_image(name: str, models: ModelSet, svc: Services) -> ImageBackbone:
+    backbone = models.images.get(name)
+    if backbone is None:
+        if reason := svc.registry.unavailable("image", name):
+            raise ApiError(503, reason, "model")
+        raise ApiError(404, f"unknown image model {name!r}; serving: {sorted(models.images)}", "model",
+                       "model_not_found")
+    return backbone
