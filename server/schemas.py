@@ -6,11 +6,23 @@ Settings and are checked in the routes with the same error shape.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
+
+
+def _encodable(text: str) -> str:
+    # JSON can carry a lone surrogate ("\\ud800") that no tokenizer can encode: refuse it here, as a 422
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # every text field a model reads
 
 
 class _Request(BaseModel):
@@ -30,8 +42,8 @@ class ErrorBody(BaseModel):
 
 class ImageRequest(_Request):
     model: str = Field(min_length=1, max_length=64, description="An image model from GET /v1/models.")
-    prompt: str | None = Field(None, description="Text prompt (text-to-image models).")
-    class_label: int | str | None = Field(None, description="Class id or name (class-conditional models).")
+    prompt: Text | None = Field(None, description="Text prompt (text-to-image models).")
+    class_label: int | Text | None = Field(None, description="Class id or name (class-conditional models).")
     steps: int | None = Field(None, ge=1, description="Denoising steps; default: the model's.")
     guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance; <= 1 turns it off.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Default: random.")
@@ -75,17 +87,17 @@ class ImageResponse(BaseModel):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
 
 
 class ChatRequest(_Request):
     model: str | None = Field(None, max_length=64, description="The chat model; default: the served one.")
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    prompt: str | None = Field(None, min_length=1, description="Shorthand for one user message.")
+    prompt: Text | None = Field(None, min_length=1, description="Shorthand for one user message.")
     max_tokens: int | None = Field(
         None, ge=1, description="Default: the server's default, cut to what the context leaves after the prompt."
     )
-    stop: str | list[str] | None = Field(
+    stop: Text | list[Text] | None = Field(
         None, description="Up to 4 sequences; the answer ends before the first one it produces."
     )
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy decoding.")
@@ -174,12 +186,12 @@ class ModelList(BaseModel):
 # ---------------------------------------------------------------- OpenAI's chat completions
 class ContentPart(_Request):
     type: Literal["text"] = Field(description="Text parts only: Loopstack's chat models read text.")
-    text: str
+    text: Text
 
 
 class CompletionMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is read as system.")
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
     name: str | None = Field(None, max_length=64, description="Accepted; not shown to the model.")
 
     def text(self) -> str:
@@ -208,7 +220,7 @@ class ChatCompletionRequest(_Request):
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -301,7 +313,7 @@ class ChatCompletionChunk(BaseModel):
 class ImageGenerationRequest(_Request):
     """OpenAI's image generation request; Loopstack's sampling settings travel in the extra body."""
     model: str = Field(min_length=1, max_length=64, description="An image model from GET /v1/models.")
-    prompt: str = Field(min_length=1, description=(
+    prompt: Text = Field(min_length=1, description=(
         "Text-to-image models: the prompt. Class-conditional models: a class name (or send class_label)."))
     n: int | None = Field(None, ge=1)
     size: str | None = Field(None, max_length=16, description='"WIDTHxHEIGHT" or "auto" (the model\'s native size).')
@@ -315,7 +327,7 @@ class ImageGenerationRequest(_Request):
     steps: int | None = Field(None, ge=1)
     mode: Literal["ilf", "baseline"] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    class_label: int | str | None = None
+    class_label: int | Text | None = None
     guidance_scale: float | None = Field(None, ge=0)
     scheduler: Literal["ddim", "dpm++"] | None = None
 

@@ -205,3 +205,15 @@ def test_a_stream_closed_early_takes_its_row_out_of_the_batch(manifest_path, tmp
         assert engine.running == 0 and len(row.tokens) < 1000
     finally:
         engine.shutdown()
+
+
+def test_sampling_at_a_vanishing_temperature_is_greedy_and_at_one_follows_the_softmax():
+    from server.chat.batching import sample
+
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for temperature in (1e-300, 1e-30, 1e-6):  # schema-valid; the unshifted division overflowed to nan
+        assert {sample(logits, temperature, top_p, torch.Generator().manual_seed(s))
+                for s in range(20) for top_p in (1.0, 0.5)} == {1}
+    draws = [sample(logits, 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(2000)]
+    shares = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    torch.testing.assert_close(shares, torch.softmax(logits, 0), atol=0.03, rtol=0)

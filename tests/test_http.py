@@ -6,6 +6,8 @@ import re
 import threading
 import time
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -201,3 +203,20 @@ def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
         for w in workers:
             w.join(timeout=30)
         assert [r.status_code for r in results] == [200, 200]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/generate-image", {"model": "tiny-pixart", "prompt": "a \ud800 cat"}, "prompt"),
+    ("/chat", {"prompt": "hi \udfff"}, "prompt"),
+    ("/chat", {"messages": [{"role": "user", "content": "\ud83d"}]}, "messages.0.content"),
+    ("/chat", {"prompt": "hi", "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"model": "tiny-lm", "messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+])
+def test_a_lone_surrogate_in_text_is_refused_not_a_500(client, path, body, param):
+    # sent as JSON's \\ud800 escape: valid JSON, not encodable text
+    raw = json.dumps(body, ensure_ascii=True).encode()
+    response = client.post(path, content=raw, headers={"content-type": "application/json"})
+    error = assert_error_shape(response, 422)
+    assert error["param"].startswith(param)  # pydantic refuses some while parsing JSON, our validator the rest
+    # the same connection serves the next request
+    assert client.post("/chat", json={"prompt": "hi", "max_tokens": 1}).status_code == 200

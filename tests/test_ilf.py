@@ -124,12 +124,19 @@ def test_ilf_is_the_default_mode_where_a_module_exists(ilf_client):
     assert card["details"]["ilf"] == {"steps": 3, "scheduler": "ddim", "blocks_per_step": 4}
 
 
-def test_ilf_with_an_untrained_schedule_is_a_clear_4xx(ilf_client):
-    error = assert_error_shape(ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2,
-                                                                        "steps": 8}), 422, "steps")
+def test_ilf_asked_for_an_untrained_schedule_is_a_clear_4xx(ilf_client):
+    asked = {"model": "tiny-dit", "class_label": 2, "mode": "ilf"}
+    error = assert_error_shape(ilf_client.post("/generate-image", json={**asked, "steps": 8}), 422, "steps")
     assert "trained for 3 steps" in error["message"]
-    assert_error_shape(ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2,
-                                                                "scheduler": "dpm++"}), 422, "scheduler")
+    assert_error_shape(ilf_client.post("/generate-image", json={**asked, "scheduler": "dpm++"}), 422, "scheduler")
+
+
+def test_without_a_mode_a_schedule_the_ilf_module_was_not_trained_for_is_served_by_the_baseline(ilf_client):
+    for other in ({"steps": 8}, {"scheduler": "dpm++"}, {"steps": 8, "scheduler": "dpm++"}):
+        body = ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, **other}).json()
+        assert body["mode"] == "baseline" and body["steps"] == other.get("steps", 4), body
+    matching = ilf_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "steps": 3}).json()
+    assert matching["mode"] == "ilf"
 
 
 def test_tampered_ilf_artifact_is_refused_at_load(zoo_dir, ilf_client):

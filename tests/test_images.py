@@ -75,5 +75,5 @@ def test_png_response_for_several_images_is_a_row(client):
 
 def test_ilf_mode_without_a_trained_module_is_a_clear_4xx(client):
     response = client.post("/generate-image", json={"model": "tiny-dit", "class_label": 0, "mode": "ilf"})
-    error = assert_error_shape(response, 400, "mode")
+    error = assert_error_shape(response, 422, "mode")  # like every other invalid field
     assert "ILF" in error["message"]

@@ -81,7 +81,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """One token from one row's logits: greedy at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = F.softmax(logits.float() / temperature, dim=-1)
+    # shifted, in float64 (where a temperature of 1e-300 is not 0): at a tiny temperature the scaled
+    # logits go to -inf but for the largest (0), the greedy limit, instead of overflowing to nan
+    logits = logits.double()
+    probs = F.softmax((logits - logits.max()) / temperature, dim=-1).float()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the smallest set whose mass reaches top_p

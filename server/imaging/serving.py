@@ -37,9 +37,9 @@ async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, 
 
 def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
     """Check a request against the model and the operator's bounds; every refusal names its field."""
-    mode = req.mode or ("ilf" if backbone.ilf is not None else "baseline")
+    mode = req.mode or default_mode(req, backbone)
     if mode == "ilf" and backbone.ilf is None:
-        raise ApiError(400, f"model {backbone.name!r} has no trained ILF module; use mode 'baseline'", "mode")
+        raise ApiError(422, f"mode: model {backbone.name!r} has no trained ILF module; use mode 'baseline'", "mode")
     if mode == "ilf":
         trained = backbone.ilf.config
         steps = req.steps if req.steps is not None else trained.steps
@@ -85,6 +85,15 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
         scheduler=scheduler,
         mode=mode,
     )
+
+
+def default_mode(req: ImageRequest, backbone: ImageBackbone) -> str:
+    """ILF where the model has a module trained for what the request asks (its steps and
+    scheduler, or no preference); else the baseline sampler, which serves any steps and scheduler."""
+    ilf = backbone.ilf
+    if ilf is None or req.steps not in (None, ilf.config.steps) or req.scheduler not in (None, ilf.config.scheduler):
+        return "baseline"
+    return "ilf"
 
 
 def _condition(req: ImageRequest, backbone: ImageBackbone, settings: Settings):
