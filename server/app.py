@@ -18,7 +18,7 @@ from server.api import ROUTERS
 from server.api.dependencies import Services
 from server.chat.batching import ChatBatcher
 from server.engine import Engine
-from server.errors import BodySizeLimit, install_error_handlers
+from server.errors import BodySizeLimit, CatchUnhandled, install_error_handlers
 from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
 from server.registry import Registry
 from server.schemas import ErrorBody
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app = FastAPI(title="Loopstack", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.services = svc
     install_error_handlers(app)
+    app.add_middleware(CatchUnhandled)  # first added: innermost
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")

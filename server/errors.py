@@ -90,6 +90,35 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", "internal server error; the server log has details")
 
 
+class CatchUnhandled:
+    """An exception past every handler is answered here, 500 in the error shape. Starlette's own
+    last-resort handler answers too but then re-raises to the server, and uvicorn closes the
+    connection: a keep-alive client's next request would fail. Innermost of the middleware, so the
+    request counter sees the 500."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:  # half a response has gone out: only the server can end it
+                raise
+            log.exception("unhandled error")
+            await error_response(500, "internal", "internal server error; the server log has details")(
+                scope, receive, send)
+
+
 class BodySizeLimit:
     """Refuses bodies over a limit with 413 before the app reads them (header or streamed count)."""
 

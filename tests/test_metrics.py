@@ -4,6 +4,7 @@ first token from the request's arrival; finish reasons; refused artifacts as a g
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -128,3 +129,41 @@ def test_running_and_waiting_per_engine(manifest_path, monkeypatch):
         # the two that waited waited for the first: the histogram saw queue time
         assert sample(c, "loopstack_queue_seconds_count", engine="image", status="200") == 3.0
         assert sample(c, "loopstack_queue_seconds_sum", engine="image", status="200") > 0.0
+
+
+def test_the_keep_alive_connection_survives_a_500(manifest_path, monkeypatch):
+    import http.client
+    import socket
+    import threading
+
+    import uvicorn
+
+    def broken(backbone, job):
+        raise RuntimeError("a bug in the sampler")
+
+    monkeypatch.setattr(image_serving, "sample", broken)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(manifest_path), load_in_background=False),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"content-type": "application/json"}
+        connection.request("POST", "/generate-image", json.dumps({"model": "tiny-dit", "class_label": 1}), headers)
+        first = connection.getresponse()
+        assert first.status == 500 and json.loads(first.read())["error"]["type"] == "internal"
+        connection.request("GET", "/livez")  # the same connection, not a new one
+        second = connection.getresponse()
+        assert second.status == 200
+        second.read()
+        connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
