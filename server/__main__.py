@@ -10,6 +10,7 @@ import sys
 
 import uvicorn
 
+from server.access import configure_logging
 from server.app import create_app
 from server.settings import Settings
 
@@ -20,11 +21,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--env-file", default=None, help="read LOOPSTACK_ settings from this file too")
     parser.add_argument("--build-zoo", action="store_true",
                         help="build the missing embedded zoo in the background (python -m training zoo all)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    settings = Settings(_env_file=args.env_file)
+    configure_logging(settings.log_format)
     log.info("serving %s", settings.manifests().current())
     build = None
     if args.build_zoo:
@@ -32,7 +34,8 @@ def main() -> None:
         build = subprocess.Popen([sys.executable, "-m", "training", "zoo", "all"])
         log.info("building the missing embedded zoo in the background (pid %d); progress in /v1/models", build.pid)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None,
+                    access_log=False)  # the server logs each request itself, with its request id
     finally:
         if build is not None and build.poll() is None:
             build.terminate()  # the build records where it stopped; the next run resumes

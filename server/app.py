@@ -12,8 +12,10 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 
 from server import __version__
+from server.access import AccessControl
 from server.api import ROUTERS
 from server.api.dependencies import Services
 from server.chat.batching import ChatBatcher
@@ -89,6 +91,14 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         finally:
             route = request.scope.get("route")
             metrics.count_response(route.path if route is not None else "unmatched", status, timing)
+
+    # added last, so outside the counter: the request id is set before anything logs
+    app.add_middleware(AccessControl, api_keys=settings.api_key_list,
+                       rate_limit_per_minute=settings.rate_limit_per_minute)
+    if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-Loopstack-Generation", "Retry-After"])
 
     for router in ROUTERS:
         app.include_router(router)

@@ -1,4 +1,6 @@
-"""Every server knob, read from the environment (prefix LOOPSTACK_) or a .env file."""
+"""Every server knob, read from the environment (prefix LOOPSTACK_), or from an env file named by
+`python -m server --env-file` (no file is read unless named: a .env lying in whatever directory the
+server starts from is not configuration)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOOPSTACK_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LOOPSTACK_", env_file=None, extra="ignore")
 
     template: Path = Field(
         REPO_ROOT / "weights_manifest.yaml", description="What to build and serve: the committed template."
@@ -52,7 +54,18 @@ class Settings(BaseSettings):
     chat_queue_size: int = Field(16, ge=0)
     chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")
     chat_timeout_seconds: float = Field(300.0, gt=0, description="a chat answer not done by then gets 504")
-    retry_after_seconds: int = Field(2, ge=1)
+    retry_after_seconds: int = Field(2, ge=1, description="Retry-After of a full queue before any job has been timed")
+
+    # Access: keys and limits on the public routes (images, chat, OpenAI's); health, metrics and the
+    # model list stay open.
+    api_keys: SecretStr | None = Field(None, description="Comma-separated API keys (Bearer); none: open to all.")
+    rate_limit_per_minute: int = Field(0, ge=0, description="Requests a minute per API key (0: no limit).")
+    cors_origins: str = Field("", description='Comma-separated origins browsers may call from ("*": any); none: CORS off.')
+    log_format: Literal["text", "json"] = "text"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in (self.api_keys.get_secret_value() if self.api_keys else "").split(",") if k.strip()]
 
     def manifests(self) -> BuiltManifest:
         root = self.artifact_root.resolve()
