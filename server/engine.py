@@ -2,12 +2,14 @@
 
 Model work never runs on the event loop: each engine owns one thread, so jobs for one model set
 run one at a time (torch uses the cores inside a job). At most `max_waiting` jobs may wait; past
-that, `submit` refuses at once with QueueFull and the route answers 429 with Retry-After.
+that, `submit` refuses at once with QueueFull and the route answers 429 with Retry-After: the
+time the queue ahead needs at the measured service rate (`ServiceRate`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +27,30 @@ class QueueFull(Exception):
         super().__init__(f"the {engine} engine is busy; retry in {retry_after} s")
 
 
+class ServiceRate:
+    """A running mean of how long a job holds a slot (exponentially weighted, so it follows a
+    change of load within a few dozen jobs), and from it when a slot frees for a client now refused."""
+
+    def __init__(self, fallback: int, weight: float = 0.1):
+        self.fallback = fallback  # before any job was timed
+        self.weight = weight
+        self.mean: float | None = None
+
+    def record(self, seconds: float) -> None:
+        self.mean = seconds if self.mean is None else self.mean + self.weight * (seconds - self.mean)
+
+    def retry_after(self, ahead: int, slots: int = 1) -> int:
+        """Whole seconds until `ahead` jobs have gone through `slots` slots (1 s to 10 min)."""
+        if self.mean is None:
+            return self.fallback
+        return max(1, min(600, math.ceil(self.mean * ahead / slots)))
+
+
 class Engine:
     def __init__(self, name: str, max_waiting: int, retry_after: int, metrics: Metrics):
         self.name = name
         self.max_waiting = max_waiting
-        self.retry_after = retry_after
+        self.service = ServiceRate(retry_after)
         self._running = metrics.engine_running.labels(engine=name)
         self._waiting = metrics.engine_waiting.labels(engine=name)
         metrics.engine_queue_limit.labels(engine=name).set(max_waiting)
@@ -44,7 +65,7 @@ class Engine:
     async def submit(self, fn: Callable[..., T], *args) -> T:
         with self._lock:
             if self._in_system > self.max_waiting:  # one running, max_waiting already queued
-                raise QueueFull(self.name, self.retry_after)
+                raise QueueFull(self.name, self.service.retry_after(self._in_system))
             self._in_system += 1
             self._publish()
         timing, submitted = CURRENT_REQUEST.get(), time.perf_counter()
@@ -53,7 +74,11 @@ class Engine:
             if timing is not None:  # the request's wait, read back by the middleware that counts it
                 timing.engine = self.name
                 timing.queue_seconds += time.perf_counter() - submitted
-            return fn(*args)
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.service.record(time.perf_counter() - started)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, timed)

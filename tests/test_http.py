@@ -220,3 +220,20 @@ def test_a_lone_surrogate_in_text_is_refused_not_a_500(client, path, body, param
     assert error["param"].startswith(param)  # pydantic refuses some while parsing JSON, our validator the rest
     # the same connection serves the next request
     assert client.post("/chat", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_retry_after_follows_the_measured_service_rate():
+    import asyncio
+
+    from server.engine import Engine, ServiceRate
+    from server.metrics import Metrics
+
+    rate = ServiceRate(fallback=7)
+    assert rate.retry_after(3) == 7  # nothing timed yet: the operator's setting
+    rate.record(2.0)
+    assert rate.retry_after(3) == 6 and rate.retry_after(3, slots=8) == 1
+    rate.record(12.0)  # a mean that moves a tenth of the way: 3 s
+    assert rate.mean == pytest.approx(3.0) and rate.retry_after(2) == 6 and rate.retry_after(10_000) == 600
+    engine = Engine("image", max_waiting=1, retry_after=7, metrics=Metrics())
+    asyncio.run(engine.submit(time.sleep, 0.3))
+    assert engine.service.mean == pytest.approx(0.3, abs=0.1)  # the job's own time, as the engine ran it

@@ -37,7 +37,7 @@ from transformers.cache_utils import DynamicLayer
 
 from server.chat.model import ChatJob, ChatModel, ChatResult
 from server.chat.moe_lora import batch_route, routed
-from server.engine import QueueFull
+from server.engine import QueueFull, ServiceRate
 from server.metrics import CURRENT_REQUEST, Metrics
 
 T = TypeVar("T")
@@ -235,7 +235,7 @@ class ChatBatcher:
         self.name = name
         self.max_batch = max_batch
         self.max_waiting = max_waiting
-        self.retry_after = retry_after
+        self.service = ServiceRate(retry_after)  # how long a request holds a batch slot
         self.timeout = timeout
         self._batch_rows = metrics.chat_batch_rows
         self._running = metrics.engine_running.labels(engine=name)
@@ -272,7 +272,7 @@ class ChatBatcher:
             row.deadline = row.submitted + self.timeout
         with self._lock:
             if self.running + len(self._queue) >= self.max_batch + self.max_waiting:
-                raise QueueFull(self.name, self.retry_after)
+                raise QueueFull(self.name, self.service.retry_after(len(self._queue) + 1, self.max_batch))
             self._queue.append(row)
             self._publish()
             self._lock.notify()
@@ -457,6 +457,7 @@ class ChatBatcher:
                             plan=row.plan, route_seconds=row.route_seconds)
         if not row.future.done():
             row.future.set_result(result)
+        self.service.record(time.perf_counter() - row.started)
 
     def _leaves(self, row: Sequence, now: float) -> bool:
         """A row whose client has gone or whose deadline has passed leaves now (True)."""
