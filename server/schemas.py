@@ -61,6 +61,9 @@ class ImageRequest(_Request):
     )
     stream: bool = Field(False, description="Server-sent events: `progress` after each denoising step, then one "
                                             "`done` event with the JSON response (or an `error` event).")
+    timeout: float | None = Field(None, gt=0, description=(
+        "Seconds the images may take, within the server's maximum (the default); a request whose "
+        "measured cost exceeds it is refused up front (422), one that runs past it stops (504)."))
 
 
 class ImageProgress(BaseModel):

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     chat_queue_size: int = Field(16, ge=0)
     chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")
     chat_timeout_seconds: float = Field(300.0, gt=0, description="a chat answer not done by then gets 504")
+    image_timeout_seconds: float = Field(300.0, gt=0, description="images not done by then stop (504); "
+                                                                  "a request's own timeout may be shorter")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After of a full queue before any job has been timed")
 
     # Access: keys and limits on the public routes (images, chat, OpenAI's); health, metrics and the

@@ -175,7 +175,7 @@ def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
     release = threading.Event()
     real_sample = image_serving.sample
 
-    def blocked_sample(backbone, job):
+    def blocked_sample(backbone, job, **kwargs):
         release.wait(timeout=30)
         return real_sample(backbone, job)
 

@@ -54,7 +54,7 @@ def test_error_series_exist_at_zero_before_the_first_error(manifest_path):
 
 
 def test_an_unhandled_error_is_a_counted_500_in_the_one_error_shape(manifest_path, monkeypatch):
-    def broken(backbone, job):
+    def broken(backbone, job, **kwargs):
         raise RuntimeError("a bug in the sampler")
 
     monkeypatch.setattr(image_serving, "sample", broken)
@@ -104,7 +104,7 @@ def test_running_and_waiting_per_engine(manifest_path, monkeypatch):
     release = threading.Event()
     real_sample = image_serving.sample
 
-    def blocked_sample(backbone, job):
+    def blocked_sample(backbone, job, **kwargs):
         release.wait(timeout=30)
         return real_sample(backbone, job)
 
@@ -138,7 +138,7 @@ def test_the_keep_alive_connection_survives_a_500(manifest_path, monkeypatch):
 
     import uvicorn
 
-    def broken(backbone, job):
+    def broken(backbone, job, **kwargs):
         raise RuntimeError("a bug in the sampler")
 
     monkeypatch.setattr(image_serving, "sample", broken)

@@ -37,7 +37,7 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
         return EventSourceResponse(image_events(events), headers={"X-Loopstack-Generation": str(models.generation)})
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")
     return await serving.generate(req, backbone, models.generation, svc.settings, svc.image_engine, svc.metrics,
-                                  as_png)
+                                  as_png, request.is_disconnected)
 
 
 async def image_events(events: AsyncIterator) -> AsyncIterator[dict]:
@@ -49,6 +49,8 @@ async def image_events(events: AsyncIterator) -> AsyncIterator[dict]:
                                                                   mode=item.mode).model_dump_json()}
             else:
                 yield {"event": "done", "data": item.model_dump_json()}
+    except ApiError as exc:
+        yield {"event": "error", "data": error_body(exc.type, exc.message, exc.param)}
     except Exception:  # the status line has gone out: the failure travels as an event
         log.exception("a streamed image request failed")
         yield {"event": "error", "data": error_body("internal_error", "sampling failed; see the server's log")}

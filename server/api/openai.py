@@ -24,7 +24,6 @@ from server.chat.router import Route
 from server.errors import ApiError, error_body
 from server.imaging import serving as image_serving
 from server.imaging.backbones import ImageBackbone
-from server.imaging.sampler import sample
 from server.registry import ModelSet
 from server.schemas import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, ChatResponse, ChunkChoice, ChunkDelta,
@@ -138,7 +137,8 @@ async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usag
 
 # ---------------------------------------------------------------- images
 @router.post("/v1/images/generations", response_model=ImagesResponse)
-async def image_generations(req: ImageGenerationRequest, response: Response, models: ModelSet = Depends(loaded_models),
+async def image_generations(req: ImageGenerationRequest, request: Request, response: Response,
+                            models: ModelSet = Depends(loaded_models),
                             svc: Services = Depends(services)) -> ImagesResponse:
     backbone = served_image(req.model, models, svc)
     if req.response_format == "url":
@@ -146,7 +146,8 @@ async def image_generations(req: ImageGenerationRequest, response: Response, mod
                        "response_format")
     native = native_image_request(req, backbone)
     job = image_serving.plan_job(native, backbone, svc.settings)
-    result = await svc.image_engine.submit(sample, backbone, job)
+    result = await image_serving.run_job(backbone, job, image_serving.deadline_of(native, svc.settings),
+                                         svc.image_engine, request.is_disconnected)
     image_serving.record_metrics(svc.metrics, backbone, job, result)
     answer = image_serving.image_response(backbone, job, result, models.generation)
     response.headers["X-Loopstack-Generation"] = str(models.generation)

@@ -1,6 +1,8 @@
 """A /generate-image request's way through the server, HTTP aside: plan the sampling job (every
-bound checked against the model and the operator's settings), then, once the image worker has
-sampled it, the metrics and the answer (PNG bytes or JSON with base64 PNGs)."""
+bound checked against the model and the operator's settings, and its cost against its deadline),
+then, once the image worker has sampled it, the metrics and the answer (PNG bytes or JSON with
+base64 PNGs). A job whose client has gone or whose deadline has passed stops between denoising
+steps, or before it starts when it is still queued."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import base64
 import io
 import secrets
 import threading
+import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 import torch
@@ -27,12 +30,108 @@ from server.settings import Settings
 
 
 async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings, engine: Engine,
-                   metrics: Metrics, as_png: bool) -> Response:
+                   metrics: Metrics, as_png: bool,
+                   disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
     """Plan the job, sample it on the image worker, record it, answer."""
     job = plan_job(req, backbone, settings)
-    result = await engine.submit(sample, backbone, job)
+    result = await run_job(backbone, job, deadline_of(req, settings), engine, disconnected)
     record_metrics(metrics, backbone, job, result)
     return respond(backbone, job, result, generation, as_png)
+
+
+class JobStopped(Exception):
+    """A sampling job stopped between steps (or before its first): its client left, or its deadline passed."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class JobControl:
+    """What the image worker checks before a job and after each of its steps."""
+    deadline: float  # time.perf_counter() after which the job stops
+    seconds: float  # the deadline as the client gave it
+    gone: bool = False
+
+    def check(self, done: int = 0, steps: int = 0) -> None:
+        if self.gone:
+            raise JobStopped("client gone")
+        if time.perf_counter() > self.deadline:
+            raise JobStopped("deadline")
+
+
+def deadline_of(req: ImageRequest, settings: Settings) -> float:
+    """Seconds this request may take: the client's `timeout`, within the server's maximum."""
+    if req.timeout is not None and req.timeout > settings.image_timeout_seconds:
+        raise ApiError(422, f"timeout: at most {settings.image_timeout_seconds:g} s", "timeout")
+    return req.timeout or settings.image_timeout_seconds
+
+
+async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, engine: Engine,
+                  disconnected: Callable[[], Awaitable[bool]] | None) -> SampleResult:
+    """Sample `job` on the worker; a client that disconnects, or a deadline that passes, stops it
+    at the next step (or before it starts): 499 and 504."""
+    estimate = COSTS.estimate(backbone, job)
+    if estimate is not None and estimate > seconds:
+        raise ApiError(422, f"this request would take about {estimate:.0f} s at the measured speed of "
+                            f"{backbone.name}, over its deadline of {seconds:g} s; ask for fewer steps, "
+                            f"images or pixels, or a longer timeout", "timeout")
+    control = JobControl(time.perf_counter() + seconds, seconds)
+
+    def controlled() -> SampleResult:
+        control.check()  # still queued when its client left or its time ran out: never starts
+        started = time.perf_counter()
+        result = sample(backbone, job, progress=control.check)
+        COSTS.record(backbone, job, time.perf_counter() - started)
+        return result
+
+    task = asyncio.ensure_future(engine.submit(controlled))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                break
+            if disconnected is not None and await disconnected():
+                control.gone = True
+    except asyncio.CancelledError:
+        control.gone = True
+        raise
+    try:
+        return task.result()
+    except JobStopped as stopped:
+        if stopped.reason == "deadline":
+            raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
+        raise ApiError(499, "the client closed the request before its images were ready") from None
+
+
+class SamplingCosts:
+    """Seconds per unit of sampling work, per model, from the jobs it finished (a running mean):
+    a unit is one block evaluation of one image at the model's native size, counted twice with
+    guidance (the unconditional pass rides in the same batch)."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight
+        self.per_unit: dict[str, float] = {}
+
+    @staticmethod
+    def units(backbone: ImageBackbone, job: SampleJob) -> float:
+        blocks = backbone.ilf.config.blocks_per_step if job.mode == "ilf" and backbone.ilf else backbone.num_blocks
+        pixels = job.height * job.width / backbone.native_size ** 2
+        return job.steps * blocks * len(job.seeds) * pixels * (2 if job.guidance_scale > 1.0 else 1)
+
+    def record(self, backbone: ImageBackbone, job: SampleJob, seconds: float) -> None:
+        per_unit = seconds / self.units(backbone, job)
+        old = self.per_unit.get(backbone.name)
+        self.per_unit[backbone.name] = per_unit if old is None else old + self.weight * (per_unit - old)
+
+    def estimate(self, backbone: ImageBackbone, job: SampleJob) -> float | None:
+        """Seconds the job would take (None before the model has finished a job)."""
+        per_unit = self.per_unit.get(backbone.name)
+        return None if per_unit is None else per_unit * self.units(backbone, job)
+
+
+COSTS = SamplingCosts()
 
 
 def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
@@ -63,9 +162,13 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
 
     height = req.height or backbone.native_size
     width = req.width or backbone.native_size
+    # the model's own bound: twice the size it was trained at (beyond, it draws tiles of noise), and
+    # the operator's ceiling
+    largest = min(settings.max_image_side, 2 * backbone.native_size)
     for param, side in (("height", height), ("width", width)):
-        if side > settings.max_image_side:
-            raise ApiError(422, f"{param}: at most {settings.max_image_side} pixels", param)
+        if side > largest:
+            raise ApiError(422, f"{param}: at most {largest} pixels for {backbone.name} (native "
+                                f"{backbone.native_size})", param)
         if side % backbone.stride:
             raise ApiError(422, f"{param}: must be a multiple of {backbone.stride} for {backbone.name}", param)
     if backbone.square_only and height != width:
@@ -165,9 +268,14 @@ async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: i
     job = plan_job(req, backbone, settings)
     loop, steps, closed = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
+    seconds = deadline_of(req, settings)
+    deadline = time.perf_counter() + seconds
+
     def progress(done: int, total: int) -> None:  # on the image worker's thread
         if closed.is_set():
             raise StreamClosed()
+        if time.perf_counter() > deadline:
+            raise JobStopped("deadline")
         loop.call_soon_threadsafe(steps.put_nowait, Progress(done, total, job.mode))
 
     task = asyncio.create_task(engine.submit(lambda: sample(backbone, job, progress=progress)))
@@ -184,7 +292,10 @@ async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: i
                     yield waiter.result()
                 else:
                     waiter.cancel()
-            result = task.result()
+            try:
+                result = task.result()
+            except JobStopped:
+                raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
             record_metrics(metrics, backbone, job, result)
             yield image_response(backbone, job, result, generation)
         finally:
