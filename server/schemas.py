@@ -94,6 +94,11 @@ class ChatMessage(_Request):
 
 
 class ChatRequest(_Request):
+    # the schema says what _one_input checks: exactly one of messages and prompt (null counts as absent)
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+    ]})
     model: str | None = Field(None, max_length=64, description="The chat model; default: the served one.")
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompt: Text | None = Field(None, min_length=1, description="Shorthand for one user message.")
