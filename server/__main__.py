@@ -12,6 +12,7 @@ import uvicorn
 
 from server.access import configure_logging
 from server.app import create_app
+from server.serve import uvicorn_config
 from server.settings import Settings
 
 log = logging.getLogger("server")
@@ -34,8 +35,7 @@ def main() -> None:
         build = subprocess.Popen([sys.executable, "-m", "training", "zoo", "all"])
         log.info("building the missing embedded zoo in the background (pid %d); progress in /v1/models", build.pid)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None,
-                    access_log=False)  # the server logs each request itself, with its request id
+        uvicorn.Server(uvicorn_config(create_app(settings), settings, args.host, args.port, log_level="info")).run()
     finally:
         if build is not None and build.poll() is None:
             build.terminate()  # the build records where it stopped; the next run resumes

@@ -29,7 +29,7 @@ from server.watch import watch_artifacts
 
 log = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 429, 503, 504)}
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app.state.services = svc
     install_error_handlers(app)
     app.add_middleware(CatchUnhandled)  # first added: innermost
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -21,6 +22,7 @@ _TYPES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
@@ -120,11 +122,13 @@ class CatchUnhandled:
 
 
 class BodySizeLimit:
-    """Refuses bodies over a limit with 413 before the app reads them (header or streamed count)."""
+    """Refuses bodies over a limit with 413 before the app reads them (header or streamed count),
+    and bodies that have not all arrived within `timeout` seconds with 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,16 +140,22 @@ class BodySizeLimit:
         chunks: list[bytes] = []
         size = 0
         more = True
-        while more:  # buffer the (bounded) body, then replay it to the app
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more:  # buffer the (bounded) body, then replay it to the app
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        return await self._refuse(scope, receive, send)
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            response = error_response(408, "request_timeout", f"the request body did not arrive within "
+                                                              f"{self.timeout:g} s", headers={"Connection": "close"})
+            return await response(scope, receive, send)
         body = b"".join(chunks)
         sent = False
 

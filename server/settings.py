@@ -58,6 +58,14 @@ class Settings(BaseSettings):
                                                                   "a request's own timeout may be shorter")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After of a full queue before any job has been timed")
 
+    # Connections: slow or idle clients do not hold the server.
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request line and headers not all received "
+                                                                  "by then close the connection")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="a body not all received by then gets 408")
+    keep_alive_seconds: int = Field(5, ge=1, description="an idle keep-alive connection closes after this")
+    shutdown_drain_seconds: int = Field(30, ge=1, description="on SIGTERM, requests in flight get this long to "
+                                                             "finish before they are cut")
+
     # Access: keys and limits on the public routes (images, chat, OpenAI's); health, metrics and the
     # model list stay open.
     api_keys: SecretStr | None = Field(None, description="Comma-separated API keys (Bearer); none: open to all.")

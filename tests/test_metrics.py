@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.chat import serving as chat_serving
 from server.imaging import serving as image_serving
-from tests.conftest import make_settings
+from tests.conftest import live_server, make_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,28 +133,14 @@ def test_running_and_waiting_per_engine(manifest_path, monkeypatch):
 
 def test_the_keep_alive_connection_survives_a_500(manifest_path, monkeypatch):
     import http.client
-    import socket
-    import threading
-
-    import uvicorn
 
     def broken(backbone, job, **kwargs):
         raise RuntimeError("a bug in the sampler")
 
     monkeypatch.setattr(image_serving, "sample", broken)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(make_settings(manifest_path), load_in_background=False),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    settings = make_settings(manifest_path)
+    with live_server(create_app(settings, load_in_background=False), settings) as url:
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
         headers = {"content-type": "application/json"}
         connection.request("POST", "/generate-image", json.dumps({"model": "tiny-dit", "class_label": 1}), headers)
         first = connection.getresponse()
@@ -164,6 +150,3 @@ def test_the_keep_alive_connection_survives_a_500(manifest_path, monkeypatch):
         assert second.status == 200
         second.read()
         connection.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse
 
-from server.api.dependencies import Services, loaded_models, services
+from server.api.dependencies import Services, client_gone, loaded_models, services
 from server.chat import serving
 from server.chat.model import ChatModel
 from server.errors import ApiError, error_body
@@ -34,11 +34,11 @@ async def chat(req: ChatRequest, request: Request, response: Response, models: M
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
         pieces = serving.start_stream(req, model, models.generation, svc.settings, svc.chat_engine, svc.metrics,
-                                      request.is_disconnected)
+                                      client_gone(request))
         return EventSourceResponse(native_events(pieces), headers=headers)
     response.headers.update(headers)
     return await serving.answer(req, model, models.generation, svc.settings, svc.chat_engine, svc.metrics,
-                                request.is_disconnected)
+                                client_gone(request))
 
 
 async def native_events(pieces: AsyncIterator) -> AsyncIterator[dict]:

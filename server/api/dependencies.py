@@ -3,9 +3,10 @@ runs on from start to end, and the admin key check."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
 from fastapi import Depends, Request
 
@@ -54,3 +55,27 @@ def admin(request: Request, svc: Services = Depends(services)) -> None:
         raise ApiError(401, "admin routes need Authorization: Bearer <LOOPSTACK_ADMIN_TOKEN>", type="unauthorized")
     if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise ApiError(403, "wrong admin token", type="forbidden")
+
+
+def client_gone(request: Request) -> Callable[[], Awaitable[bool]]:
+    """A check, for polling while a request waits on an engine, of whether its client has gone.
+
+    Starlette's `request.is_disconnected` looks for a disconnect message without waiting, and under
+    the HTTP middleware that never finds one (the middleware's receive has to wait to answer): an
+    abandoned request would run to its end. This waits on the request's receive in a task of its own
+    instead, started at the first check; it ends by itself when the response completes."""
+    watcher: asyncio.Task | None = None
+
+    async def until_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def gone() -> bool:
+        nonlocal watcher
+        if watcher is None:
+            watcher = asyncio.ensure_future(until_disconnect())
+            watcher.add_done_callback(lambda task: task.cancelled() or task.exception())
+            await asyncio.sleep(0)
+        return watcher.done()
+
+    return gone

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from server.api.dependencies import Services, loaded_models, services
+from server.api.dependencies import Services, client_gone, loaded_models, services
 from server.errors import ApiError, error_body
 from server.imaging import serving
 from server.registry import ModelSet
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 @router.post(
     "/generate-image",
     response_model=ImageResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself"}},
+    responses={200: {"content": {"image/png": {}, "text/event-stream": {}},
+                     "description": "JSON, the PNG itself, or with `stream` server-sent events"}},
 )
 async def generate_image(req: ImageRequest, request: Request, models: ModelSet = Depends(loaded_models),
                          svc: Services = Depends(services)):
@@ -37,7 +38,7 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
         return EventSourceResponse(image_events(events), headers={"X-Loopstack-Generation": str(models.generation)})
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")
     return await serving.generate(req, backbone, models.generation, svc.settings, svc.image_engine, svc.metrics,
-                                  as_png, request.is_disconnected)
+                                  as_png, client_gone(request))
 
 
 async def image_events(events: AsyncIterator) -> AsyncIterator[dict]:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from server.api.chat import served_chat
-from server.api.dependencies import Services, loaded_models, services
+from server.api.dependencies import Services, client_gone, loaded_models, services
 from server.chat import serving
 from server.chat.model import ChatModel
 from server.chat.router import Route
@@ -92,13 +92,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, respons
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
         pieces = serving.start_stream(native, chat, models.generation, svc.settings, svc.chat_engine, svc.metrics,
-                                      request.is_disconnected)
+                                      client_gone(request))
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=req.model, choices=[],
                                     system_fingerprint=fingerprint)
         usage = req.stream_options is not None and req.stream_options.include_usage
         return EventSourceResponse(chunks(pieces, chunk, usage), headers=headers)
     answer = await serving.answer(native, chat, models.generation, svc.settings, svc.chat_engine, svc.metrics,
-                                  request.is_disconnected)
+                                  client_gone(request))
     response.headers.update(headers)
     return ChatCompletion(
         id=completion_id, created=created, model=req.model, system_fingerprint=fingerprint, usage=answer.usage,
@@ -147,7 +147,7 @@ async def image_generations(req: ImageGenerationRequest, request: Request, respo
     native = native_image_request(req, backbone)
     job = image_serving.plan_job(native, backbone, svc.settings)
     result = await image_serving.run_job(backbone, job, image_serving.deadline_of(native, svc.settings),
-                                         svc.image_engine, request.is_disconnected)
+                                         svc.image_engine, client_gone(request))
     image_serving.record_metrics(svc.metrics, backbone, job, result)
     answer = image_serving.image_response(backbone, job, result, models.generation)
     response.headers["X-Loopstack-Generation"] = str(models.generation)
