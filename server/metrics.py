@@ -10,7 +10,7 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -45,6 +45,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # the standard process_* series: memory, CPU seconds, open files
         self.requests = Counter(
             "loopstack_requests", "HTTP responses by endpoint and status code (5xx included)", ["endpoint", "status"],
             registry=r,
