@@ -1,10 +1,11 @@
 """Property-based fuzzing of every endpoint from the server's own OpenAPI schema (schemathesis), on
-the tiny zoo: no request that the schema allows may get a 5xx, and every response must match the
-schema (status, content type, body). The generators get the served model names and domains (a
+the tiny zoo: no request that the schema allows may get a 5xx (but the documented 504 of a request
+whose own `timeout` passed), and every response must match the schema (status, content type,
+body). The generators get the served model names and domains (a
 random string would only ever reach the 404 and 422 paths).
 
-The run is fixed-seed (derandomized) and sized for CI, about two minutes on 2 cores; set
-LOOPSTACK_FUZZ_EXAMPLES to run more cases an operation (the reported run: 1,000 each)."""
+The run is fixed-seed (derandomized) and sized for CI: 500 cases an operation and phase, about two
+minutes on 2 cores; LOOPSTACK_FUZZ_EXAMPLES sets another number (the reported run: 1,300)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from server.app import create_app
 from tests.conftest import make_settings
 
 ADMIN_TOKEN = "fuzz-admin"
-EXAMPLES = int(os.environ.get("LOOPSTACK_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("LOOPSTACK_FUZZ_EXAMPLES", "500"))
 OPERATIONS = [(route.path, method) for router in ROUTERS for route in router.routes
               for method in sorted(route.methods) if route.include_in_schema]
 
@@ -60,6 +61,16 @@ IMAGE_MODELS = {"tiny-dit": 10, "tiny-dit-latent": 3, "tiny-pixart": 0}  # name:
 IMAGE_PATHS = ("/generate-image", "/v1/images/generations")
 UNSUPPORTED_COMPLETION_FIELDS = ("n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
                                  "top_logprobs", "tools", "tool_choice", "store", "stream_options")
+
+
+@schemathesis.check
+def not_a_server_error_but_a_clients_deadline(ctx, response, case):
+    """Every 5xx fails, except the documented 504 for a request whose own `timeout` passed while it
+    ran (a deadline shorter than the model's speed measures yet, or one a step overran)."""
+    if (response.status_code == 504 and isinstance(case.body, dict) and case.body.get("timeout") is not None
+            and response.json()["error"]["type"] == "timeout"):
+        return True
+    return not_a_server_error(ctx, response, case)
 
 
 def servable_body(path: str, body: dict, model: str, label: int, route: dict) -> dict:
@@ -109,8 +120,9 @@ def test_no_request_gets_a_5xx_or_an_undocumented_answer(fuzz_schema, mode):
         @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def fuzz(case):
-            response = case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
-                                                      content_type_conformance, response_schema_conformance])
+            response = case.call_and_validate(checks=[not_a_server_error_but_a_clients_deadline,
+                                                      status_code_conformance, content_type_conformance,
+                                                      response_schema_conformance])
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         fuzz()
