@@ -267,3 +267,42 @@ def test_projections_that_share_an_input_are_computed_together_and_each_takes_it
         for member in members:
             member.input_group = member.mount_token = None
         torch.testing.assert_close(mixed, [members[0](x), members[1](other), members[2](x)], atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_input_group_keeps_one_fused_copy_per_set_of_stacks_whatever_the_routes():
+    """Regression guard for the server's memory: each batch of rows is a route of its own (per-row
+    weight tensors), and a fused copy per route held up to 32 copies of every stack per group."""
+    from server.chat.moe_lora import SharedInputStacks, StackedMoELoRALinear
+
+    torch.manual_seed(0)
+    members = [StackedMoELoRALinear(torch.nn.Linear(32, width)) for width in (48, 16)]  # gate, up
+    for member in members:
+        for domain in ("chat", "math"):
+            stack = MoELoRA(32, member.out_features, SMALL)
+            freeze([stack])
+            member.stacks.append(stack)
+            member.stack_domains.append(domain)
+    group = SharedInputStacks(members)
+    for member in members:
+        member.input_group, member.mount_token = group, object()
+    with torch.no_grad():
+        for step in range(40):
+            rows = 1 + step % 4
+            route = {"chat": torch.rand(rows), "math": torch.rand(rows)} if step % 2 else {"math": 0.1 + step / 100}
+            for member in members:
+                member.route = route
+            x = torch.randn(rows, 1, 32)
+            for member in members:
+                member(x)
+    fused = {id(plan[0]) for plan in group._plans.values()}
+    assert len(group._fused_cache) == 2  # {chat, math} for the batches, {math} alone for the others
+    assert fused <= {id(f) for f in group._fused_cache.values()}
+
+
+def test_the_served_nf4_base_multiplies_in_float32_on_every_cpu(manifest_path):
+    """Regression guard: on a CPU with AVX512-BF16, bitsandbytes' fast path would multiply in
+    bfloat16 (the batching and round-trip tests above then fail on such a machine)."""
+    manifest = load_manifest(manifest_path)
+    model = load_chat_base(manifest.chat.base, ArtifactResolver(manifest_path.parent), "cpu").model
+    fast_path = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert fast_path and not any(fast_path)

@@ -19,7 +19,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria, Stoppi
 from transformers.generation.streamers import BaseStreamer
 
 from server.artifacts import ArtifactError, own_memory
-from server.chat.moe_lora import routed, wrap_projections
+from server.chat.moe_lora import disable_cpu_weight_packing, routed, wrap_projections
 from server.chat.router import MetaRouter, Route, RoutePlan, load_router_for, plan_route
 from server.chat.stacks import DomainStacks, load_domain_stacks, mounted
 from server.manifest import ArtifactResolver, ChatBase, ChatSection
@@ -217,6 +217,12 @@ def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> C
         raise ArtifactError(folder, f"cannot load the chat model: {exc}") from exc
     if precision == "none":
         model.to(device)
+    else:
+        # bitsandbytes' CPU fast path (where the CPU has AVX512-BF16) repacks the 4-bit weights and
+        # multiplies in bfloat16: the base would answer differently from the one its stacks were
+        # trained on and from machine to machine, and a batch's rows would no longer match their
+        # requests alone. Keep float32 compute, as the quantisation config asks.
+        disable_cpu_weight_packing(model)
     own_memory(model.eval().requires_grad_(False))
     wrap_projections(model)  # stacks are mounted per request; with none mounted a projection is the base's
     if tokenizer.pad_token_id is None:
