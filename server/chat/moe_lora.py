@@ -271,6 +271,7 @@ class SharedInputStacks:
     def __init__(self, members: list[StackedMoELoRALinear]):
         self.members = members
         self._plans: dict[tuple, tuple[FusedFrozenStacks | None, torch.Tensor | None]] = {}
+        self._fused_cache: dict[tuple, FusedFrozenStacks] = {}
         self._input: torch.Tensor | None = None
         self._deltas: dict[StackedMoELoRALinear, torch.Tensor] = {}
 
@@ -298,12 +299,26 @@ class SharedInputStacks:
                 frozen += stacks
                 weights += member_weights
                 outputs += [index] * len(stacks)
-            fused = FusedFrozenStacks(frozen, outputs) if frozen else None
+            fused = self._fused(frozen, outputs) if frozen else None
             plan = (fused, fused.weights(weights, device) if fused else None)
             if len(self._plans) >= 32:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
+
+    def _fused(self, frozen: list["MoELoRA"], outputs: list[int]) -> FusedFrozenStacks:
+        """One fused copy per set of stacks, shared by every route that turns that set on: routes are
+        many (each batch of rows has its own per-sequence weights), sets are few; a copy per route
+        held up to 32 copies of every stack per group."""
+        tokens = tuple(stack.frozen_token for stack in frozen)  # unique per freeze: never stale
+        if None in tokens:  # a stack still training: its weights change, no copy of them is kept
+            return FusedFrozenStacks(frozen, outputs)
+        key = (tokens, tuple(outputs))
+        if key not in self._fused_cache:
+            if len(self._fused_cache) >= 8:
+                self._fused_cache.pop(next(iter(self._fused_cache)))
+            self._fused_cache[key] = FusedFrozenStacks(frozen, outputs)
+        return self._fused_cache[key]
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
