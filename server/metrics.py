@@ -1,4 +1,5 @@
-"""Prometheus metrics: one prefix, base units, `_total` counters. One registry per app instance.
+"""Prometheus metrics: one prefix (beside the standard process_* series), base units, `_total`
+counters. One registry per app instance.
 
 The names, labels and meanings are a contract (docs/metrics.md): dashboards and alert rules read
 them, so later work adds names and never renames one.

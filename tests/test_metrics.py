@@ -32,7 +32,7 @@ def sample(client, name: str, **labels) -> float | None:
 
 def documented_names() -> set[str]:
     table = (REPO / "docs" / "metrics.md").read_text()
-    return set(re.findall(r"^\| `(loopstack_\w+)`", table, re.M))
+    return set(re.findall(r"^\| `((?:loopstack|process)_\w+)`", table, re.M))
 
 
 def test_every_metric_is_documented_and_every_documented_metric_exists(manifest_path):
