@@ -255,10 +255,9 @@ async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ram
         step_rate = 0.5 / mean_latency
         for step in range(max_steps):
             shots, wall = await open_loop(target, step_rate, step_seconds, image_share, chat_tokens, seed + 1 + step)
-            stats = summarize(shots, labels)
-            held = holds(stats, baseline, slo_factor) and failures(shots) == 0
-            ramp.append({"rate": step_rate, "held": held, "wall_s": wall, "failures": failures(shots),
-                         "endpoints": stats})
+            stats, failed = summarize(shots, labels), failures(shots)
+            held = holds(stats, baseline, slo_factor) and failed == 0
+            ramp.append({"rate": step_rate, "held": held, "wall_s": wall, "failures": failed, "endpoints": stats})
             print(f"ramp {step_rate:6.2f}/s: {'holds' if held else 'over'}  " + "  ".join(
                 f"{lab} p95 {fmt(st['p95_s'])} ({st['statuses']})" for lab, st in stats.items()), flush=True)
             if not held:

@@ -161,7 +161,7 @@ class StackedMoELoRALinear(nn.Module):
         if len(frozen) == 1:
             out = out + (weights[0] * frozen[0](x)).to(out.dtype)
         elif frozen:
-            fused = self._fused(frozen)
+            fused = fused_copy(self._fused_cache, frozen)
             out = out + fused(x, fused.weights([w.view(-1) if isinstance(w, torch.Tensor) else w
                                                 for w in weights], x.device)).to(out.dtype)
         return out
@@ -173,20 +173,12 @@ class StackedMoELoRALinear(nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             frozen, weights = active_stacks(self.route, self.stack_domains, self.stacks)
-            fused = self._fused(frozen) if frozen else None
+            fused = fused_copy(self._fused_cache, frozen) if frozen else None
             plan = (fused, fused.weights(weights, device) if fused else None)
             if len(self._plans) >= 32:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
-
-    def _fused(self, frozen: list["MoELoRA"]) -> "FusedFrozenStacks":
-        key = tuple(stack.frozen_token for stack in frozen)  # unique per freeze: never stale
-        if key not in self._fused_cache:
-            if len(self._fused_cache) >= 8:
-                self._fused_cache.pop(next(iter(self._fused_cache)))
-            self._fused_cache[key] = FusedFrozenStacks(frozen)
-        return self._fused_cache[key]
 
 
 class FusedFrozenStacks:
@@ -244,6 +236,22 @@ class FusedFrozenStacks:
         return hidden.flatten(-3) @ self.lora_B
 
 
+def fused_copy(cache: dict[tuple, FusedFrozenStacks], frozen: list["MoELoRA"],
+               outputs: list[int] | None = None) -> FusedFrozenStacks:
+    """The fused copy of these frozen stacks, from `cache` (at most 8 sets; the oldest goes first):
+    one copy per set of stacks, shared by every route that turns the set on. Routes are many (each
+    batch of rows has its own per-sequence weights), sets are few."""
+    tokens = tuple(stack.frozen_token for stack in frozen)  # unique per freeze: never stale
+    if None in tokens:  # a stack still training: its weights change, no copy of them is kept
+        return FusedFrozenStacks(frozen, outputs)
+    key = (tokens, None if outputs is None else tuple(outputs))
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = FusedFrozenStacks(frozen, outputs)
+    return cache[key]
+
+
 def route_key(route: dict[str, float | torch.Tensor] | None) -> tuple | None:
     """A route as a dict key: floats by value, per-sequence tensors by identity (the key holds them,
     so an id is never reused while it is cached)."""
@@ -299,26 +307,12 @@ class SharedInputStacks:
                 frozen += stacks
                 weights += member_weights
                 outputs += [index] * len(stacks)
-            fused = self._fused(frozen, outputs) if frozen else None
+            fused = fused_copy(self._fused_cache, frozen, outputs) if frozen else None
             plan = (fused, fused.weights(weights, device) if fused else None)
             if len(self._plans) >= 32:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
-
-    def _fused(self, frozen: list["MoELoRA"], outputs: list[int]) -> FusedFrozenStacks:
-        """One fused copy per set of stacks, shared by every route that turns that set on: routes are
-        many (each batch of rows has its own per-sequence weights), sets are few; a copy per route
-        held up to 32 copies of every stack per group."""
-        tokens = tuple(stack.frozen_token for stack in frozen)  # unique per freeze: never stale
-        if None in tokens:  # a stack still training: its weights change, no copy of them is kept
-            return FusedFrozenStacks(frozen, outputs)
-        key = (tokens, tuple(outputs))
-        if key not in self._fused_cache:
-            if len(self._fused_cache) >= 8:
-                self._fused_cache.pop(next(iter(self._fused_cache)))
-            self._fused_cache[key] = FusedFrozenStacks(frozen, outputs)
-        return self._fused_cache[key]
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
