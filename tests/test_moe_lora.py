@@ -245,15 +245,15 @@ def test_projections_that_share_an_input_are_computed_together_and_each_takes_it
 
     torch.manual_seed(0)
     members = [StackedMoELoRALinear(torch.nn.Linear(32, width)) for width in (48, 16, 16)]  # q, k, v
-    for member in members:
-        for domain in ("chat", "math"):
+    for index, member in enumerate(members):
+        for domain in ("chat", "math", "medical") if index == 1 else ("chat", "math"):  # medical: k alone
             stack = MoELoRA(32, member.out_features, SMALL)
             torch.nn.init.normal_(stack.lora_B, std=0.3)
             torch.nn.init.normal_(stack.router.weight, std=1.0)
             freeze([stack])
             member.stacks.append(stack)
             member.stack_domains.append(domain)
-        member.route = {"chat": 1.0, "math": 0.5}
+        member.route = {"chat": 1.0, "math": 0.5, "medical": 2.0}
     x, other = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
     with torch.no_grad():
         alone = [m(x) for m in members]  # each projection's own fused pass
@@ -269,34 +269,37 @@ def test_projections_that_share_an_input_are_computed_together_and_each_takes_it
         torch.testing.assert_close(mixed, [members[0](x), members[1](other), members[2](x)], atol=1e-5, rtol=1e-5)
 
 
-def test_a_shared_input_group_keeps_one_fused_copy_per_set_of_stacks_whatever_the_routes():
+def test_shared_input_groups_keep_fused_copies_per_domain_and_of_all_whatever_the_routes_and_mount_plans():
     """Regression guard for the server's memory: each batch of rows is a route of its own (per-row
-    weight tensors), and a fused copy per route held up to 32 copies of every stack per group."""
+    weight tensors) and makes its own set of domains; a fused copy per route, then per set of domains
+    (in every mount plan's group), grew the server's memory with its traffic."""
     from server.chat.moe_lora import SharedInputStacks, StackedMoELoRALinear
 
     torch.manual_seed(0)
     members = [StackedMoELoRALinear(torch.nn.Linear(32, width)) for width in (48, 16)]  # gate, up
     for member in members:
-        for domain in ("chat", "math"):
+        for domain in ("chat", "math", "medical"):
             stack = MoELoRA(32, member.out_features, SMALL)
             freeze([stack])
             member.stacks.append(stack)
             member.stack_domains.append(domain)
-    group = SharedInputStacks(members)
-    for member in members:
-        member.input_group, member.mount_token = group, object()
+    groups = [SharedInputStacks(members), SharedInputStacks(members)]  # two mount plans' groups
     with torch.no_grad():
         for step in range(40):
+            group = groups[step // 20]
             rows = 1 + step % 4
-            route = {"chat": torch.rand(rows), "math": torch.rand(rows)} if step % 2 else {"math": 0.1 + step / 100}
-            for member in members:
-                member.route = route
+            pair = [("chat", "math"), ("math", "medical"), ("chat", "medical")][step % 3]
+            route = {d: torch.rand(rows) for d in pair} if step % 2 else {"math": 0.1 + step / 100}
             x = torch.randn(rows, 1, 32)
             for member in members:
+                member.route, member.input_group, member.mount_token = route, group, object()
+            for member in members:
                 member(x)
-    fused = {id(plan[0]) for plan in group._plans.values()}
-    assert len(group._fused_cache) == 2  # {chat, math} for the batches, {math} alone for the others
-    assert fused <= {id(f) for f in group._fused_cache.values()}
+    cache = members[0]._fused_cache
+    assert len(cache) == 2  # math's stacks alone, and all stacks for routes of several domains
+    fused = {id(plan[0]) for group in groups for plan in group._plans.values()}
+    assert fused == {id(f) for f in cache.values()}
+    assert not members[1]._fused_cache
 
 
 def test_the_served_nf4_base_multiplies_in_float32_on_every_cpu(manifest_path):

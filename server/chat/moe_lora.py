@@ -167,14 +167,12 @@ class StackedMoELoRALinear(nn.Module):
         return out
 
     def _mounted_plan(self, device: torch.device) -> tuple["FusedFrozenStacks | None", torch.Tensor | None]:
-        """The mounted stacks this route turns on, fused, and their weights: built at the first step
+        """This route's fused pass through the mounted stacks, and its weights: built at the first step
         of a route and reused (a route's key holds its per-sequence tensors, so an id is never reused)."""
         key = (self.mount_token, route_key(self.route))
         plan = self._plans.get(key)
         if plan is None:
-            frozen, weights = active_stacks(self.route, self.stack_domains, self.stacks)
-            fused = fused_copy(self._fused_cache, frozen) if frozen else None
-            plan = (fused, fused.weights(weights, device) if fused else None)
+            plan = mounted_pass(self._fused_cache, self.route, [self], device)
             if len(self._plans) >= 32:
                 self._plans.clear()
             self._plans[key] = plan
@@ -187,9 +185,10 @@ class FusedFrozenStacks:
     domains on, that overhead dominated a training step (0.40 s with one stack, 0.83 s with two
     frozen ones more) and a decode step."""
 
-    def __init__(self, stacks: list["MoELoRA"], outputs: list[int] | None = None):
-        """`outputs`: for stacks of several projections that read one input, each stack's projection
-        (0, 1, ...); their B matrices then sit block-diagonally, each writing its projection's columns."""
+    def __init__(self, stacks: list["MoELoRA"], outputs: list[int] | None = None, widths: list[int] | None = None):
+        """`outputs`: for stacks of several projections that read one input (of widths `widths`), each
+        stack's projection (0, 1, ...); their B matrices then sit block-diagonally, each writing its
+        projection's columns (all the projections' columns, whether or not a stack writes them)."""
         configs = {(s.config.experts, s.config.rank, s.config.top_k) for s in stacks}
         if len(configs) != 1:
             raise ValueError("fused stacks must share experts, rank and top_k")
@@ -203,9 +202,8 @@ class FusedFrozenStacks:
         if outputs is None:
             self.lora_B = torch.cat(blocks)
         else:
-            widths = {o: b.shape[1] for o, b in zip(outputs, blocks)}
-            starts = {o: sum(widths[p] for p in sorted(widths) if p < o) for o in widths}
-            self.lora_B = blocks[0].new_zeros(len(stacks) * n * r, sum(widths.values()))
+            starts = [sum(widths[:o]) for o in range(len(widths))]
+            self.lora_B = blocks[0].new_zeros(len(stacks) * n * r, sum(widths))
             for i, (o, block) in enumerate(zip(outputs, blocks)):
                 self.lora_B[i * n * r:(i + 1) * n * r, starts[o]:starts[o] + widths[o]] = block
         self.scale = torch.tensor([s.config.scale for s in stacks], dtype=self.lora_B.dtype)
@@ -236,20 +234,48 @@ class FusedFrozenStacks:
         return hidden.flatten(-3) @ self.lora_B
 
 
-def fused_copy(cache: dict[tuple, FusedFrozenStacks], frozen: list["MoELoRA"],
-               outputs: list[int] | None = None) -> FusedFrozenStacks:
-    """The fused copy of these frozen stacks, from `cache` (at most 8 sets; the oldest goes first):
-    one copy per set of stacks, shared by every route that turns the set on. Routes are many (each
-    batch of rows has its own per-sequence weights), sets are few."""
+def fused_copy(cache: dict[tuple, FusedFrozenStacks], frozen: list["MoELoRA"], outputs: list[int] | None = None,
+               widths: list[int] | None = None, limit: int | None = 8) -> FusedFrozenStacks:
+    """The fused copy of these frozen stacks, from `cache` (at most `limit` sets; the oldest goes
+    first): one copy per set of stacks, shared by every route that turns the set on. Routes are many
+    (each batch of rows has its own per-sequence weights), sets are few."""
     tokens = tuple(stack.frozen_token for stack in frozen)  # unique per freeze: never stale
     if None in tokens:  # a stack still training: its weights change, no copy of them is kept
-        return FusedFrozenStacks(frozen, outputs)
+        return FusedFrozenStacks(frozen, outputs, widths)
     key = (tokens, None if outputs is None else tuple(outputs))
     if key not in cache:
-        if len(cache) >= 8:
+        if limit is not None and len(cache) >= limit:
             cache.pop(next(iter(cache)))
-        cache[key] = FusedFrozenStacks(frozen, outputs)
+        cache[key] = FusedFrozenStacks(frozen, outputs, widths)
     return cache[key]
+
+
+def mounted_pass(cache: dict[tuple, FusedFrozenStacks], route, members: list["StackedMoELoRALinear"],
+                 device: torch.device | str) -> tuple[FusedFrozenStacks | None, torch.Tensor | None]:
+    """The fused pass a route makes through the mounted stacks of `members` (one projection, or a
+    shared-input group whose outputs sit side by side) and its weights; (None, None) when no domain
+    is on. Copies are cached per domain and once for all domains together, never per set of domains:
+    each batch of rows makes its own set, and copies per set grew the server's memory with its
+    traffic. A route of one domain runs its domain's copy (a gated-off stack changes nothing, bit for
+    bit); a route of several runs the copy of every mounted stack, the domains it leaves off at weight
+    zero (a pass's small operations, more than its products, are its cost at small batches)."""
+    stacks, weights, outputs, domains = [], [], [], []
+    for index, member in enumerate(members):
+        for domain, stack in zip(member.stack_domains, member.stacks):
+            stacks.append(stack)
+            weights.append(1.0 if route is None else route.get(domain, 0.0))
+            outputs.append(index)
+            domains.append(domain)
+    on = {d for d, w in zip(domains, weights) if isinstance(w, torch.Tensor) or w != 0.0}
+    if not on:
+        return None, None
+    if len(on) == 1:
+        kept = [i for i, d in enumerate(domains) if d in on]
+        stacks, weights, outputs = [stacks[i] for i in kept], [weights[i] for i in kept], [outputs[i] for i in kept]
+    grouped = len(members) > 1
+    fused = fused_copy(cache, stacks, outputs if grouped else None, [m.out_features for m in members] if grouped
+                       else None, limit=None)
+    return fused, fused.weights(weights, device)
 
 
 def route_key(route: dict[str, float | torch.Tensor] | None) -> tuple | None:
@@ -258,28 +284,18 @@ def route_key(route: dict[str, float | torch.Tensor] | None) -> tuple | None:
     return None if route is None else tuple(route.items())
 
 
-def active_stacks(route, domains: list[str], stacks) -> tuple[list["MoELoRA"], list[float | torch.Tensor]]:
-    """The stacks a route turns on, with their domains' weights (a gated-off stack is skipped)."""
-    frozen, weights = [], []
-    for domain, stack in zip(domains, stacks):
-        weight = 1.0 if route is None else route.get(domain, 0.0)
-        if isinstance(weight, torch.Tensor) or weight != 0.0:
-            frozen.append(stack)
-            weights.append(weight)
-    return frozen, weights
-
-
 class SharedInputStacks:
     """The mounted stacks of projections that read the same input (a layer's q, k and v; gate and
     up), computed in one fused pass when the first of them is called, each member then taking its
     columns: 2 passes instead of 5 per layer, which is most of the stacks' cost at batch 1 on a CPU
     (each pass is a dozen small operations). Members called with another input (not the same tensor)
-    recompute, so a model that feeds them differently stays correct, only slower."""
+    recompute, so a model that feeds them differently stays correct, only slower. The fused copies
+    live on the first member, shared by every group of these projections (one per set of domains
+    mounted)."""
 
     def __init__(self, members: list[StackedMoELoRALinear]):
         self.members = members
         self._plans: dict[tuple, tuple[FusedFrozenStacks | None, torch.Tensor | None]] = {}
-        self._fused_cache: dict[tuple, FusedFrozenStacks] = {}
         self._input: torch.Tensor | None = None
         self._deltas: dict[StackedMoELoRALinear, torch.Tensor] = {}
 
@@ -297,18 +313,11 @@ class SharedInputStacks:
             self._input = None  # every member has its part: hold on to nothing
         return delta
 
-    def _plan(self, route, device) -> tuple["FusedFrozenStacks | None", torch.Tensor | None]:
+    def _plan(self, route, device) -> tuple[FusedFrozenStacks | None, torch.Tensor | None]:
         key = route_key(route)
         plan = self._plans.get(key)
         if plan is None:
-            frozen, weights, outputs = [], [], []
-            for index, member in enumerate(self.members):
-                stacks, member_weights = active_stacks(route, member.stack_domains, member.stacks)
-                frozen += stacks
-                weights += member_weights
-                outputs += [index] * len(stacks)
-            fused = fused_copy(self._fused_cache, frozen, outputs) if frozen else None
-            plan = (fused, fused.weights(weights, device) if fused else None)
+            plan = mounted_pass(self.members[0]._fused_cache, route, self.members, device)
             if len(self._plans) >= 32:
                 self._plans.clear()
             self._plans[key] = plan
