@@ -12,9 +12,11 @@ server slows and hide the queueing a real crowd meets.
 
 1. Unloaded: `--unloaded` requests per endpoint, one at a time; each endpoint's p95 latency.
 2. Ramp: the rate starts at half of what one-at-a-time serving gives and rises by `--ramp-factor`
-   every `--step-seconds`; a rate holds when, over the requests sent at it, every endpoint's p95
-   (200 answers) stays under `--slo-factor` x its unloaded p95 and at most 1% are refused (429).
-   Capacity is the highest rate that held.
+   every step of `--step-seconds`, or longer where that would send fewer than
+   `--min-step-requests` (40: a p95 over a dozen requests is their maximum, and a step that held by
+   chance held the hold above capacity); a rate holds when, over the requests sent at it, every
+   endpoint's p95 (200 answers) stays under `--slo-factor` x its unloaded p95 and at most 1% are
+   refused (429). Capacity is the highest rate that held.
 3. Hold at capacity for `--hold-seconds`: throughput, p50/p95/p99 per endpoint, status counts, and
    the server's resident memory (`process_resident_memory_bytes` from /metrics) every 5 s, against
    its level when the hold begins (after the unloaded run and the ramp have warmed every path).
@@ -234,7 +236,7 @@ def client_cpu_seconds() -> float:
 async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ramp_factor: float = 1.25,
               max_steps: int = 12, slo_factor: float = 2.0, image_share: float = 0.5, chat_tokens: int = 32,
               unloaded_per_endpoint: int = 20, memory_tolerance: float = 0.10, seed: int = 0,
-              headers: dict[str, str] | None = None, rate: float | None = None) -> dict:
+              headers: dict[str, str] | None = None, rate: float | None = None, min_step_requests: int = 40) -> dict:
     refuse_remote(url)
     headers = headers or {}
     target = discover(url, headers)
@@ -254,7 +256,8 @@ async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ram
     if rate is None:
         step_rate = 0.5 / mean_latency
         for step in range(max_steps):
-            shots, wall = await open_loop(target, step_rate, step_seconds, image_share, chat_tokens, seed + 1 + step)
+            seconds = max(step_seconds, min_step_requests / step_rate)
+            shots, wall = await open_loop(target, step_rate, seconds, image_share, chat_tokens, seed + 1 + step)
             stats, failed = summarize(shots, labels), failures(shots)
             held = holds(stats, baseline, slo_factor) and failed == 0
             ramp.append({"rate": step_rate, "held": held, "wall_s": wall, "failures": failed, "endpoints": stats})
@@ -288,7 +291,8 @@ async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ram
     answered = sum(1 for s in shots if s.status == 200)
     result = {
         "url": url, "machine": machine(), "settings": {
-            "hold_seconds": hold_seconds, "step_seconds": step_seconds, "ramp_factor": ramp_factor,
+            "hold_seconds": hold_seconds, "step_seconds": step_seconds, "min_step_requests": min_step_requests,
+            "ramp_factor": ramp_factor,
             "slo_factor": slo_factor, "image_share": image_share, "chat_tokens": chat_tokens,
             "unloaded_per_endpoint": unloaded_per_endpoint, "seed": seed},
         "unloaded": baseline, "ramp": ramp, "capacity_rps": capacity,
@@ -343,6 +347,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--hold-seconds", type=float, default=600)
     parser.add_argument("--step-seconds", type=float, default=40)
+    parser.add_argument("--min-step-requests", type=int, default=40, help="requests a ramp step sends at least")
     parser.add_argument("--ramp-factor", type=float, default=1.25)
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--slo-factor", type=float, default=2.0)
@@ -358,7 +363,7 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     result = asyncio.run(run(args.url, args.hold_seconds, args.step_seconds, args.ramp_factor, args.max_steps,
                              args.slo_factor, args.image_share, args.chat_tokens, args.unloaded,
-                             args.memory_tolerance, args.seed, headers, args.rate))
+                             args.memory_tolerance, args.seed, headers, args.rate, args.min_step_requests))
     table = report(result)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
