@@ -252,8 +252,9 @@ async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ram
                        for label, share in mix(target, image_share).items())
 
     ramp = []
-    capacity = rate
+    capacity, found = rate, "given (--rate)"
     if rate is None:
+        found = "the highest ramp rate that held"
         step_rate = 0.5 / mean_latency
         for step in range(max_steps):
             seconds = max(step_seconds, min_step_requests / step_rate)
@@ -269,6 +270,7 @@ async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ram
             step_rate *= ramp_factor
         if capacity is None:
             capacity = ramp[0]["rate"] / ramp_factor  # even the first rate was too much: hold below it
+            found = f"below the first ramp rate, {ramp[0]['rate']:.2f}/s, which did not hold"
             print(f"no ramp rate held; holding at {capacity:.2f}/s", flush=True)
 
     memory = []
@@ -295,10 +297,11 @@ async def run(url: str, hold_seconds: float = 600, step_seconds: float = 40, ram
             "ramp_factor": ramp_factor,
             "slo_factor": slo_factor, "image_share": image_share, "chat_tokens": chat_tokens,
             "unloaded_per_endpoint": unloaded_per_endpoint, "seed": seed},
-        "unloaded": baseline, "ramp": ramp, "capacity_rps": capacity,
+        "unloaded": baseline, "ramp": ramp, "capacity_rps": capacity, "capacity_found": found,
         "hold": {"rate": capacity, "wall_s": wall, "sent": len(shots), "answered": answered,
                  "throughput_rps": answered / wall, "statuses": dict(Counter(str(s.status) for s in shots)),
-                 "failures": failures(shots), "endpoints": hold},
+                 "failures": failures(shots), "endpoints": hold,
+                 "held": holds(hold, baseline, slo_factor)},  # the hold's own verdict on the rate
         "memory": {"warm_bytes": warm, "peak_bytes": peak, "end_bytes": levels[-1] if levels else None,
                    "growth": growth, "tolerance": memory_tolerance, "samples": memory},
         "client_cpu_s": client_cpu_seconds() - cpu_start,
@@ -319,11 +322,12 @@ def fmt(seconds: float | None) -> str:
 
 
 def report(result: dict) -> str:
-    lines = [f"capacity: {result['capacity_rps']:.2f} requests/s (p95 under "
-             f"{result['settings']['slo_factor']:g}x unloaded, <= 1% refused)", ""]
+    slo = f"p95 under {result['settings']['slo_factor']:g}x unloaded, <= 1% refused"
+    lines = [f"capacity: {result['capacity_rps']:.2f} requests/s, {result['capacity_found']} ({slo})", ""]
     hold = result["hold"]
     lines.append(f"hold {hold['wall_s']:.0f} s at {hold['rate']:.2f}/s: {hold['sent']} sent, throughput "
-                 f"{hold['throughput_rps']:.2f}/s, statuses {hold['statuses']}, 5xx+errors {hold['failures']}")
+                 f"{hold['throughput_rps']:.2f}/s, statuses {hold['statuses']}, 5xx+errors {hold['failures']}; "
+                 f"the rate {'held' if hold['held'] else 'did not hold'} ({slo}) over the hold")
     lines.append("")
     lines.append("| endpoint | requests | statuses | unloaded p95 | p50 | p95 | p99 | p95 / unloaded |")
     lines.append("|---|---|---|---|---|---|---|---|")
