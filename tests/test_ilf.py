@@ -145,3 +145,47 @@ def test_tampered_ilf_artifact_is_refused_at_load(zoo_dir, ilf_client):
     bad = spec.model_copy(update={"ilf": spec.ilf.model_copy(update={"sha256": "1" * 64})})
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         load_image_backbone(bad, ArtifactResolver(zoo_dir), "cpu")
+
+
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-pixart"])
+def test_threads_sampling_one_backbone_at_once_each_get_what_they_would_alone(manifest_path, name):
+    """Two ILF modules and the plain backbone, sampled by three threads in lockstep (each waits for the
+    others after every step, so their loops overlap): each image equals the same request run alone."""
+    import threading
+    from dataclasses import replace
+
+    backbone = backbone_named(manifest_path, name)
+    config = ilf_config(backbone)
+    variants = {"baseline": backbone}
+    for seed in (1, 2):
+        feedback = FeedbackModule.for_backbone(backbone.transformer, config)
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(feedback.scale, std=0.5)
+        variants[f"ilf-{seed}"] = replace(backbone, ilf=LoadedILF(feedback.eval(), config))
+    condition = 3 if backbone.spec.kind == "dit" else "the digit 3"
+    size = backbone.native_size
+
+    def job(key):
+        return SampleJob([condition], [7], 3, 1.0, size, size, mode="baseline" if key == "baseline" else "ilf")
+
+    alone = {key: sample(model, job(key)).images for key, model in variants.items()}
+    barrier = threading.Barrier(len(variants), timeout=60)
+    together, errors = {}, []
+
+    def run(key):
+        try:
+            together[key] = sample(variants[key], job(key), progress=lambda done, steps: barrier.wait()).images
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in variants]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for key in variants:
+        torch.testing.assert_close(together[key], alone[key], atol=1e-6, rtol=0)
+    assert (alone["ilf-1"] - alone["baseline"]).abs().max() > 1e-3  # the loops do change the image
+    assert (alone["ilf-1"] - alone["ilf-2"]).abs().max() > 1e-3

@@ -1,7 +1,8 @@
 """Inner Loop Feedback (ILF; Gwilliam et al., arXiv 2501.13107), written for this server.
 
 No library implements ILF, so this file does, in the diffusers hooks style: the backbone's code is
-untouched; `ilf_enabled` swaps its block list for one in which the loop span is a `FeedbackLoop`:
+untouched; inside `ilf_enabled` its block list iterates, for the calling thread alone, as a list in
+which the loop span is a `FeedbackLoop`:
 
     f_b  = input of the loop (output of the head blocks)
     f_e  = loop blocks(f_b)                               first pass
@@ -16,7 +17,9 @@ N + L + 1 block evaluations for an N-block backbone with L loop blocks.
 from __future__ import annotations
 
 import copy
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -102,20 +105,46 @@ class FeedbackLoop(nn.Module):
         return hidden_states
 
 
+# per thread (and asyncio task): the looped block lists in force, by the id of the block list they stand for
+_LOOPED: ContextVar[dict[int, list[nn.Module]]] = ContextVar("ilf_looped", default={})
+_INSTALL = threading.Lock()
+
+
+class LoopableBlocks(nn.ModuleList):
+    """The backbone's own block list (same modules, same state-dict keys), iterated as the calling
+    context's looped list while `ilf_enabled` holds one for it: the backbone's forward (`for block in
+    self.transformer_blocks`) then runs the loop, and every other thread, or model, sampling at the same
+    time still sees its own blocks. Indexing and `len` stay the backbone's."""
+
+    def __iter__(self):
+        looped = _LOOPED.get().get(id(self))
+        return iter(looped) if looped is not None else super().__iter__()
+
+
+def loopable_blocks(transformer: nn.Module) -> LoopableBlocks:
+    """The transformer's block list as a `LoopableBlocks`, put in place once (the only change made to
+    the backbone, and one that changes nothing until a context turns a loop on)."""
+    with _INSTALL:
+        blocks = transformer.transformer_blocks
+        if not isinstance(blocks, LoopableBlocks):
+            blocks = LoopableBlocks(list(blocks))
+            transformer.transformer_blocks = blocks
+        return blocks
+
+
 @contextmanager
 def ilf_enabled(transformer: nn.Module, feedback: FeedbackModule, config: ILFConfig) -> Iterator[None]:
-    """Run the transformer with the feedback loop inside this block; restores it afterwards."""
-    blocks = transformer.transformer_blocks
-    looped = nn.ModuleList(
-        list(blocks[: config.loop_start])
-        + [FeedbackLoop(list(blocks[config.loop_start : config.loop_end + 1]), feedback)]
-        + list(blocks[config.loop_end + 1 :])
-    )
-    transformer.transformer_blocks = looped
+    """Run the transformer with the feedback loop inside, in this thread only, for this block."""
+    blocks = loopable_blocks(transformer)
+    plain = list(blocks._modules.values())
+    looped = (plain[: config.loop_start]
+              + [FeedbackLoop(plain[config.loop_start: config.loop_end + 1], feedback)]
+              + plain[config.loop_end + 1:])
+    token = _LOOPED.set({**_LOOPED.get(), id(blocks): looped})
     try:
         yield
     finally:
-        transformer.transformer_blocks = blocks
+        _LOOPED.reset(token)
 
 
 def transformer_width(transformer: nn.Module) -> int:
