@@ -189,3 +189,48 @@ def test_threads_sampling_one_backbone_at_once_each_get_what_they_would_alone(ma
         torch.testing.assert_close(together[key], alone[key], atol=1e-6, rtol=0)
     assert (alone["ilf-1"] - alone["baseline"]).abs().max() > 1e-3  # the loops do change the image
     assert (alone["ilf-1"] - alone["ilf-2"]).abs().max() > 1e-3
+
+
+class Leave(Exception):
+    """A client that has gone, as the image worker's progress check raises it."""
+
+
+@pytest.mark.parametrize("name,scheduler,mode", [("tiny-dit", "ddim", "ilf"), ("tiny-dit", "dpm++", "baseline"),
+                                                 ("tiny-pixart", "ddim", "ilf")])
+def test_a_batch_of_requests_gives_each_the_images_it_gets_alone_and_lets_each_leave(manifest_path, name,
+                                                                                      scheduler, mode):
+    """Jobs with their own seeds, conditions, image counts and guidance (unguided among guided) in one
+    batch; one job leaves after its second step: the others go on, each within 1/255 of alone."""
+    from dataclasses import replace
+
+    from server.imaging.sampler import sample_batch
+
+    backbone = backbone_named(manifest_path, name)
+    config = ilf_config(backbone, steps=4, scheduler=scheduler)
+    feedback = FeedbackModule.for_backbone(backbone.transformer, config)
+    torch.nn.init.normal_(feedback.scale, std=0.5)
+    backbone = replace(backbone, ilf=LoadedILF(feedback.eval(), config))
+    conditions = [0, 1, 2, 3] if backbone.spec.kind == "dit" else ["the digit 0", "a one", "two", "a handwritten 3"]
+    size = backbone.native_size
+    jobs = [SampleJob([conditions[0]], [11], 4, 1.0, size, size, scheduler, mode),
+            SampleJob([conditions[1]] * 2, [20, 21], 4, 3.0, size, size, scheduler, mode),
+            SampleJob([conditions[2]], [30], 4, 2.0, size, size, scheduler, mode),
+            SampleJob([conditions[3]], [40], 4, 5.0, size, size, scheduler, mode)]
+    alone = [sample(backbone, job).images for job in jobs]
+
+    def leave_after_two(done, steps):
+        if done == 2:
+            raise Leave()
+
+    steps_seen = []
+    results = sample_batch(backbone, jobs, [None, None, leave_after_two, lambda d, s: steps_seen.append(d)])
+    assert isinstance(results[2], Leave)
+    assert steps_seen == [1, 2, 3, 4]
+    for i in (0, 1, 3):
+        assert results[i].images.shape == alone[i].shape
+        assert (results[i].images - alone[i]).abs().max() <= 1 / 255
+    assert (alone[1][0] - alone[1][1]).abs().max() > 0.05  # the rows do differ: a mix-up would show
+    with pytest.raises(ValueError, match="share mode"):
+        sample_batch(backbone, [jobs[0], replace(jobs[1], steps=3)])
+    everyone_leaves = sample_batch(backbone, jobs[:2], [leave_after_two, leave_after_two])
+    assert all(isinstance(r, Leave) for r in everyone_leaves)

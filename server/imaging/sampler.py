@@ -69,37 +69,96 @@ def sample(backbone: ImageBackbone, job: SampleJob,
     progress(done, steps), if given, is told after each step; an exception it raises (a streaming
     client that has gone) stops the sampling there.
     """
-    if job.mode == "ilf" and backbone.ilf is None:
-        raise ValueError(f"{backbone.name} has no ILF module")
-    start = time.perf_counter()
-    scheduler = make_scheduler(job.scheduler, backbone.scheduler_config)
-    scheduler.set_timesteps(job.steps, device=backbone.device)
-    guided = job.guidance_scale > 1.0
-    cond = backbone.conditioning(job.conditions, guided)
+    result = sample_batch(backbone, [job], [progress], step_context, trajectory)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    ilf = backbone.ilf if job.mode == "ilf" else None
-    x = initial_noise(backbone, job) * scheduler.init_noise_sigma
+
+def compatible(a: SampleJob, b: SampleJob) -> bool:
+    """Jobs that can share a batch: the same loop (mode, steps, scheduler) over latents of one shape."""
+    return (a.mode, a.steps, a.scheduler, a.height, a.width) == (b.mode, b.steps, b.scheduler, b.height, b.width)
+
+
+@torch.no_grad()
+def sample_batch(backbone: ImageBackbone, jobs: list[SampleJob],
+                 progress: list[Callable[[int, int], None] | None] | None = None,
+                 step_context: Callable[[int, torch.Tensor], ContextManager] | None = None,
+                 trajectory: list[torch.Tensor] | None = None) -> list[SampleResult | Exception]:
+    """Compatible jobs (see `compatible`) sampled as one batch, each with its own seeds, conditions
+    and guidance scale; per job its result, or the exception its `progress` raised. A job whose
+    `progress` raises leaves the batch there (its rows are dropped, the others go on); the loop ends
+    early when every job has left. Written by hand: the diffusers pipelines sample one request."""
+    first = jobs[0]
+    if any(not compatible(first, job) for job in jobs):
+        raise ValueError("jobs in one batch must share mode, steps, scheduler and size")
+    if first.mode == "ilf" and backbone.ilf is None:
+        raise ValueError(f"{backbone.name} has no ILF module")
+    progress = progress or [None] * len(jobs)
+    start = time.perf_counter()
+    scheduler = make_scheduler(first.scheduler, backbone.scheduler_config)
+    scheduler.set_timesteps(first.steps, device=backbone.device)
+    outcomes: list[SampleResult | Exception | None] = [None] * len(jobs)
+    live = list(range(len(jobs)))  # the jobs still in the batch, in row order
+
+    def rows_of(indices: list[int]) -> tuple[dict, torch.Tensor | None]:
+        conditions = [c for i in indices for c in jobs[i].conditions]
+        scales = [jobs[i].guidance_scale for i in indices for _ in jobs[i].seeds]
+        guided = any(scale > 1.0 for scale in scales)
+        cond = backbone.conditioning(conditions, guided)
+        return cond, torch.tensor(scales, device=backbone.device).view(-1, 1, 1, 1) if guided else None
+
+    ilf = backbone.ilf if first.mode == "ilf" else None
+    x = torch.cat([initial_noise(backbone, jobs[i]) for i in live]) * scheduler.init_noise_sigma
+    cond, scales = rows_of(live)
     if trajectory is not None:
         trajectory.append(x)
     with ilf.enabled(backbone.transformer) if ilf else nullcontext():
         for i, t in enumerate(scheduler.timesteps):
             with step_context(i, t) if step_context else nullcontext():
-                x = denoise_step(backbone, scheduler, x, t, cond, job.guidance_scale)
+                x = denoise_step(backbone, scheduler, x, t, cond, scales)
             if trajectory is not None:
                 trajectory.append(x)
-            if progress is not None:
-                progress(i + 1, len(scheduler.timesteps))
+            leaving = []
+            for j in live:
+                try:
+                    if progress[j] is not None:
+                        progress[j](i + 1, len(scheduler.timesteps))
+                except Exception as stop:  # this job's client left or its time ran out: it alone stops
+                    outcomes[j] = stop
+                    leaving.append(j)
+            if leaving:
+                owners = [j for j in live for _ in jobs[j].seeds]  # each row's job
+                keep = torch.tensor([r for r, j in enumerate(owners) if j not in leaving], device=x.device)
+                live = [j for j in live if j not in leaving]
+                if not live:
+                    break
+                x = x[keep]
+                drop_rows(scheduler, keep)
+                cond, scales = rows_of(live)
 
-    images = backbone.decode(x)
-    steps = len(scheduler.timesteps)
-    blocks_per_step = ilf.config.blocks_per_step if ilf else backbone.num_blocks
-    return SampleResult(images, steps, steps * blocks_per_step, time.perf_counter() - start)
+    if live:
+        images = backbone.decode(x).split([len(jobs[j].seeds) for j in live])
+        steps = len(scheduler.timesteps)
+        blocks_per_step = ilf.config.blocks_per_step if ilf else backbone.num_blocks
+        seconds = time.perf_counter() - start
+        for j, image in zip(live, images):
+            outcomes[j] = SampleResult(image, steps, steps * blocks_per_step, seconds)
+    return outcomes
+
+
+def drop_rows(scheduler: SchedulerMixin, keep: torch.Tensor) -> None:
+    """Keep only these rows of a scheduler's per-run history (DPM-Solver's previous model outputs)."""
+    history = getattr(scheduler, "model_outputs", None)
+    if history is not None:
+        scheduler.model_outputs = [None if h is None else h[keep] for h in history]
 
 
 def denoise_step(backbone: ImageBackbone, scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor,
-                 cond: dict, guidance_scale: float) -> torch.Tensor:
-    """One scheduler step with classifier-free guidance (what ILF distillation also runs through)."""
-    guided = guidance_scale > 1.0
+                 cond: dict, guidance_scale: float | torch.Tensor | None) -> torch.Tensor:
+    """One scheduler step with classifier-free guidance (what ILF distillation also runs through):
+    `guidance_scale` one for all rows, or per row ([rows, 1, 1, 1]; None: no guidance)."""
+    guided = isinstance(guidance_scale, torch.Tensor) or (guidance_scale is not None and guidance_scale > 1.0)
     model_in = torch.cat([x, x]) if guided else x
     model_in = scheduler.scale_model_input(model_in, t)
     out = backbone.predict(model_in, t, cond)  # epsilon, x0 or v: the scheduler's config says which
