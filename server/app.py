@@ -22,6 +22,7 @@ from server.chat.batching import ChatBatcher
 from server.engine import Engine
 from server.errors import BodySizeLimit, CatchUnhandled, install_error_handlers
 from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
+from server.imaging.batching import ImageBatcher
 from server.registry import Registry
 from server.schemas import ErrorBody
 from server.settings import Settings
@@ -42,7 +43,8 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
                               metrics, settings.chat_timeout_seconds)
     # new artifacts are warmed on the worker that will run them, between requests
     registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
-    svc = Services(settings, metrics, registry, image_engine, chat_engine)
+    image_batcher = ImageBatcher(image_engine, settings.image_max_batch, settings.image_batch_window_ms / 1000, metrics)
+    svc = Services(settings, metrics, registry, image_engine, image_batcher, chat_engine)
     stop_watching = threading.Event()
 
     def initial_load() -> None:

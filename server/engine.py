@@ -62,7 +62,9 @@ class Engine:
     def waiting(self) -> int:
         return max(self._in_system - 1, 0)
 
-    async def submit(self, fn: Callable[..., T], *args) -> T:
+    async def submit(self, fn: Callable[..., T], *args, times_queue: bool = True) -> T:
+        """Run `fn(*args)` on the worker when its turn comes. `times_queue=False`: the job tells the
+        request its own wait (a batched job starts with its batch, not at its turn)."""
         with self._lock:
             if self._in_system > self.max_waiting:  # one running, max_waiting already queued
                 raise QueueFull(self.name, self.service.retry_after(self._in_system))
@@ -71,7 +73,7 @@ class Engine:
         timing, submitted = CURRENT_REQUEST.get(), time.perf_counter()
 
         def timed() -> T:
-            if timing is not None:  # the request's wait, read back by the middleware that counts it
+            if timing is not None and times_queue:  # the request's wait, read back by the middleware
                 timing.engine = self.name
                 timing.queue_seconds += time.perf_counter() - submitted
             started = time.perf_counter()

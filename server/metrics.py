@@ -75,6 +75,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.images = Counter("loopstack_images", "Images generated", ["model", "mode"], registry=r)
+        self.image_batch_images = Histogram(
+            "loopstack_image_batch_images", "Images sampled together, per image batch", buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.image_batch_wait = Histogram(
+            "loopstack_image_batch_wait_seconds", "Time an image batch's first request waited for others to join",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r,
+        )
         self.image_denoise_steps = Counter(
             "loopstack_image_denoise_steps", "Denoising steps run", ["model", "mode"], registry=r
         )

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # together; this many more may wait before clients get 429.
     image_queue_size: int = Field(16, ge=0)
     chat_queue_size: int = Field(16, ge=0)
+    image_max_batch: int = Field(16, ge=1, description="images of concurrent requests sampled together, at most")
+    image_batch_window_ms: float = Field(5.0, ge=0, description="how long a batch's first request waits for "
+                                                               "compatible ones to join")
     chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")
     chat_timeout_seconds: float = Field(300.0, gt=0, description="a chat answer not done by then gets 504")
     image_timeout_seconds: float = Field(300.0, gt=0, description="images not done by then stop (504); "

@@ -137,3 +137,19 @@ def assert_error_shape(response, status: int | None = None, param: str | None = 
     if param is not None:
         assert body["error"]["param"] == param, body
     return body["error"]
+
+
+def per_job(fake):
+    """A fake of `sample` (one request) as the image batcher's batch sampler: each job of a batch in
+    turn, an exception ending that job alone (as a row leaving a real batch)."""
+
+    def sample_batch(backbone, jobs, progress=None, *args, **kwargs):
+        outcomes = []
+        for job, check in zip(jobs, progress or [None] * len(jobs)):
+            try:
+                outcomes.append(fake(backbone, job, progress=check))
+            except Exception as stop:
+                outcomes.append(stop)
+        return outcomes
+
+    return sample_batch

@@ -9,8 +9,9 @@ import pytest
 
 from bench import load
 from server.app import create_app
+from server.imaging import batching as image_batching
 from server.imaging import serving as image_serving
-from tests.conftest import live_server, make_settings
+from tests.conftest import live_server, make_settings, per_job
 
 
 def test_a_short_run_finds_a_capacity_holds_it_and_reads_the_servers_memory(manifest_path):
@@ -40,6 +41,7 @@ def test_a_5xx_fails_the_run(manifest_path, monkeypatch):
         return real(backbone, job, progress=progress)
 
     monkeypatch.setattr(image_serving, "sample", breaks_after_warm_up)
+    monkeypatch.setattr(image_batching, "sample_batch", per_job(breaks_after_warm_up))
     settings = make_settings(manifest_path)
     with live_server(create_app(settings, load_in_background=False), settings) as url:
         result = asyncio.run(load.run(url, hold_seconds=2, rate=5, chat_tokens=2, unloaded_per_endpoint=2))

@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.imaging import batching as image_batching
 from server.imaging import serving as image_serving
-from tests.conftest import assert_error_shape, live_server, make_settings
+from tests.conftest import assert_error_shape, live_server, make_settings, per_job
 
 STEP_SECONDS = 0.3
 
@@ -44,6 +45,7 @@ class SlowSampler:
 def slow_sampler(monkeypatch) -> SlowSampler:
     sampler = SlowSampler()
     monkeypatch.setattr(image_serving, "sample", sampler)
+    monkeypatch.setattr(image_batching, "sample_batch", per_job(sampler))
     monkeypatch.setattr(image_serving, "COSTS", image_serving.SamplingCosts())  # no estimate from other tests
     return sampler
 

@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.imaging import batching as image_batching
 from server.imaging import serving as image_serving
-from tests.conftest import assert_error_shape, make_settings
+from tests.conftest import assert_error_shape, make_settings, per_job
 
 
 def test_health_endpoints(client):
@@ -180,6 +181,7 @@ def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
         return real_sample(backbone, job)
 
     monkeypatch.setattr(image_serving, "sample", blocked_sample)
+    monkeypatch.setattr(image_batching, "sample_batch", per_job(blocked_sample))
     app = create_app(make_settings(manifest_path, image_queue_size=1, retry_after_seconds=7),
                      load_in_background=False)
     body = {"model": "tiny-dit", "class_label": 0, "steps": 1}

@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.chat import serving as chat_serving
+from server.imaging import batching as image_batching
 from server.imaging import serving as image_serving
-from tests.conftest import live_server, make_settings
+from tests.conftest import live_server, make_settings, per_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,7 @@ def test_an_unhandled_error_is_a_counted_500_in_the_one_error_shape(manifest_pat
         raise RuntimeError("a bug in the sampler")
 
     monkeypatch.setattr(image_serving, "sample", broken)
+    monkeypatch.setattr(image_batching, "sample_batch", per_job(broken))
     with TestClient(create_app(make_settings(manifest_path), load_in_background=False),
                     raise_server_exceptions=False) as c:
         response = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "steps": 2})
@@ -109,6 +111,7 @@ def test_running_and_waiting_per_engine(manifest_path, monkeypatch):
         return real_sample(backbone, job)
 
     monkeypatch.setattr(image_serving, "sample", blocked_sample)
+    monkeypatch.setattr(image_batching, "sample_batch", per_job(blocked_sample))
     app = create_app(make_settings(manifest_path), load_in_background=False)
     body = {"model": "tiny-dit", "class_label": 0, "steps": 1}
     with TestClient(app) as c:
@@ -138,6 +141,7 @@ def test_the_keep_alive_connection_survives_a_500(manifest_path, monkeypatch):
         raise RuntimeError("a bug in the sampler")
 
     monkeypatch.setattr(image_serving, "sample", broken)
+    monkeypatch.setattr(image_batching, "sample_batch", per_job(broken))
     settings = make_settings(manifest_path)
     with live_server(create_app(settings, load_in_background=False), settings) as url:
         connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)

@@ -60,6 +60,12 @@ PANELS: tuple[Panel, ...] = (
     Panel("Image seconds per image by mode", "s", (
         Query("sum by (mode) (rate(loopstack_image_seconds_sum[5m])) / sum by (mode) (rate(loopstack_images_total[5m]))",
               "{{mode}}"),)),
+    Panel("Image batches: images sampled together (mean)", "short", (
+        Query("sum(rate(loopstack_image_batch_images_sum[5m])) / sum(rate(loopstack_image_batch_images_count[5m]))",
+              "images per batch"),)),
+    Panel("Image batches: collection-window wait (p95)", "s", (
+        Query(f"histogram_quantile(0.95, sum by (le) (rate(loopstack_image_batch_wait_seconds_bucket[{RATE}])))",
+              "p95"),)),
     Panel("ILF speedup (baseline seconds per image / ILF)", "short", (
         Query(f"({per_image('baseline')}) / ({per_image('ilf')})", "speedup"),), "stat"),
     Panel("Chat time to first token (from arrival)", "s", quantiles("loopstack_chat_time_to_first_token_seconds")),

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from server.chat.batching import ChatBatcher
 from server.engine import Engine
 from server.errors import ApiError
+from server.imaging.batching import ImageBatcher
 from server.metrics import Metrics
 from server.registry import ModelSet, Registry
 from server.settings import Settings
@@ -26,6 +27,7 @@ class Services:
     metrics: Metrics
     registry: Registry
     image_engine: Engine
+    image_batcher: ImageBatcher
     chat_engine: ChatBatcher
 
 

@@ -37,7 +37,7 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
                                             svc.metrics)
         return EventSourceResponse(image_events(events), headers={"X-Loopstack-Generation": str(models.generation)})
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")
-    return await serving.generate(req, backbone, models.generation, svc.settings, svc.image_engine, svc.metrics,
+    return await serving.generate(req, backbone, models.generation, svc.settings, svc.image_batcher, svc.metrics,
                                   as_png, client_gone(request))
 
 

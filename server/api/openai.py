@@ -147,7 +147,7 @@ async def image_generations(req: ImageGenerationRequest, request: Request, respo
     native = native_image_request(req, backbone)
     job = image_serving.plan_job(native, backbone, svc.settings)
     result = await image_serving.run_job(backbone, job, image_serving.deadline_of(native, svc.settings),
-                                         svc.image_engine, client_gone(request))
+                                         svc.image_batcher, client_gone(request))
     image_serving.record_metrics(svc.metrics, backbone, job, result)
     answer = image_serving.image_response(backbone, job, result, models.generation)
     response.headers["X-Loopstack-Generation"] = str(models.generation)

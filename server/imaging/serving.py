@@ -23,18 +23,19 @@ from PIL import Image
 from server.engine import Engine
 from server.errors import ApiError
 from server.imaging.backbones import ImageBackbone
+from server.imaging.batching import ImageBatcher
 from server.imaging.sampler import SampleJob, SampleResult, sample
 from server.metrics import Metrics
 from server.schemas import MAX_SEED, ImageRequest, ImageResponse
 from server.settings import Settings
 
 
-async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings, engine: Engine,
-                   metrics: Metrics, as_png: bool,
+async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings,
+                   batcher: ImageBatcher, metrics: Metrics, as_png: bool,
                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
-    """Plan the job, sample it on the image worker, record it, answer."""
+    """Plan the job, sample it on the image worker (in a batch with others that fit), record it, answer."""
     job = plan_job(req, backbone, settings)
-    result = await run_job(backbone, job, deadline_of(req, settings), engine, disconnected)
+    result = await run_job(backbone, job, deadline_of(req, settings), batcher, disconnected)
     record_metrics(metrics, backbone, job, result)
     return respond(backbone, job, result, generation, as_png)
 
@@ -68,28 +69,24 @@ def deadline_of(req: ImageRequest, settings: Settings) -> float:
     return req.timeout or settings.image_timeout_seconds
 
 
-async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, engine: Engine,
+async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, batcher: ImageBatcher,
                   disconnected: Callable[[], Awaitable[bool]] | None) -> SampleResult:
-    """Sample `job` on the worker; a client that disconnects, or a deadline that passes, stops it
-    at the next step (or before it starts): 499 and 504."""
+    """Sample `job` on the worker, in a batch with the requests that fit (server/imaging/batching.py);
+    a client that disconnects, or a deadline that passes, stops it at the next step (or before it
+    starts): 499 and 504. It answers as soon as its batch has sampled it, and leaves the engine's queue."""
     estimate = COSTS.estimate(backbone, job)
     if estimate is not None and estimate > seconds:
         raise ApiError(422, f"this request would take about {estimate:.0f} s at the measured speed of "
                             f"{backbone.name}, over its deadline of {seconds:g} s; ask for fewer steps, "
                             f"images or pixels, or a longer timeout", "timeout")
     control = JobControl(time.perf_counter() + seconds, seconds)
-
-    def controlled() -> SampleResult:
-        control.check()  # still queued when its client left or its time ran out: never starts
-        started = time.perf_counter()
-        result = sample(backbone, job, progress=control.check)
-        COSTS.record(backbone, job, time.perf_counter() - started)
-        return result
-
-    task = asyncio.ensure_future(engine.submit(controlled))
+    loop, sampled = asyncio.get_running_loop(), asyncio.Event()
+    entry = batcher.list(backbone, job, control.check, control.check, lambda: loop.call_soon_threadsafe(sampled.set))
+    task = asyncio.ensure_future(batcher.engine.submit(batcher.run, entry, times_queue=False))
+    waiter = asyncio.ensure_future(sampled.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
+            done, _ = await asyncio.wait({task, waiter}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
             if done:
                 break
             if disconnected is not None and await disconnected():
@@ -97,8 +94,17 @@ async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, engin
     except asyncio.CancelledError:
         control.gone = True
         raise
+    finally:
+        waiter.cancel()
     try:
-        return task.result()
+        if entry.outcome is None:  # it never reached the worker (a full queue), or the worker failed
+            batcher.withdraw(entry)
+            return task.result()
+        task.cancel()  # sampled in an earlier request's batch: its own turn in the queue is not needed
+        if isinstance(entry.outcome, Exception):
+            raise entry.outcome
+        COSTS.record(backbone, job, entry.outcome.seconds)
+        return entry.outcome
     except JobStopped as stopped:
         if stopped.reason == "deadline":
             raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
@@ -108,7 +114,8 @@ async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, engin
 class SamplingCosts:
     """Seconds per unit of sampling work, per model, from the jobs it finished (a running mean):
     a unit is one block evaluation of one image at the model's native size, counted twice with
-    guidance (the unconditional pass rides in the same batch)."""
+    guidance (the unconditional pass rides in the same batch). A job sampled in a batch counts its
+    batch's time: the time such a request takes under the same load."""
 
     def __init__(self, weight: float = 0.2):
         self.weight = weight

@@ -1,0 +1,68 @@
+"""Concurrent image requests sampled as one batch (server/imaging/batching.py): each answer is the
+image its request gets alone, to 1/255 per pixel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.imaging import batching as image_batching
+from tests.conftest import make_settings
+from tests.test_images import decode
+
+
+def pixels(body: dict) -> list[np.ndarray]:
+    return [np.asarray(decode(b), dtype=np.int16) for b in body["images"]]
+
+
+def test_requests_waiting_together_are_sampled_in_one_batch_each_as_alone(manifest_path, monkeypatch):
+    real, batches, started, release = image_batching.sample_batch, [], threading.Event(), threading.Event()
+
+    def held_first(backbone, jobs, progress=None, *args, **kwargs):
+        if not batches:  # the first batch holds the worker until the others are listed behind it
+            started.set()
+            release.wait(timeout=30)
+        batches.append(sum(len(job.seeds) for job in jobs))
+        return real(backbone, jobs, progress, *args, **kwargs)
+
+    monkeypatch.setattr(image_batching, "sample_batch", held_first)
+    app = create_app(make_settings(manifest_path, image_batch_window_ms=0), load_in_background=False)
+    first = {"model": "tiny-dit", "class_label": 0, "seed": 1}
+    # their own seeds, classes, image counts and guidance (unguided among guided), one compatible set
+    bodies = [{"model": "tiny-dit", "class_label": 1, "seed": 5, "guidance_scale": 1.0},
+              {"model": "tiny-dit", "class_label": 2, "seed": 6, "n": 2, "guidance_scale": 3.0},
+              {"model": "tiny-dit", "class_label": 3, "seed": 7, "guidance_scale": 5.0},
+              {"model": "tiny-dit", "class_label": 4, "seed": 8}]
+    with TestClient(app) as client:
+        answers: dict[int, dict] = {}
+
+        def send(i, body):
+            answers[i] = client.post("/generate-image", json=body).json()
+
+        threads = [threading.Thread(target=send, args=(-1, first))]
+        threads[0].start()
+        assert started.wait(timeout=30)  # the first request is on the worker, held
+        threads += [threading.Thread(target=send, args=(i, body)) for i, body in enumerate(bodies)]
+        for thread in threads[1:]:
+            thread.start()
+        deadline = time.time() + 30
+        while app.state.services.image_engine.waiting < len(bodies) and time.time() < deadline:
+            time.sleep(0.01)
+        release.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        alone = [client.post("/generate-image", json=body).json() for body in bodies]
+        metrics = client.get("/metrics").text
+
+    assert batches[:2] == [1, 5]  # the held request alone, then the four others (five images) together
+    for together, by_itself in zip((answers[i] for i in range(len(bodies))), alone):
+        assert together["seeds"] == by_itself["seeds"]
+        for a, b in zip(pixels(together), pixels(by_itself)):
+            assert np.abs(a - b).max() <= 1  # 1/255: CPU matmuls are not batch-invariant bit for bit
+    assert np.abs(pixels(answers[1])[0] - pixels(answers[1])[1]).max() > 10  # its two images differ
+    # batches: the held one, the four together, then the four alone; images: 1 + 5 + 5
+    assert "loopstack_image_batch_images_count 6.0" in metrics and "loopstack_image_batch_images_sum 11.0" in metrics
