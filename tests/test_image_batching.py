@@ -66,3 +66,18 @@ def test_requests_waiting_together_are_sampled_in_one_batch_each_as_alone(manife
     assert np.abs(pixels(answers[1])[0] - pixels(answers[1])[1]).max() > 10  # its two images differ
     # batches: the held one, the four together, then the four alone; images: 1 + 5 + 5
     assert "loopstack_image_batch_images_count 6.0" in metrics and "loopstack_image_batch_images_sum 11.0" in metrics
+
+
+def test_the_images_bench_measures_both_servings_and_checks_the_targets(manifest_path):
+    from bench import images as bench
+
+    with TestClient(create_app(make_settings(manifest_path), load_in_background=False)) as client:
+        rows = []
+        for clients in (1, 4):
+            for serving, batch in (("sequential", 1), ("batched", 16)):
+                client.app.state.services.image_batcher.max_images = batch
+                result = bench.closed_loop(client, {"model": "tiny-dit", "class_label": 1}, clients, 2)
+                rows.append({"mode": "baseline", "clients": clients, "serving": serving} | result)
+    assert all(r["requests"] == 2 * r["clients"] and r["images_per_s"] > 0 for r in rows)
+    table = bench.report(rows, 4)
+    assert "p50 within 5%" in table and "img/s >= 3x" in table and "p95 <=" in table

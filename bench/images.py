@@ -1,0 +1,125 @@
+"""Image serving throughput: concurrent requests sampled one at a time against sampled in batches.
+
+One run, one server process (the app in-process, its HTTP routes through Starlette's test client):
+for each mode (baseline, ILF) and each number of concurrent clients, every client sends requests one
+after another (a closed loop), first with the image batcher limited to one image per batch
+(sequential serving, the engine before batching), then with its default batch. Reported per
+setting: images/s (images over wall time), p50/p95 latency, and the batched/sequential ratio. The
+targets are checked in the table: at the most clients, images/s >= 3x sequential and p95 no worse
+than that many sequential requests' total (their mean latency at 1 client, times the clients);
+at 1 client, p50 within 5% of sequential (the collection window must not tax a lone request).
+
+    python -m bench.images --artifacts ROOT [--model digits-dit] [--clients 1 4 16] [--out runs/bench/images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from tqdm import tqdm
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def closed_loop(client: TestClient, body: dict, clients: int, per_client: int) -> dict:
+    """`clients` threads, each sending `per_client` requests one after another; latencies and wall time."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def one_client(index: int) -> None:
+        for i in range(per_client):
+            started = time.perf_counter()
+            response = client.post("/generate-image", json=body | {"seed": 1000 * index + i})
+            with lock:
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+
+    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if failures:
+        raise SystemExit(f"requests failed: {failures[:3]}")
+    return {"requests": len(latencies), "wall_s": wall, "images_per_s": len(latencies) / wall,
+            "mean_s": statistics.mean(latencies), "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--artifacts", type=Path, required=True, help="artifact root of the built zoo")
+    parser.add_argument("--model", default="digits-dit")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=48, help="requests per setting (at least 2 per client)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/images"))
+    args = parser.parse_args()
+
+    settings = Settings(artifact_root=args.artifacts, watch=False, device="cpu", _env_file=None)
+    rows = []
+    with TestClient(create_app(settings, load_in_background=False)) as client:
+        card = next((c for c in client.get("/v1/models").json()["data"] if c["id"] == args.model), None)
+        if card is None or card["status"] != "ready":
+            raise SystemExit(f"{args.model} is not served from {args.artifacts}")
+        batcher = client.app.state.services.image_batcher
+        default_batch = batcher.max_images
+        modes = ["baseline"] + (["ilf"] if card["details"].get("ilf") else [])
+        body = {"model": args.model, "class_label": 3}
+        for mode in modes:
+            closed_loop(client, body | {"mode": mode}, 2, 2)  # warm-up: the first calls of a mode are slower
+        settings_run = [(mode, clients, serving) for mode in modes for clients in args.clients
+                        for serving in ("sequential", "batched")]
+        for mode, clients, serving in tqdm(settings_run, desc="settings"):
+            batcher.max_images = 1 if serving == "sequential" else default_batch
+            per_client = max(2, args.requests // clients)
+            result = closed_loop(client, body | {"mode": mode}, clients, per_client)
+            rows.append({"mode": mode, "clients": clients, "serving": serving} | result)
+        batcher.max_images = default_batch
+
+    table = report(rows, max(args.clients))
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "images.json").write_text(json.dumps({"model": args.model, "max_batch": default_batch,
+                                                      "window_ms": settings.image_batch_window_ms, "rows": rows},
+                                                     indent=2))
+    (args.out / "images.md").write_text(table + "\n")
+    print(f"wrote {args.out / 'images.json'}")
+
+
+def report(rows: list[dict], most: int) -> str:
+    lines = ["| mode | clients | sequential img/s | batched img/s | x sequential | sequential p50 / p95 s "
+             "| batched p50 / p95 s | target |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["mode"], r["clients"], r["serving"]): r for r in rows}
+    for mode, clients in dict.fromkeys((r["mode"], r["clients"]) for r in rows):
+        seq, bat = by[mode, clients, "sequential"], by[mode, clients, "batched"]
+        ratio = bat["images_per_s"] / seq["images_per_s"]
+        target = ""
+        if clients == most and (mode, 1, "sequential") in by:
+            budget = clients * by[mode, 1, "sequential"]["mean_s"]
+            target = (f"img/s >= 3x: {'met' if ratio >= 3 else 'missed'}; p95 <= {budget:.2f} s: "
+                      f"{'met' if bat['p95_s'] <= budget else 'missed'}")
+        elif clients == 1:
+            change = bat["p50_s"] / seq["p50_s"] - 1
+            target = f"p50 within 5%: {change:+.1%}, {'met' if change <= 0.05 else 'missed'}"
+        lines.append(f"| {mode} | {clients} | {seq['images_per_s']:.2f} | {bat['images_per_s']:.2f} | {ratio:.2f} "
+                     f"| {seq['p50_s']:.3f} / {seq['p95_s']:.3f} | {bat['p50_s']:.3f} / {bat['p95_s']:.3f} | {target} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
