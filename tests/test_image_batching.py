@@ -81,3 +81,24 @@ def test_the_images_bench_measures_both_servings_and_checks_the_targets(manifest
     assert all(r["requests"] == 2 * r["clients"] and r["images_per_s"] > 0 for r in rows)
     table = bench.report(rows, 4)
     assert "p50 within 5%" in table and "img/s >= 3x" in table and "p95 <=" in table
+
+
+def test_a_lone_request_never_waits_for_a_batch_and_concurrent_traffic_does(manifest_path):
+    """The collection window applies only to requests that came while the worker was busy."""
+    from server.imaging.batching import ImageBatcher
+    from server.metrics import Metrics
+    from tests.test_ilf import backbone_named
+    from server.imaging.sampler import SampleJob
+    from dataclasses import replace
+
+    backbone = backbone_named(manifest_path, "tiny-dit")
+    batcher = ImageBatcher(engine=None, max_images=16, window=0.2, metrics=Metrics())
+    job = SampleJob([1], [3], 2, 1.0, backbone.native_size, backbone.native_size)
+    started = time.perf_counter()
+    batcher.run(batcher.list(backbone, job))
+    assert time.perf_counter() - started < 0.2  # alone, with the worker idle: no wait
+    first, second = batcher.list(backbone, job), batcher.list(backbone, replace(job, seeds=[4]))  # concurrent
+    started = time.perf_counter()
+    batcher.run(first)
+    assert time.perf_counter() - started >= 0.2  # it waited for others to join, and took the second along
+    assert second.outcome is not None and second.outcome.images.shape[0] == 1

@@ -4,9 +4,9 @@ and no library batches diffusion requests with their own seeds, guidance and can
 Every request still goes through the image engine's bounded queue (its 429s and Retry-After stay as
 they are) and is also listed here. When the worker reaches a request still listed, it takes with it
 every listed request for the same model (the same loaded generation, ILF module included) whose
-job is compatible (mode, steps, scheduler, size), up to `max_images` images; with fewer listed it
-waits up to `window` seconds for more (a burst's first request would otherwise run alone; a lone
-request pays the window, a few ms against a sampling's hundreds). The batch is sampled as one (`sample_batch`); a request whose turn comes
+job is compatible (mode, steps, scheduler, size), up to `max_images` images. With fewer listed, and
+when requests came while the worker was busy (concurrent traffic), it waits up to `window` seconds
+for more to join; a lone client's request, listed with the worker idle, never waits. The batch is sampled as one (`sample_batch`); a request whose turn comes
 after its batch ran just returns its result. Each request keeps its own checks: one whose client
 has gone or whose deadline has passed never starts, or leaves the batch between steps.
 """
@@ -50,6 +50,8 @@ class ImageBatcher:
         self.window = window
         self._listed: list[Listed] = []
         self._changed = threading.Condition()
+        self._sampling = False  # a batch is on the worker
+        self._came_while_busy = 0  # requests listed while the worker was busy, since the last collection
         self._batch_images = metrics.image_batch_images
         self._batch_wait = metrics.image_batch_wait
 
@@ -58,6 +60,8 @@ class ImageBatcher:
         """List a request before it enters the engine's queue."""
         entry = Listed(backbone, job, check, progress, on_done, CURRENT_REQUEST.get(), time.perf_counter())
         with self._changed:
+            if self._sampling or self._listed:
+                self._came_while_busy += 1
             self._listed.append(entry)
             self._changed.notify_all()
         return entry
@@ -79,6 +83,8 @@ class ImageBatcher:
     def _collect(self, first: Listed) -> list[Listed]:
         started = time.perf_counter()
         with self._changed:
+            window = self.window if self._came_while_busy else 0.0
+            self._came_while_busy = 0
             while True:
                 batch, images = [first], len(first.job.seeds)
                 for entry in self._listed:
@@ -87,7 +93,7 @@ class ImageBatcher:
                             and compatible(entry.job, first.job):
                         batch.append(entry)
                         images += len(entry.job.seeds)
-                left = self.window - (time.perf_counter() - started)
+                left = window - (time.perf_counter() - started)
                 if images >= self.max_images or left <= 0:
                     break
                 self._changed.wait(left)
@@ -112,9 +118,12 @@ class ImageBatcher:
         if not starting:
             return
         self._batch_images.observe(sum(len(e.job.seeds) for e in starting))
+        self._sampling = True
         try:
             outcomes = sample_batch(starting[0].backbone, [e.job for e in starting], [e.progress for e in starting])
         except Exception as error:  # the batch failed as a whole: every request in it gets the error
             outcomes = [error] * len(starting)
+        finally:
+            self._sampling = False
         for entry, outcome in zip(starting, outcomes):
             entry.finish(outcome)
