@@ -6,9 +6,11 @@ they are) and is also listed here. When the worker reaches a request still liste
 every listed request for the same model (the same loaded generation, ILF module included) whose
 job is compatible (mode, steps, scheduler, size), up to `max_images` images. With fewer listed, and
 when requests came while the worker was busy (concurrent traffic), it waits up to `window` seconds
-for more to join; a lone client's request, listed with the worker idle, never waits. The batch is sampled as one (`sample_batch`); a request whose turn comes
-after its batch ran just returns its result. Each request keeps its own checks: one whose client
-has gone or whose deadline has passed never starts, or leaves the batch between steps.
+for more to join; a lone client's request, listed with the worker idle, never waits. The batch is
+sampled as one (`sample_batch`); each request answers when its batch is done, and its own turn in
+the queue, if the worker reaches it, just returns the result. Each request keeps its own checks:
+one whose client has gone or whose deadline has passed never starts, or leaves the batch between
+steps.
 """
 
 from __future__ import annotations

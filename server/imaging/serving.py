@@ -100,7 +100,10 @@ async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, batch
         if entry.outcome is None:  # it never reached the worker (a full queue), or the worker failed
             batcher.withdraw(entry)
             return task.result()
-        task.cancel()  # sampled in an earlier request's batch: its own turn in the queue is not needed
+        # sampled in an earlier request's batch: its own turn in the queue is not needed (a turn the
+        # worker already took returns the same outcome, retrieved here so it is not logged as lost)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.cancel()
         if isinstance(entry.outcome, Exception):
             raise entry.outcome
         COSTS.record(backbone, job, entry.outcome.seconds)
