@@ -10,7 +10,7 @@ import pytest
 from bench import load
 from server.app import create_app
 from server.imaging import batching as image_batching
-from server.imaging import serving as image_serving
+from server.imaging import sampler as image_sampler
 from tests.conftest import live_server, make_settings, per_job
 
 
@@ -32,7 +32,7 @@ def test_a_short_run_finds_a_capacity_holds_it_and_reads_the_servers_memory(mani
 
 
 def test_a_5xx_fails_the_run(manifest_path, monkeypatch):
-    real, calls = image_serving.sample, []
+    real, calls = image_sampler.sample, []
 
     def breaks_after_warm_up(backbone, job, progress=None):  # the unloaded requests succeed, later ones fail
         calls.append(1)
@@ -40,7 +40,6 @@ def test_a_5xx_fails_the_run(manifest_path, monkeypatch):
             raise RuntimeError("sampler failure")
         return real(backbone, job, progress=progress)
 
-    monkeypatch.setattr(image_serving, "sample", breaks_after_warm_up)
     monkeypatch.setattr(image_batching, "sample_batch", per_job(breaks_after_warm_up))
     settings = make_settings(manifest_path)
     with live_server(create_app(settings, load_in_background=False), settings) as url:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.imaging import batching as image_batching
+from server.imaging import sampler as image_sampler
 from server.imaging import serving as image_serving
 from tests.conftest import assert_error_shape, live_server, make_settings, per_job
 
@@ -25,7 +26,7 @@ class SlowSampler:
     """The real sampler with each denoising step taking at least STEP_SECONDS; records when steps end."""
 
     def __init__(self):
-        self.real = image_serving.sample
+        self.real = image_sampler.sample
         self.steps: list[float] = []
         self.jobs = 0
 
@@ -44,7 +45,6 @@ class SlowSampler:
 @pytest.fixture
 def slow_sampler(monkeypatch) -> SlowSampler:
     sampler = SlowSampler()
-    monkeypatch.setattr(image_serving, "sample", sampler)
     monkeypatch.setattr(image_batching, "sample_batch", per_job(sampler))
     monkeypatch.setattr(image_serving, "COSTS", image_serving.SamplingCosts())  # no estimate from other tests
     return sampler

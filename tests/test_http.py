@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.imaging import batching as image_batching
-from server.imaging import serving as image_serving
+from server.imaging import sampler as image_sampler
 from tests.conftest import assert_error_shape, make_settings, per_job
 
 
@@ -174,13 +174,12 @@ def test_metrics_change_after_requests(client):
 
 def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
     release = threading.Event()
-    real_sample = image_serving.sample
+    real_sample = image_sampler.sample
 
     def blocked_sample(backbone, job, **kwargs):
         release.wait(timeout=30)
         return real_sample(backbone, job)
 
-    monkeypatch.setattr(image_serving, "sample", blocked_sample)
     monkeypatch.setattr(image_batching, "sample_batch", per_job(blocked_sample))
     app = create_app(make_settings(manifest_path, image_queue_size=1, retry_after_seconds=7),
                      load_in_background=False)

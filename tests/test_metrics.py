@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.chat import serving as chat_serving
 from server.imaging import batching as image_batching
-from server.imaging import serving as image_serving
+from server.imaging import sampler as image_sampler
 from tests.conftest import live_server, make_settings, per_job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,6 @@ def test_an_unhandled_error_is_a_counted_500_in_the_one_error_shape(manifest_pat
     def broken(backbone, job, **kwargs):
         raise RuntimeError("a bug in the sampler")
 
-    monkeypatch.setattr(image_serving, "sample", broken)
     monkeypatch.setattr(image_batching, "sample_batch", per_job(broken))
     with TestClient(create_app(make_settings(manifest_path), load_in_background=False),
                     raise_server_exceptions=False) as c:
@@ -104,13 +103,12 @@ def test_time_to_first_token_counts_from_arrival(manifest_path, monkeypatch):
 
 def test_running_and_waiting_per_engine(manifest_path, monkeypatch):
     release = threading.Event()
-    real_sample = image_serving.sample
+    real_sample = image_sampler.sample
 
     def blocked_sample(backbone, job, **kwargs):
         release.wait(timeout=30)
         return real_sample(backbone, job)
 
-    monkeypatch.setattr(image_serving, "sample", blocked_sample)
     monkeypatch.setattr(image_batching, "sample_batch", per_job(blocked_sample))
     app = create_app(make_settings(manifest_path), load_in_background=False)
     body = {"model": "tiny-dit", "class_label": 0, "steps": 1}
@@ -140,7 +138,6 @@ def test_the_keep_alive_connection_survives_a_500(manifest_path, monkeypatch):
     def broken(backbone, job, **kwargs):
         raise RuntimeError("a bug in the sampler")
 
-    monkeypatch.setattr(image_serving, "sample", broken)
     monkeypatch.setattr(image_batching, "sample_batch", per_job(broken))
     settings = make_settings(manifest_path)
     with live_server(create_app(settings, load_in_background=False), settings) as url:

@@ -75,17 +75,19 @@ def test_a_closed_image_stream_stops_the_sampling_at_its_next_step(manifest_path
     import asyncio
 
     from server.engine import Engine
-    from server.imaging import serving
+    from server.imaging import batching, sampler, serving
+    from server.imaging.batching import ImageBatcher
     from server.imaging.backbones import load_image_backbone
     from server.manifest import ArtifactResolver, load_manifest
     from server.metrics import Metrics
     from server.schemas import ImageRequest
-    from tests.conftest import make_settings
+    from tests.conftest import make_settings, per_job
 
     spec = next(m for m in load_manifest(manifest_path).image if m.name == "tiny-dit")
     backbone = load_image_backbone(spec, ArtifactResolver(manifest_path.parent), "cpu")
     engine = Engine("image", max_waiting=2, retry_after=1, metrics=Metrics())
-    sampled, real = [], serving.sample
+    batcher = ImageBatcher(engine, max_images=16, window=0.005, metrics=Metrics())
+    sampled, real = [], sampler.sample
 
     def counting(backbone, job, progress):
         def counted(done, total):
@@ -93,11 +95,11 @@ def test_a_closed_image_stream_stops_the_sampling_at_its_next_step(manifest_path
             progress(done, total)
         return real(backbone, job, progress=counted)
 
-    monkeypatch.setattr(serving, "sample", counting)
+    monkeypatch.setattr(batching, "sample_batch", per_job(counting))
 
     async def read_two_steps_then_close():
         events = await serving.start_stream(ImageRequest(model="tiny-dit", class_label=0, steps=50, mode="baseline"),
-                                            backbone, 1, make_settings(manifest_path), engine, Metrics())
+                                            backbone, 1, make_settings(manifest_path), batcher, Metrics())
         seen = [await anext(events), await anext(events)]
         await events.aclose()
         await engine.submit(lambda: None)  # runs once the worker has left the stopped job

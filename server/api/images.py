@@ -33,7 +33,7 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
             raise ApiError(503, reason, "model")
         raise ApiError(404, f"unknown image model {req.model!r}; serving: {sorted(models.images)}", "model")
     if req.stream:
-        events = await serving.start_stream(req, backbone, models.generation, svc.settings, svc.image_engine,
+        events = await serving.start_stream(req, backbone, models.generation, svc.settings, svc.image_batcher,
                                             svc.metrics)
         return EventSourceResponse(image_events(events), headers={"X-Loopstack-Generation": str(models.generation)})
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")

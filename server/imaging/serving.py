@@ -20,11 +20,10 @@ import torch
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from server.engine import Engine
 from server.errors import ApiError
 from server.imaging.backbones import ImageBackbone
 from server.imaging.batching import ImageBatcher
-from server.imaging.sampler import SampleJob, SampleResult, sample
+from server.imaging.sampler import SampleJob, SampleResult
 from server.metrics import Metrics
 from server.schemas import MAX_SEED, ImageRequest, ImageResponse
 from server.settings import Settings
@@ -80,38 +79,61 @@ async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, batch
                             f"{backbone.name}, over its deadline of {seconds:g} s; ask for fewer steps, "
                             f"images or pixels, or a longer timeout", "timeout")
     control = JobControl(time.perf_counter() + seconds, seconds)
-    loop, sampled = asyncio.get_running_loop(), asyncio.Event()
-    entry = batcher.list(backbone, job, control.check, control.check, lambda: loop.call_soon_threadsafe(sampled.set))
-    task = asyncio.ensure_future(batcher.engine.submit(batcher.run, entry, times_queue=False))
-    waiter = asyncio.ensure_future(sampled.wait())
+    outcome = await queue_job(batcher, backbone, job, control.check, control.check)
     try:
-        while True:
-            done, _ = await asyncio.wait({task, waiter}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-            if done:
-                break
-            if disconnected is not None and await disconnected():
+        while not outcome.done():
+            await asyncio.wait({outcome}, timeout=0.25)
+            if not outcome.done() and disconnected is not None and await disconnected():
                 control.gone = True
     except asyncio.CancelledError:
         control.gone = True
         raise
-    finally:
-        waiter.cancel()
     try:
-        if entry.outcome is None:  # it never reached the worker (a full queue), or the worker failed
-            batcher.withdraw(entry)
-            return task.result()
-        # sampled in an earlier request's batch: its own turn in the queue is not needed (a turn the
-        # worker already took returns the same outcome, retrieved here so it is not logged as lost)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        task.cancel()
-        if isinstance(entry.outcome, Exception):
-            raise entry.outcome
-        COSTS.record(backbone, job, entry.outcome.seconds)
-        return entry.outcome
+        result = outcome.result()
     except JobStopped as stopped:
         if stopped.reason == "deadline":
             raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
         raise ApiError(499, "the client closed the request before its images were ready") from None
+    COSTS.record(backbone, job, result.seconds)
+    return result
+
+
+async def queue_job(batcher: ImageBatcher, backbone: ImageBackbone, job: SampleJob, check: Callable[[], None],
+                    progress: Callable[[int, int], None]) -> asyncio.Future[SampleResult]:
+    """List `job` with the batcher and queue its turn on the image worker; a full queue raises here.
+    The future resolves as soon as a batch has sampled the job (its own turn in the queue, if still
+    waiting, is then dropped), with its result or the exception that stopped it; `check` runs before
+    its batch starts, `progress` after each step (either raising makes it leave)."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[SampleResult] = loop.create_future()
+    outcome.add_done_callback(lambda f: f.cancelled() or f.exception())  # one nobody awaits is not logged
+
+    def settle(_: object = None) -> None:
+        if outcome.done():
+            return
+        if entry.outcome is None:  # its turn ended without a batch sampling it: the worker failed
+            batcher.withdraw(entry)
+            if task.cancelled():
+                outcome.cancel()
+            elif task.exception() is not None:
+                outcome.set_exception(task.exception())
+            return
+        # a turn the worker already took returns the same outcome, retrieved so it is not logged as lost
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.cancel()
+        if isinstance(entry.outcome, Exception):
+            outcome.set_exception(entry.outcome)
+        else:
+            outcome.set_result(entry.outcome)
+
+    entry = batcher.list(backbone, job, check, progress, lambda: loop.call_soon_threadsafe(settle))
+    task = asyncio.ensure_future(batcher.engine.submit(batcher.run, entry, times_queue=False))
+    task.add_done_callback(settle)
+    await asyncio.sleep(0)  # the engine takes it or refuses it (QueueFull) before its first await
+    if task.done() and entry.outcome is None:
+        batcher.withdraw(entry)
+        task.result()
+    return outcome
 
 
 class SamplingCosts:
@@ -271,47 +293,45 @@ class Progress:
 
 
 async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings,
-                       engine: Engine, metrics: Metrics) -> AsyncIterator[Progress | ImageResponse]:
-    """Plan the job and queue it now (a refusal or a full queue raises before any event); then the
-    sampling's progress after each step, and the response. Closing the iterator early stops the
-    sampling at its next step."""
+                       batcher: ImageBatcher, metrics: Metrics) -> AsyncIterator[Progress | ImageResponse]:
+    """Plan the job and queue it now, to be sampled in a batch like any other request (a refusal or
+    a full queue raises before any event); then the sampling's progress after each step, and the
+    response. Closing the iterator early stops the sampling at its next step."""
     job = plan_job(req, backbone, settings)
     loop, steps, closed = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
     seconds = deadline_of(req, settings)
     deadline = time.perf_counter() + seconds
 
-    def progress(done: int, total: int) -> None:  # on the image worker's thread
+    def check(done: int = 0, total: int = 0) -> None:  # on the image worker's thread
         if closed.is_set():
             raise StreamClosed()
         if time.perf_counter() > deadline:
             raise JobStopped("deadline")
+
+    def progress(done: int, total: int) -> None:
+        check()
         loop.call_soon_threadsafe(steps.put_nowait, Progress(done, total, job.mode))
 
-    task = asyncio.create_task(engine.submit(lambda: sample(backbone, job, progress=progress)))
-    await asyncio.sleep(0)  # the engine takes it or refuses it (QueueFull) before its first await
-    if task.done() and task.exception() is not None:
-        raise task.exception()
+    outcome = await queue_job(batcher, backbone, job, check, progress)
 
     async def events() -> AsyncIterator[Progress | ImageResponse]:
         try:
-            while not (task.done() and steps.empty()):
+            while not (outcome.done() and steps.empty()):
                 waiter = asyncio.ensure_future(steps.get())
-                await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiter, outcome}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
                     yield waiter.result()
                 else:
                     waiter.cancel()
             try:
-                result = task.result()
+                result = outcome.result()
             except JobStopped:
                 raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
             record_metrics(metrics, backbone, job, result)
             yield image_response(backbone, job, result, generation)
         finally:
-            closed.set()
-            if not task.done():
-                task.add_done_callback(lambda t: t.exception())  # its StreamClosed is expected: not logged
+            closed.set()  # a job still waiting or sampling stops at its next check
 
     return events()
 
