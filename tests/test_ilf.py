@@ -234,3 +234,15 @@ def test_a_batch_of_requests_gives_each_the_images_it_gets_alone_and_lets_each_l
         sample_batch(backbone, [jobs[0], replace(jobs[1], steps=3)])
     everyone_leaves = sample_batch(backbone, jobs[:2], [leave_after_two, leave_after_two])
     assert all(isinstance(r, Leave) for r in everyone_leaves)
+
+
+def test_a_module_serves_the_guidance_it_was_distilled_for():
+    from dataclasses import replace
+
+    from server.imaging.ilf import ILFConfig
+
+    single = ILFConfig(backbone="m", num_blocks=4, width=8, loop_start=1, loop_end=2, steps=2, guidance_scale=1.5)
+    assert single.serves_guidance(1.5) and not single.serves_guidance(2.0) and not single.serves_guidance(1.0)
+    ranged = replace(single, guidance_range=(1.0, 3.0))
+    assert ranged.serves_guidance(1.0) and ranged.serves_guidance(3.0) and not ranged.serves_guidance(3.1)
+    assert replace(single, guidance_scale=None).serves_guidance(7.0)  # nothing recorded: not refused

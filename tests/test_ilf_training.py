@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
@@ -12,9 +13,9 @@ from server.manifest import load_manifest
 from server.artifacts import sha256_file
 from tests.conftest import built, make_settings
 from tests.test_ilf import backbone_named
-from training.ilf_distill import ILFTraining, distil, train_ilf
+from training.ilf_distill import MICRO_ILF, TRAINING_SEED_BASE, VALIDATION_SEED_BASE, distil, train_ilf
 
-TINY = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size=4, pool_size=8, refresh_every=3)
+TINY = MICRO_ILF
 
 
 def test_distillation_trains_only_the_feedback_module(manifest_path):
@@ -28,7 +29,32 @@ def test_distillation_trains_only_the_feedback_module(manifest_path):
     assert feedback.scale.abs().sum() > 0  # s started at zero: gradients reached it
     template = backbone.transformer.transformer_blocks[config.loop_end].state_dict()
     assert any(not torch.equal(v, template[k]) for k, v in feedback.block.state_dict().items())
-    assert config.teacher_steps == 4 and len(history) >= 2 and all(h["loss"] >= 0 for h in history)
+    assert config.teacher_steps == 4 and len(history) >= 2 and all(h["loss"] >= 0 for h in history if "loss" in h)
+
+
+def test_distillation_rolls_out_keeps_the_best_validated_module_and_records_its_guidance_range(manifest_path):
+    backbone = backbone_named(manifest_path, "tiny-dit")  # default guidance 2.0, 4 default steps
+    feedback, config, history = distil(backbone, TINY)
+    phases = [h["phase"] for h in history if "phase" in h]
+    assert phases[0] == "start" and phases.count("teacher forcing") >= 1 and phases[-1] == "rollout"
+    validated = [h for h in history if "validation_psnr" in h and "kept" not in h]
+    assert len(validated) == 1 + (TINY.updates + TINY.rollout_updates) // TINY.validate_every
+    kept = history[-1]
+    best = max(validated, key=lambda h: h["validation_psnr"])
+    assert kept["validation_psnr"] == best["validation_psnr"]
+    assert kept["kept"] == (0 if best["phase"] == "start" else best["update"] + 1)
+    assert tuple(config.guidance_range) == (1.0, 4.0) and config.reference_steps == 4
+
+
+def test_training_and_validation_noise_stay_clear_of_the_yardsticks_seeds(manifest_path):
+    """A regression guard (the ranges are constants): the reported evaluation's seeds are never trained
+    or validated on."""
+    from training.eval.images import Protocol, eval_set
+
+    reported = set(eval_set(backbone_named(manifest_path, "tiny-dit"), Protocol()).seeds)
+    validation = set(range(VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + 10_000))
+    training = set(range(TRAINING_SEED_BASE, TRAINING_SEED_BASE + 100_000))
+    assert not (reported & validation or reported & training or validation & training)
 
 
 def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, tmp_path):
@@ -44,6 +70,31 @@ def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, t
     with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
         body = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1}).json()
         assert body["mode"] == "ilf" and body["steps"] == 2 and body["block_evaluations"] == 2 * 4
+        # distilled across guidance 1-4 (twice the model's default, 2.0): ILF serves that range only
+        inside = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "guidance_scale": 4.0})
+        assert inside.json()["mode"] == "ilf"
+        outside = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "guidance_scale": 5.0,
+                                                  "mode": "ilf"})
+        assert outside.status_code == 422 and outside.json()["error"]["param"] == "guidance_scale"
+        unasked = c.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "guidance_scale": 5.0})
+        assert unasked.status_code == 200 and unasked.json()["mode"] == "baseline"
     # `make serve` distils with --if-missing: a second run leaves the module alone
     assert train_ilf(built(manifest), "tiny-dit", TINY, runs_dir=tmp_path / "runs", if_missing=True) is None
     assert next(m for m in load_manifest(manifest).image if m.name == "tiny-dit").ilf == entry
+
+
+def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(manifest_path, tmp_path):
+    from dataclasses import replace
+
+    from training.eval.ilf_ablation import VARIANTS, run_ablation
+
+    variants = {name: VARIANTS[name] for name in ("one-step", "+ guidance")}
+    rows = run_ablation(built(manifest_path), "tiny-dit", tmp_path, base=replace(TINY, rollout_updates=2),
+                        per_class=1, variants=variants)
+    assert [r["variant"] for r in rows] == ["one-step", "+ guidance"]
+    for row in rows:  # guidance 1, the default (2) and twice it
+        assert list(row["psnr"]) == ["1", "2", "4"]
+        assert all(p["ci95"][0] <= p["mean"] <= p["ci95"][1] for p in row["psnr"].values())
+    written = json.loads((tmp_path / "ilf-ablation-tiny-dit.json").read_text())
+    assert written["seed_base"] == VALIDATION_SEED_BASE and written["images"] == 10
+    assert "| + guidance |" in (tmp_path / "ilf-ablation-tiny-dit.md").read_text()

@@ -78,6 +78,12 @@ def ilf_sweep(m: BuiltManifest, args) -> None:
     run_sweep(m, args.model, args.updates, args.out)
 
 
+def ilf_ablation(m: BuiltManifest, args) -> None:
+    from training.eval.ilf_ablation import run_ablation
+
+    run_ablation(m, args.model, args.out, per_class=args.per_class)
+
+
 def eval_images(m: BuiltManifest, args) -> None:
     from training.eval.images import Protocol, run_image_eval
 
@@ -137,6 +143,10 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("ilf-sweep",): ("screen ILF loop spans and step counts with short distillations", ilf_sweep,
                      [MODEL, (("--updates",), dict(type=int, default=300)),
                       (("--out",), dict(type=Path, default=Path("runs/ilf")))]),
+    ("ilf-ablation",): ("distil one ILF module per part of the distillation, each on top of the last, "
+                        "and measure each on the validation seeds", ilf_ablation,
+                        [MODEL, (("--per-class",), dict(type=int, default=6, help="validation images per digit")),
+                         (("--out",), dict(type=Path, default=Path("runs/ilf")))]),
     ("eval", "images"): ("the image yardstick: speed, accuracy, Digit-FID, fidelity to DDIM-20", eval_images,
                          [OUT, (("--models",), dict(nargs="*", help="only these image models")),
                           (("--per-class",), dict(type=int, default=30, help="images per digit (protocol: 30)"))]),
@@ -172,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument(*names, **options)
         if words == ("ilf",):
             for name, default in _ilf_flags().items():
-                sub.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+                kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
+                sub.add_argument(f"--{name.replace('_', '-')}", default=default, **kind)
         sub.set_defaults(run=run)
     return top
 

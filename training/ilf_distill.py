@@ -1,16 +1,30 @@
 """`python -m training ilf --model NAME`: distil an Inner Loop Feedback module for a frozen backbone.
 
-Teacher: the frozen backbone sampling with DDIM at 2x the student's steps (20 for a 10-step
-student): the quality the product promises. Student: the same backbone with the feedback loop, on
-the short schedule. The student's trajectory points are the teacher's (teacher forcing): from the
-teacher's x at student timestep t_i, one student step, run through the *same* scheduler step the
-server runs (DDIM, with its x0 clipping), must land on the teacher's x at t_{i+1}. The loss is in
-x-space for that reason (an epsilon target obtained by inverting an unclipped step trains the
-module the wrong way where clipping is active). Only the feedback block and s receive gradients.
+Student: the frozen backbone with the feedback loop, on the short schedule. Only the feedback block
+and s receive gradients. Two phases:
+
+1. Teacher forcing (`updates`): the teacher is the backbone sampling with DDIM at 2x the student's
+   steps, so its trajectory passes through every student timestep. From the teacher's x at student
+   timestep t_i, one student step, run through the *same* scheduler step the server runs (DDIM,
+   with its x0 clipping), must land on the teacher's x at t_{i+1}. The loss is in x-space for that
+   reason (an epsilon target from inverting an unclipped step trains the module the wrong way where
+   clipping is active); with `normalise_steps`, each step's loss is divided by the teacher's mean
+   squared move over that step, whose scale differs by orders of magnitude across the schedule.
+2. Rollouts (`rollout_updates`): the student samples from the noise on its own, every step, and
+   its final image must match the reference sampler's (the model's default: DDIM at its default
+   steps, the image quality is judged against) from the same noise and condition. This trains on
+   the states the student itself reaches (no exposure bias) and on the quantity that is served.
+
+Guidance: each row draws its scale from 1 to `guidance_max_factor` x the model's default (0: the
+default alone); the range is recorded with the module, and the server refuses ILF outside it.
+Noise seeds for training and for validation are drawn from ranges disjoint from each other and from
+the image yardstick's (training/eval/images.py); the module kept is the one with the best
+validation PSNR against the reference sampler, checked every `validate_every` updates.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -23,11 +37,16 @@ from tqdm import tqdm
 
 from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.imaging.ilf import FeedbackModule, ILFConfig, ilf_enabled, save_ilf
-from server.imaging.sampler import SampleJob, denoise_step, make_scheduler, sample
+from server.imaging.sampler import SampleJob, denoise_step, make_scheduler, sample_batch
 from server.artifacts import write_atomically
 from server.manifest import BuiltManifest, ILFArtifact
 from training.artifacts import runs_folder
 from training.data.digits import TRAIN_TEMPLATES, caption
+from training.eval.metrics import psnr
+
+# noise seeds: the image yardstick uses 10_000-19_999; validation and training stay clear of it and of each other
+VALIDATION_SEED_BASE = 900_000_000
+TRAINING_SEED_BASE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -42,12 +61,18 @@ class ILFTraining:
     refresh_every: int = 300  # updates between pool refreshes (fresh noise and conditions)
     lr: float = 1e-3
     feedback_init: str = "copy"
-    guidance_scale: float | None = None  # default: the model's
+    guidance_max_factor: float = 2.0  # guidance per row from 1 to this x the model's default; 0: the default alone
+    normalise_steps: bool = True  # each teacher-forced step's loss over the teacher's mean squared move there
+    rollout_updates: int = 150  # then this many updates on the student's own rollouts, against the reference
+    rollout_batch: int = 16
+    validate_every: int = 50  # updates between validation PSNRs (the best module is kept)
+    validation_images: int = 60
     seed: int = 0
 
 
 # Every code path in seconds, on the micro image zoo's 2-block backbones (tests, `zoo all --micro`).
-MICRO_ILF = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size=4, pool_size=8, refresh_every=3)
+MICRO_ILF = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size=4, pool_size=8, refresh_every=3,
+                        rollout_updates=3, rollout_batch=4, validate_every=3, validation_images=4)
 
 
 def _conditions(backbone: ImageBackbone, n: int, rng: random.Random) -> list:
@@ -57,29 +82,52 @@ def _conditions(backbone: ImageBackbone, n: int, rng: random.Random) -> list:
     return [caption(rng.choice(TRAIN_TEMPLATES), d) for d in digits]
 
 
+def guidance_range(backbone: ImageBackbone, cfg: ILFTraining) -> tuple[float, float]:
+    default = backbone.spec.default_guidance_scale
+    return (default, default) if cfg.guidance_max_factor <= 0 else (1.0, max(1.0, cfg.guidance_max_factor * default))
+
+
+def _scales(guidances: list[float], device: torch.device) -> torch.Tensor | None:
+    """Per-row guidance as `denoise_step` takes it (None: no row guided)."""
+    guided = any(g > 1.0 for g in guidances)
+    return torch.tensor(guidances, device=device).view(-1, 1, 1, 1) if guided else None
+
+
 @torch.no_grad()
-def teacher_pool(backbone: ImageBackbone, cfg: ILFTraining, guidance: float, rng: random.Random,
-                 seed_offset: int) -> tuple[torch.Tensor, list]:
-    """Teacher trajectories at the student's timesteps: [pool, steps + 1, C, H, W]."""
-    teacher_steps = 2 * cfg.steps
-    conditions = _conditions(backbone, cfg.pool_size, rng)
-    states = []
-    for start in range(0, cfg.pool_size, 64):
-        chunk = conditions[start : start + 64]
-        seeds = [cfg.seed * 1_000_000 + seed_offset + start + i for i in range(len(chunk))]
-        size = backbone.native_size
+def teacher_runs(backbone: ImageBackbone, conditions: list, seeds: list[int], guidances: list[float],
+                 steps: int) -> torch.Tensor:
+    """DDIM trajectories at `steps` steps, each row its own seed, condition and guidance:
+    [rows, steps + 1, C, H, W] (the starting noise first, the final latents last)."""
+    size, out = backbone.native_size, []
+    for start in range(0, len(seeds), 64):
+        rows = range(start, min(start + 64, len(seeds)))
         trajectory: list[torch.Tensor] = []
-        sample(backbone, SampleJob(chunk, seeds, teacher_steps, guidance, size, size, "ddim"), trajectory=trajectory)
-        states.append(torch.stack(trajectory[::2], dim=1))  # every other teacher point = student grid
-    return torch.cat(states), conditions
+        sample_batch(backbone, [SampleJob([conditions[r]], [seeds[r]], steps, guidances[r], size, size, "ddim")
+                                for r in rows], trajectory=trajectory)
+        out.append(torch.stack(trajectory, dim=1))
+    return torch.cat(out)
+
+
+def rollout(backbone: ImageBackbone, feedback: FeedbackModule, config: ILFConfig, x: torch.Tensor, cond: dict,
+            scales: torch.Tensor | None) -> torch.Tensor:
+    """The student sampling on its own from `x`, every step (gradients flow when enabled)."""
+    scheduler = make_scheduler("ddim", backbone.scheduler_config)
+    scheduler.set_timesteps(config.steps)
+    with ilf_enabled(backbone.transformer, feedback, config):
+        for t in scheduler.timesteps:
+            x = denoise_step(backbone, scheduler, x, t, cond, scales)
+    return x
 
 
 def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tuple[FeedbackModule, ILFConfig, list[dict]]:
-    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else backbone.spec.default_guidance_scale
+    default_guidance = backbone.spec.default_guidance_scale
+    low, high = guidance_range(backbone, cfg)
+    reference_steps = backbone.spec.default_steps
     t = backbone.transformer
     config = ILFConfig.for_transformer(
         t, backbone.name, loop_start=cfg.loop_start, loop_end=cfg.loop_end, steps=cfg.steps, scheduler="ddim",
-        teacher_steps=2 * cfg.steps, guidance_scale=guidance, feedback_init=cfg.feedback_init,
+        teacher_steps=2 * cfg.steps, guidance_scale=default_guidance, feedback_init=cfg.feedback_init,
+        guidance_range=(low, high), reference_steps=reference_steps if cfg.rollout_updates else None,
     )
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -95,27 +143,68 @@ def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tupl
         raise ValueError("the schedule's timestep spacing does not nest the student's steps in the teacher's; "
                          "use timestep_spacing='trailing'")
 
-    history: list[dict] = []
+    def draw(n: int, seed_base: int) -> tuple[list, list[int], list[float]]:
+        guidances = [low if high == low else rng.uniform(low, high) for _ in range(n)]
+        return _conditions(backbone, n, rng), [seed_base + k for k in range(n)], guidances
+
+    # validation: its own seeds, the serving default guidance, against the reference sampler's images
+    v_conditions = _conditions(backbone, cfg.validation_images, random.Random(f"validation {cfg.seed}"))
+    v_guidance = [default_guidance] * cfg.validation_images
+    v_runs = teacher_runs(backbone, v_conditions, [VALIDATION_SEED_BASE + k for k in range(cfg.validation_images)],
+                          v_guidance, reference_steps)
+    v_reference, v_scales = backbone.decode(v_runs[:, -1]), _scales(v_guidance, backbone.device)
+    v_cond = backbone.conditioning(v_conditions, v_scales is not None)
+
+    @torch.no_grad()
+    def validation_psnr() -> float:
+        return psnr(backbone.decode(rollout(backbone, feedback, config, v_runs[:, 0], v_cond, v_scales)),
+                    v_reference).mean().item()
+
+    best = {"psnr": validation_psnr(), "update": 0, "state": copy.deepcopy(feedback.state_dict())}
+    history: list[dict] = [{"update": 0, "phase": "start", "validation_psnr": best["psnr"]}]
     start = time.perf_counter()
-    pool, conditions = None, None
-    bar = tqdm(range(cfg.updates), desc=desc, unit="update", mininterval=2.0)
+    total = cfg.updates + cfg.rollout_updates
+    bar = tqdm(range(total), desc=desc, unit="update", mininterval=2.0)
     for update in bar:
-        if update % cfg.refresh_every == 0:
-            pool, conditions = teacher_pool(backbone, cfg, guidance, rng, seed_offset=update * 1000)
-        idx = rng.sample(range(cfg.pool_size), cfg.batch_size)
-        i = rng.randrange(cfg.steps)
-        x_t, target = pool[idx, i], pool[idx, i + 1]
-        cond = backbone.conditioning([conditions[j] for j in idx], guidance > 1.0)
-        with ilf_enabled(t, feedback, config):
-            x_next = denoise_step(backbone, student, x_t, student.timesteps[i], cond, guidance)
-        loss = F.mse_loss(x_next, target)
+        rolling = update >= cfg.updates
+        phase_update = update - cfg.updates if rolling else update
+        if phase_update % cfg.refresh_every == 0:
+            seed_base = TRAINING_SEED_BASE + cfg.seed * 10_000_000 + (5_000_000 if rolling else 0) + phase_update * 1000
+            conditions, _, guidances = pool_draw = draw(cfg.pool_size, seed_base)
+            if rolling:  # the reference sampler's start and end, from the same noise
+                runs = teacher_runs(backbone, *pool_draw, reference_steps)
+                pool = torch.stack([runs[:, 0], runs[:, -1]], dim=1)
+            else:  # the 2x teacher at the student's timesteps, and its mean squared move per student step
+                pool = teacher_runs(backbone, *pool_draw, 2 * cfg.steps)[:, ::2]
+                move = ((pool[:, 1:] - pool[:, :-1]) ** 2).mean(dim=(0, 2, 3, 4))
+        idx = rng.sample(range(cfg.pool_size), cfg.rollout_batch if rolling else cfg.batch_size)
+        scales = _scales([guidances[j] for j in idx], backbone.device)
+        cond = backbone.conditioning([conditions[j] for j in idx], scales is not None)
+        if rolling:
+            i = cfg.steps
+            loss = F.mse_loss(rollout(backbone, feedback, config, pool[idx, 0], cond, scales), pool[idx, 1])
+        else:
+            i = rng.randrange(cfg.steps)
+            with ilf_enabled(t, feedback, config):
+                x_next = denoise_step(backbone, student, pool[idx, i], student.timesteps[i], cond, scales)
+            loss = F.mse_loss(x_next, pool[idx, i + 1])
+            if cfg.normalise_steps:
+                loss = loss / move[i]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if update % 20 == 0 or update == cfg.updates - 1:
-            history.append({"update": update, "loss": loss.item(), "step_index": i,
-                            "seconds": time.perf_counter() - start})
-            bar.set_postfix(loss=f"{loss.item():.2e}")
+        entry = {"update": update, "phase": "rollout" if rolling else "teacher forcing", "loss": loss.item(),
+                 "step_index": i, "seconds": time.perf_counter() - start}
+        if (update + 1) % cfg.validate_every == 0 or update == total - 1:
+            entry["validation_psnr"] = validation_psnr()
+            if entry["validation_psnr"] > best["psnr"]:
+                best = {"psnr": entry["validation_psnr"], "update": update + 1,
+                        "state": copy.deepcopy(feedback.state_dict())}
+            bar.set_postfix(loss=f"{loss.item():.2e}", val_psnr=f"{entry['validation_psnr']:.2f}")
+        if update % 20 == 0 or "validation_psnr" in entry:
+            history.append(entry)
+    feedback.load_state_dict(best["state"])
+    history.append({"kept": best["update"], "validation_psnr": best["psnr"]})
     return feedback.eval().requires_grad_(False), config, history
 
 
@@ -128,13 +217,19 @@ def write_ilf_history(out_dir: Path, cfg: ILFTraining, config: ILFConfig, histor
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "training.json").write_text(json.dumps({"training": asdict(cfg), "config": asdict(config),
                                                        "history": history}, indent=1))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    # the loss spans decades across the schedule, so each point is coloured by its step index
-    points = ax.scatter([h["update"] for h in history], [h["loss"] for h in history],
-                        c=[h["step_index"] for h in history], cmap="viridis", s=8)
-    fig.colorbar(points, ax=ax, label="student step index")
-    ax.set(xlabel="update", ylabel="x-space MSE to the teacher", yscale="log",
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = [h for h in history if "loss" in h]
+    # the loss spans decades across the schedule, so each point is coloured by its step index (the
+    # rollout phase's, a whole rollout, by the step count)
+    points = ax.scatter([h["update"] for h in steps], [h["loss"] for h in steps],
+                        c=[h["step_index"] for h in steps], cmap="viridis", s=8)
+    fig.colorbar(points, ax=ax, label="student step index", pad=0.12)
+    ax.set(xlabel="update", ylabel="loss (teacher forcing, then rollout)", yscale="log",
            title=f"ILF {config.backbone}: loop {config.loop_start}-{config.loop_end}, {config.steps} steps")
+    validated = [h for h in steps if "validation_psnr" in h]
+    right = ax.twinx()
+    right.plot([h["update"] for h in validated], [h["validation_psnr"] for h in validated], color="tab:red")
+    right.set_ylabel("validation PSNR (dB)", color="tab:red")
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
     plt.close(fig)

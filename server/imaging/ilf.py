@@ -41,8 +41,16 @@ class ILFConfig:
     steps: int  # ILF sampling steps the module was distilled for
     scheduler: Literal["ddim", "dpm++"] = "ddim"
     teacher_steps: int = 20
-    guidance_scale: float | None = None  # guidance used in distillation (None: the model's default)
+    guidance_scale: float | None = None  # the model's default guidance when distilled
     feedback_init: Literal["copy", "scratch"] = "copy"
+    guidance_range: tuple[float, float] | None = None  # scales distilled across (None: guidance_scale alone)
+    reference_steps: int | None = None  # the reference sampler's (DDIM) steps its rollouts were matched to
+
+    def serves_guidance(self, scale: float) -> bool:
+        """Whether the module was distilled for this guidance scale (a module from before guidance
+        ranges were recorded serves the scale it was distilled at, or any when none was recorded)."""
+        low, high = self.guidance_range or (self.guidance_scale, self.guidance_scale)
+        return low is None or low - 1e-6 <= scale <= high + 1e-6
 
     def __post_init__(self) -> None:
         if not 1 <= self.loop_start <= self.loop_end < self.num_blocks:

@@ -168,11 +168,16 @@ COSTS = SamplingCosts()
 
 def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
     """Check a request against the model and the operator's bounds; every refusal names its field."""
-    mode = req.mode or default_mode(req, backbone)
+    guidance = req.guidance_scale if req.guidance_scale is not None else backbone.spec.default_guidance_scale
+    mode = req.mode or default_mode(req, backbone, guidance)
     if mode == "ilf" and backbone.ilf is None:
         raise ApiError(422, f"mode: model {backbone.name!r} has no trained ILF module; use mode 'baseline'", "mode")
     if mode == "ilf":
         trained = backbone.ilf.config
+        if not trained.serves_guidance(guidance):
+            low, high = trained.guidance_range or (trained.guidance_scale, trained.guidance_scale)
+            raise ApiError(422, f"guidance_scale: the ILF module of {backbone.name} was distilled for guidance "
+                                f"{low:g}-{high:g}; use a scale in that range or mode 'baseline'", "guidance_scale")
         steps = req.steps if req.steps is not None else trained.steps
         scheduler = req.scheduler or trained.scheduler
         if steps != trained.steps:
@@ -186,7 +191,6 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
         scheduler = req.scheduler or "ddim"
     if steps > settings.max_steps:
         raise ApiError(422, f"steps: at most {settings.max_steps}", "steps")
-    guidance = req.guidance_scale if req.guidance_scale is not None else backbone.spec.default_guidance_scale
     if guidance > settings.max_guidance_scale:
         raise ApiError(422, f"guidance_scale: at most {settings.max_guidance_scale}", "guidance_scale")
     if req.n > settings.max_images_per_request:
@@ -222,11 +226,12 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
     )
 
 
-def default_mode(req: ImageRequest, backbone: ImageBackbone) -> str:
-    """ILF where the model has a module trained for what the request asks (its steps and
-    scheduler, or no preference); else the baseline sampler, which serves any steps and scheduler."""
+def default_mode(req: ImageRequest, backbone: ImageBackbone, guidance: float) -> str:
+    """ILF where the model has a module trained for what the request asks (its steps, scheduler and
+    guidance, or no preference); else the baseline sampler, which serves any steps, scheduler and guidance."""
     ilf = backbone.ilf
-    if ilf is None or req.steps not in (None, ilf.config.steps) or req.scheduler not in (None, ilf.config.scheduler):
+    if ilf is None or req.steps not in (None, ilf.config.steps) or req.scheduler not in (None, ilf.config.scheduler) \
+            or not ilf.config.serves_guidance(guidance):
         return "baseline"
     return "ilf"
 

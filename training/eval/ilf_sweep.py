@@ -1,9 +1,9 @@
 """`python -m training ilf-sweep --model NAME`: screen ILF settings with short distillations.
 
 For each (loop span, ILF steps) it distils a module for a few hundred updates, then measures
-fidelity to the 20-step DDIM image (PSNR, same seeds and conditions) on a fixed set, beside plain
-DDIM at the same number of block evaluations, the comparison that decides whether ILF pays for
-its loop. Prints a table and writes JSON; the best settings are then trained fully with
+fidelity to the 20-step DDIM image (PSNR, same seeds and conditions) on the validation seeds (never
+the image yardstick's), beside plain DDIM at the same number of block evaluations, the comparison
+that decides whether ILF pays for its loop. Prints a table and writes JSON; the best settings are then trained fully with
 `python -m training ilf`.
 """
 
@@ -21,7 +21,7 @@ from server.imaging.sampler import SampleJob, sample
 from server.manifest import BuiltManifest
 from training.eval.images import Protocol, eval_set
 from training.eval.metrics import psnr
-from training.ilf_distill import ILFTraining, distil
+from training.ilf_distill import VALIDATION_SEED_BASE, ILFTraining, distil
 
 SPANS = ((2, 3), (5, 6), (8, 9), (4, 7))  # first screened at 10 steps
 STEPS = (8, 12)  # then the best span at these step counts
@@ -39,7 +39,7 @@ def run_sweep(manifests: BuiltManifest, model: str, updates: int, out: Path, per
     spec = next(m for m in manifests.read().image if m.name == model)
     backbone = load_image_backbone(spec.model_copy(update={"ilf": None}), manifests.resolver(), "cpu")
     guidance = spec.default_guidance_scale
-    data = eval_set(backbone, Protocol(per_class=per_class))
+    data = eval_set(backbone, Protocol(per_class=per_class, seed_base=VALIDATION_SEED_BASE))  # not the yardstick's
     with torch.no_grad():
         reference = _images(backbone, data, "ddim", 20, guidance)
     n = backbone.num_blocks
@@ -60,7 +60,7 @@ def run_sweep(manifests: BuiltManifest, model: str, updates: int, out: Path, per
         rows.append({"loop_start": start, "loop_end": end, "steps": steps, "updates": updates,
                      "blocks": steps * config.blocks_per_step, "psnr_ilf": ilf_psnr,
                      "psnr_ddim_same_steps": short_psnr, "ddim_matched_steps": matched,
-                     "psnr_ddim_matched_blocks": ddim_psnr, "final_loss": history[-1]["loss"],
+                     "psnr_ddim_matched_blocks": ddim_psnr, "final_loss": [h for h in history if "loss" in h][-1]["loss"],
                      "seconds": time.perf_counter() - began})
         print(format_row(rows[-1]), flush=True)
 
