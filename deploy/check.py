@@ -69,7 +69,8 @@ class Stack:
 
     def start_server(self) -> None:
         env = {**os.environ, "LOOPSTACK_ARTIFACT_ROOT": str(self.root), "LOOPSTACK_ADMIN_TOKEN": ADMIN_TOKEN,
-               "LOOPSTACK_CHAT_QUEUE_SIZE": "2", "LOOPSTACK_TEMPLATE": str(REPO / "weights_manifest.yaml")}
+               "LOOPSTACK_CHAT_QUEUE_SIZE": "2",
+               "LOOPSTACK_CHAT_MAX_BATCH": "2", "LOOPSTACK_TEMPLATE": str(REPO / "weights_manifest.yaml")}
         log = open(self.scratch / "server.log", "a")
         self.server = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1",
                                         "--port", str(self.server_port)], env=env, stdout=log, stderr=log)
@@ -238,7 +239,7 @@ def fault_refused_artifact(stack: Stack) -> callable:
 
 
 def fault_full_queue(stack: Stack) -> callable:
-    """More long chat answers at once than the chat queue holds (its limit is 2 here)."""
+    """More long chat answers at once than the chat engine decodes and queues (2 and 2 here)."""
     stop = threading.Event()
 
     def send() -> None:
