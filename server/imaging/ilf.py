@@ -46,11 +46,17 @@ class ILFConfig:
     guidance_range: tuple[float, float] | None = None  # scales distilled across (None: guidance_scale alone)
     reference_steps: int | None = None  # the reference sampler's (DDIM) steps its rollouts were matched to
 
+    @property
+    def served_guidance(self) -> tuple[float, float] | None:
+        """The guidance scales it serves: its distilled range; a module from before ranges were
+        recorded, the scale it was distilled at; None (any) when neither was recorded."""
+        if self.guidance_range is not None:
+            return tuple(self.guidance_range)
+        return None if self.guidance_scale is None else (self.guidance_scale, self.guidance_scale)
+
     def serves_guidance(self, scale: float) -> bool:
-        """Whether the module was distilled for this guidance scale (a module from before guidance
-        ranges were recorded serves the scale it was distilled at, or any when none was recorded)."""
-        low, high = self.guidance_range or (self.guidance_scale, self.guidance_scale)
-        return low is None or low - 1e-6 <= scale <= high + 1e-6
+        served = self.served_guidance
+        return served is None or served[0] - 1e-6 <= scale <= served[1] + 1e-6
 
     def __post_init__(self) -> None:
         if not 1 <= self.loop_start <= self.loop_end < self.num_blocks:

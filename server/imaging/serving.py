@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
@@ -175,7 +174,7 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
     if mode == "ilf":
         trained = backbone.ilf.config
         if not trained.serves_guidance(guidance):
-            low, high = trained.guidance_range or (trained.guidance_scale, trained.guidance_scale)
+            low, high = trained.served_guidance
             raise ApiError(422, f"guidance_scale: the ILF module of {backbone.name} was distilled for guidance "
                                 f"{low:g}-{high:g}; use a scale in that range or mode 'baseline'", "guidance_scale")
         steps = req.steps if req.steps is not None else trained.steps
@@ -286,10 +285,6 @@ def image_response(backbone: ImageBackbone, job: SampleJob, result: SampleResult
         generation=generation, images=b64_pngs(images or to_pil(result.images)))
 
 
-class StreamClosed(Exception):
-    """A streaming client has gone: its sampling stops after the step it is in."""
-
-
 @dataclass(frozen=True)
 class Progress:
     step: int
@@ -303,22 +298,15 @@ async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: i
     a full queue raises before any event); then the sampling's progress after each step, and the
     response. Closing the iterator early stops the sampling at its next step."""
     job = plan_job(req, backbone, settings)
-    loop, steps, closed = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-
+    loop, steps = asyncio.get_running_loop(), asyncio.Queue()
     seconds = deadline_of(req, settings)
-    deadline = time.perf_counter() + seconds
+    control = JobControl(time.perf_counter() + seconds, seconds)  # a closed stream is a client gone
 
-    def check(done: int = 0, total: int = 0) -> None:  # on the image worker's thread
-        if closed.is_set():
-            raise StreamClosed()
-        if time.perf_counter() > deadline:
-            raise JobStopped("deadline")
-
-    def progress(done: int, total: int) -> None:
-        check()
+    def progress(done: int, total: int) -> None:  # on the image worker's thread
+        control.check()
         loop.call_soon_threadsafe(steps.put_nowait, Progress(done, total, job.mode))
 
-    outcome = await queue_job(batcher, backbone, job, check, progress)
+    outcome = await queue_job(batcher, backbone, job, control.check, progress)
 
     async def events() -> AsyncIterator[Progress | ImageResponse]:
         try:
@@ -336,7 +324,7 @@ async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: i
             record_metrics(metrics, backbone, job, result)
             yield image_response(backbone, job, result, generation)
         finally:
-            closed.set()  # a job still waiting or sampling stops at its next check
+            control.gone = True  # a job still waiting or sampling stops at its next check
 
     return events()
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from server.imaging.backbones import ImageBackbone, load_image_backbone
+from server.imaging.backbones import load_image_backbone
 from server.imaging.ilf import LoadedILF
-from server.imaging.sampler import SampleJob, sample_batch
 from server.manifest import BuiltManifest
+from training.eval.ilf_sweep import sampled_images
 from training.eval.images import Protocol, eval_set
 from training.eval.metrics import bootstrap_interval, psnr
 from training.ilf_distill import VALIDATION_SEED_BASE, ILFTraining, distil
@@ -40,16 +40,6 @@ VARIANTS: dict[str, dict] = {
     "+ rollouts": dict(normalise_steps=True, guidance_max_factor=0.0),
     "+ guidance": dict(normalise_steps=True),
 }
-
-
-@torch.no_grad()
-def images(backbone: ImageBackbone, data, steps: int, guidance: float, mode: str) -> torch.Tensor:
-    size, out = backbone.native_size, []
-    for start in range(0, len(data.seeds), 50):
-        jobs = [SampleJob([c], [s], steps, guidance, size, size, "ddim", mode)
-                for c, s in zip(data.conditions[start:start + 50], data.seeds[start:start + 50])]
-        out += [r.images for r in sample_batch(backbone, jobs)]
-    return torch.cat(out)
 
 
 def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTraining | None = None,
@@ -63,7 +53,7 @@ def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTrain
     data = eval_set(backbone, Protocol(per_class=per_class, seed_base=VALIDATION_SEED_BASE))
     default = spec.default_guidance_scale
     guidances = sorted({1.0, default, 2.0 * default})
-    references = {g: images(backbone, data, spec.default_steps, g, "baseline") for g in guidances}
+    references = {g: sampled_images(backbone, data, "ddim", spec.default_steps, g) for g in guidances}
     rows = []
     for name, changes in tqdm(variants.items(), desc="variants"):
         cfg = replace(base, **changes)
@@ -74,7 +64,7 @@ def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTrain
         row = {"variant": name, "training": {k: getattr(cfg, k) for k in changes}, "seconds": seconds,
                "kept_update": history[-1]["kept"], "psnr": {}}
         for g in guidances:
-            values = psnr(images(backbone, data, cfg.steps, g, "ilf"), references[g]).numpy()
+            values = psnr(sampled_images(backbone, data, "ddim", cfg.steps, g, "ilf"), references[g]).numpy()
             row["psnr"][f"{g:g}"] = {"mean": float(values.mean()),
                                      "ci95": list(bootstrap_interval(np.mean, values, rounds=1000))}
         backbone.ilf = None

@@ -27,7 +27,8 @@ SPANS = ((2, 3), (5, 6), (8, 9), (4, 7))  # first screened at 10 steps
 STEPS = (8, 12)  # then the best span at these step counts
 
 
-def _images(backbone, data, scheduler, steps, guidance, mode="baseline"):
+def sampled_images(backbone, data, scheduler, steps, guidance, mode="baseline"):
+    """The eval set's images, 50 a batch, one guidance for all."""
     size = backbone.native_size
     out = [sample(backbone, SampleJob(data.conditions[i:i + 50], data.seeds[i:i + 50], steps, guidance, size, size,
                                       scheduler, mode)).images for i in range(0, len(data.seeds), 50)]
@@ -41,7 +42,7 @@ def run_sweep(manifests: BuiltManifest, model: str, updates: int, out: Path, per
     guidance = spec.default_guidance_scale
     data = eval_set(backbone, Protocol(per_class=per_class, seed_base=VALIDATION_SEED_BASE))  # not the yardstick's
     with torch.no_grad():
-        reference = _images(backbone, data, "ddim", 20, guidance)
+        reference = sampled_images(backbone, data, "ddim", 20, guidance)
     n = backbone.num_blocks
     rows = []
 
@@ -51,11 +52,11 @@ def run_sweep(manifests: BuiltManifest, model: str, updates: int, out: Path, per
         feedback, config, history = distil(backbone, cfg, desc=f"ilf {start}-{end} x{steps}")
         backbone.ilf = LoadedILF(feedback, config)
         with torch.no_grad():
-            ilf_psnr = psnr(_images(backbone, data, "ddim", steps, guidance, "ilf"), reference).mean().item()
+            ilf_psnr = psnr(sampled_images(backbone, data, "ddim", steps, guidance, "ilf"), reference).mean().item()
             # plain DDIM with (about) the same block evaluations
             matched = round(steps * config.blocks_per_step / n)
-            ddim_psnr = psnr(_images(backbone, data, "ddim", matched, guidance), reference).mean().item()
-            short_psnr = psnr(_images(backbone, data, "ddim", steps, guidance), reference).mean().item()
+            ddim_psnr = psnr(sampled_images(backbone, data, "ddim", matched, guidance), reference).mean().item()
+            short_psnr = psnr(sampled_images(backbone, data, "ddim", steps, guidance), reference).mean().item()
         backbone.ilf = None
         rows.append({"loop_start": start, "loop_end": end, "steps": steps, "updates": updates,
                      "blocks": steps * config.blocks_per_step, "psnr_ilf": ilf_psnr,
