@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.manifest import load_manifest
-from server.artifacts import sha256_file
+from server.artifacts import load_with_config, sha256_file
+from server.imaging.ilf import ILFConfig
 from tests.conftest import built, make_settings
 from tests.test_ilf import backbone_named
 from training.ilf_distill import MICRO_ILF, TRAINING_SEED_BASE, VALIDATION_SEED_BASE, distil, train_ilf
@@ -90,7 +91,7 @@ def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(m
 
     variants = {name: VARIANTS[name] for name in ("one-step", "+ guidance")}
     rows = run_ablation(built(manifest_path), "tiny-dit", tmp_path, base=replace(TINY, rollout_updates=2),
-                        per_class=1, variants=variants)
+                        per_class=1, variants=variants, install=True)
     assert [r["variant"] for r in rows] == ["one-step", "+ guidance"]
     for row in rows:  # guidance 1, the default (2) and twice it
         assert list(row["psnr"]) == ["1", "2", "4"]
@@ -98,3 +99,8 @@ def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(m
     written = json.loads((tmp_path / "ilf-ablation-tiny-dit.json").read_text())
     assert written["seed_base"] == VALIDATION_SEED_BASE and written["images"] == 10
     assert "| + guidance |" in (tmp_path / "ilf-ablation-tiny-dit.md").read_text()
+    # the winner at the default guidance is served: its range tells which variant it was
+    winner = max(rows, key=lambda row: row["psnr"]["2"]["mean"])["variant"]
+    entry = next(m for m in load_manifest(manifest_path).image if m.name == "tiny-dit").ilf
+    served = ILFConfig(**load_with_config(built(manifest_path).file(entry.path), "ilf_config", "ILF")[1])
+    assert served.served_guidance == ((2.0, 2.0) if winner == "one-step" else (1.0, 4.0))

@@ -81,7 +81,7 @@ def ilf_sweep(m: BuiltManifest, args) -> None:
 def ilf_ablation(m: BuiltManifest, args) -> None:
     from training.eval.ilf_ablation import run_ablation
 
-    run_ablation(m, args.model, args.out, per_class=args.per_class)
+    run_ablation(m, args.model, args.out, per_class=args.per_class, install=args.install)
 
 
 def eval_images(m: BuiltManifest, args) -> None:
@@ -146,7 +146,9 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("ilf-ablation",): ("distil one ILF module per part of the distillation, each on top of the last, "
                         "and measure each on the validation seeds", ilf_ablation,
                         [MODEL, (("--per-class",), dict(type=int, default=6, help="validation images per digit")),
-                         (("--out",), dict(type=Path, default=Path("runs/ilf")))]),
+                         (("--out",), dict(type=Path, default=Path("runs/ilf"))),
+                         (("--install",), dict(action="store_true", help="serve the variant with the best PSNR at "
+                                                                        "the default guidance as the model's module"))]),
     ("eval", "images"): ("the image yardstick: speed, accuracy, Digit-FID, fidelity to DDIM-20", eval_images,
                          [OUT, (("--models",), dict(nargs="*", help="only these image models")),
                           (("--per-class",), dict(type=int, default=30, help="images per digit (protocol: 30)"))]),

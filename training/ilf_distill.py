@@ -249,7 +249,12 @@ def train_ilf(manifests: BuiltManifest, model: str, cfg: ILFTraining, runs_dir: 
         raise SystemExit(f"{model!r} is an untrained placeholder: build the image zoo first")
     backbone = load_image_backbone(spec.model_copy(update={"ilf": None}), manifests.resolver(), "cpu")
     feedback, config, history = distil(backbone, cfg, desc=f"ilf {model}")
+    return install_ilf(manifests, model, feedback, config, cfg, history, runs_dir)
 
+
+def install_ilf(manifests: BuiltManifest, model: str, feedback: FeedbackModule, config: ILFConfig,
+                cfg: ILFTraining, history: list[dict], runs_dir: Path | None = None) -> Path:
+    """Save a distilled module atomically and record it in the built manifest with its checksum."""
     relative = f"ilf/{model}.safetensors"
     path = manifests.file(relative)
     sha = write_atomically(path, lambda tmp: save_ilf(tmp, feedback, config))

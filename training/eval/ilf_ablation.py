@@ -32,7 +32,7 @@ from server.manifest import BuiltManifest
 from training.eval.ilf_sweep import sampled_images
 from training.eval.images import Protocol, eval_set
 from training.eval.metrics import bootstrap_interval, psnr
-from training.ilf_distill import VALIDATION_SEED_BASE, ILFTraining, distil
+from training.ilf_distill import VALIDATION_SEED_BASE, ILFTraining, distil, install_ilf
 
 VARIANTS: dict[str, dict] = {
     "one-step": dict(normalise_steps=False, rollout_updates=0, guidance_max_factor=0.0),
@@ -43,7 +43,9 @@ VARIANTS: dict[str, dict] = {
 
 
 def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTraining | None = None,
-                 per_class: int = 6, variants: dict[str, dict] = VARIANTS) -> list[dict]:
+                 per_class: int = 6, variants: dict[str, dict] = VARIANTS, install: bool = False) -> list[dict]:
+    """With `install`, the variant with the best mean PSNR at the model's default guidance becomes the
+    model's served module (as `training ilf` would write it), so the ablation's winner is not distilled twice."""
     torch.set_grad_enabled(True)
     spec = next((m for m in manifests.read().image if m.name == model), None)
     if spec is None or spec.placeholder:
@@ -54,7 +56,7 @@ def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTrain
     default = spec.default_guidance_scale
     guidances = sorted({1.0, default, 2.0 * default})
     references = {g: sampled_images(backbone, data, "ddim", spec.default_steps, g) for g in guidances}
-    rows = []
+    rows, modules = [], {}
     for name, changes in tqdm(variants.items(), desc="variants"):
         cfg = replace(base, **changes)
         began = time.perf_counter()
@@ -69,6 +71,7 @@ def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTrain
                                      "ci95": list(bootstrap_interval(np.mean, values, rounds=1000))}
         backbone.ilf = None
         rows.append(row)
+        modules[name] = (feedback, config, cfg, history)
         print(format_row(row), flush=True)
     table = report(rows, guidances, default)
     print(table)
@@ -77,6 +80,10 @@ def run_ablation(manifests: BuiltManifest, model: str, out: Path, base: ILFTrain
         {"model": model, "images": len(data.seeds), "seed_base": VALIDATION_SEED_BASE, "reference_steps":
          spec.default_steps, "default_guidance": default, "base": asdict(base), "rows": rows}, indent=1))
     (out / f"ilf-ablation-{model}.md").write_text(table + "\n")
+    if install:
+        best = max(rows, key=lambda row: row["psnr"][f"{default:g}"]["mean"])["variant"]
+        path = install_ilf(manifests, model, *modules[best])
+        print(f"installed {best!r} as {model}'s ILF module: {path}")
     return rows
 
 
