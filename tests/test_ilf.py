@@ -246,3 +246,36 @@ def test_a_module_serves_the_guidance_it_was_distilled_for():
     ranged = replace(single, guidance_range=(1.0, 3.0))
     assert ranged.serves_guidance(1.0) and ranged.serves_guidance(3.0) and not ranged.serves_guidance(3.1)
     assert replace(single, guidance_scale=None).serves_guidance(7.0)  # nothing recorded: not refused
+
+
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-pixart"])
+def test_first_block_cache_on_ilf_skips_the_feedback_with_the_loop_it_skips(manifest_path, name):
+    """ILF's schedule with diffusers' FirstBlockCache on top: a cache that never skips changes no pixel;
+    on a step where the cache skips the blocks after the first, the feedback block does not run either
+    (run on the skipped loop's output, it would also add its feedback to the cached result)."""
+    from dataclasses import replace
+
+    from training.eval.caches import cache_capable, caching
+
+    backbone = backbone_named(manifest_path, name)
+    config = ilf_config(backbone)
+    feedback = FeedbackModule.for_backbone(backbone.transformer, config)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(feedback.scale, std=0.5)
+    ilf = replace(backbone, ilf=LoadedILF(feedback.eval(), config))
+    cached = replace(cache_capable(backbone), ilf=ilf.ilf)
+    conditions = [3, 5] if backbone.spec.kind == "dit" else ["the digit 3", "a handwritten five"]
+    job = SampleJob(conditions, [7, 8], 4, 2.0, backbone.native_size, backbone.native_size, mode="ilf")
+    plain = sample(ilf, job).images
+
+    feedback_calls = []
+    hook = feedback.block.register_forward_hook(lambda *a: feedback_calls.append(1))
+    with caching(cached, "fbc-0", job.steps) as step_context:  # threshold 0: every step computes
+        never_skipping = sample(cached, job, step_context).images
+    assert torch.equal(never_skipping, plain) and len(feedback_calls) == 4
+    feedback_calls.clear()
+    with caching(cached, "fbc-1000", job.steps) as step_context:  # every step after the first is skipped
+        skipping = sample(cached, job, step_context).images
+    hook.remove()
+    assert len(feedback_calls) == 1
+    assert torch.isfinite(skipping).all() and not torch.allclose(skipping, plain, atol=1e-3)

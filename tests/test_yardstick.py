@@ -16,6 +16,7 @@ from server.artifacts import sha256_file
 from training.data.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digit_split
 from training.eval.classifier import accuracy, train_classifier
 from training.eval.images import Protocol, run_image_eval
+from training.ilf_distill import MICRO_ILF, train_ilf
 from training.eval.metrics import PSNR_CAP_DB, bootstrap_interval, frechet_distance, psnr, ssim
 from training.artifacts import open_manifest
 from training.zoo.placeholders import build_placeholder_zoo
@@ -93,8 +94,9 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
     protocol = Protocol(per_class=2, samplers=(("ddim", 4, "baseline"), ("dpm++", 2, "baseline"),
                                                ("ddim", 4, "cache:taylorseer-2"), ("ddim", 4, "cache:pab-2"),
                                                ("ddim", 4, "cache:fastercache-2")),
-                        reference=("ddim", 4, "baseline"),
+                        reference=("ddim", 4, "baseline"), ilf_caches=("fbc-0.1",),
                         latency_images=1, latency_batch=4, latency_repeats=1, bootstrap_rounds=10)
+    train_ilf(first, "digits-pixart", MICRO_ILF)  # a model with an ILF module also gets ILF, and ILF with a cache
     report = run_image_eval(first, tmp_path / "eval", protocol)
     saved = json.loads((tmp_path / "eval" / "images.json").read_text())
     assert saved["models"].keys() == {"digits-dit", "digits-pixart"}
@@ -106,6 +108,9 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
         assert cached["seconds_per_image_batch4"] > 0 and cached["speedup_batch4"] > 0
     assert rows[0]["psnr_vs_reference_db"] == PSNR_CAP_DB and rows[0]["ssim_vs_reference"] == pytest.approx(1.0)
     assert rows[1]["psnr_vs_reference_db"] < PSNR_CAP_DB
+    ilf_rows = saved["models"]["digits-pixart"][len(rows):]
+    assert [(r["sampler"], r["mode"]) for r in ilf_rows] == [("ilf-2", "ilf"), ("fbc-0.1@ilf-2", "ilf+cache:fbc-0.1")]
+    assert ilf_rows[1]["block_evaluations"] is None and ilf_rows[1]["seconds_per_image_batch4"] > 0
     lo, hi = rows[1]["digit_fid_ci95"]
     assert 0 <= rows[1]["accuracy"] <= 1 and np.isfinite(rows[1]["digit_fid"]) and lo <= hi
     assert report["real_vs_real"]["images"] == 20

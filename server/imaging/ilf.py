@@ -112,6 +112,8 @@ class FeedbackLoop(nn.Module):
         f_b = hidden_states
         for block in self.loop_blocks:
             hidden_states = block(hidden_states, *args, **kwargs)
+        if hidden_states is f_b:  # a cache (FirstBlockCache) skipped the loop's blocks: nothing to feed back
+            return hidden_states
         g = self.feedback.block(hidden_states, *args, **kwargs)
         hidden_states = f_b
         for i, block in enumerate(self.loop_blocks):

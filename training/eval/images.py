@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,8 @@ class Protocol:
         ("ddim", 20, "cache:pab-2"), ("ddim", 20, "cache:pab-3"),
         ("ddim", 20, "cache:fastercache-2"), ("ddim", 20, "cache:fastercache-3"),
     )
+    # and a model with an ILF module, ILF's own schedule with each of these caches on top
+    ilf_caches: tuple[str, ...] = ("fbc-0.1", "fbc-0.2", "fbc-0.3")
     reference: tuple[str, int, str] = ("ddim", 20, "baseline")
     bootstrap_rounds: int = 200
     guidance: dict[str, float] = field(default_factory=dict)  # per model; default: the manifest's
@@ -69,16 +71,25 @@ def eval_set(backbone: ImageBackbone, protocol: Protocol) -> EvalSet:
     return EvalSet(conditions, torch.tensor(labels), seeds)
 
 
+def split_mode(mode: str) -> tuple[str, str | None]:
+    """A sampler's mode as (the job's mode, its diffusers cache or None): "baseline", "ilf",
+    "cache:NAME" (the baseline with a cache), "ilf+cache:NAME" (ILF's schedule with a cache)."""
+    if "cache:" not in mode:
+        return mode, None
+    prefix, name = mode.split("cache:")
+    return ("ilf" if prefix == "ilf+" else "baseline"), name
+
+
 def _run(backbone: ImageBackbone, data: EvalSet, sl: slice, sampler: tuple, guidance: float):
-    """One sample() call for a sampler spec (scheduler, steps, mode); mode "cache:NAME" runs the
+    """One sample() call for a sampler spec (scheduler, steps, mode); a mode with a cache runs the
     cache-capable copy of the backbone with that diffusers cache."""
     scheduler, steps, mode = sampler
     size = backbone.native_size
-    job_mode = "baseline" if mode.startswith("cache:") else mode
+    job_mode, cache = split_mode(mode)
     job = SampleJob(data.conditions[sl], data.seeds[sl], steps, guidance, size, size, scheduler, job_mode)
-    if not mode.startswith("cache:"):
+    if cache is None:
         return sample(backbone, job)
-    with caching(backbone, mode.removeprefix("cache:"), steps) as step_context:
+    with caching(backbone, cache, steps) as step_context:
         return sample(backbone, job, step_context)
 
 
@@ -89,7 +100,7 @@ def generate(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: f
         result = _run(backbone, data, slice(start, start + batch_size), sampler, guidance)
         images.append(result.images)
         seconds += result.seconds
-    blocks = None if sampler[2].startswith("cache:") else result.block_evaluations  # caches skip adaptively
+    blocks = None if split_mode(sampler[2])[1] else result.block_evaluations  # caches skip adaptively
     return torch.cat(images), seconds / len(data.seeds), blocks
 
 
@@ -111,9 +122,9 @@ def latencies(models: list[ImageBackbone], data: EvalSet, samplers: list[tuple],
 
 def sampler_name(sampler: tuple) -> str:
     scheduler, steps, mode = sampler
-    if mode.startswith("cache:"):
-        return f"{mode.removeprefix('cache:')}@{scheduler}-{steps}"
-    return f"ilf-{steps}" if mode == "ilf" else f"{scheduler}-{steps}"
+    job_mode, cache = split_mode(mode)
+    base = f"ilf-{steps}" if job_mode == "ilf" else f"{scheduler}-{steps}"
+    return f"{cache}@{base}" if cache else base
 
 
 @torch.no_grad()
@@ -128,10 +139,12 @@ def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_fe
     generated: dict[str, torch.Tensor] = {}
     rows = []
     samplers = list(protocol.samplers)
-    cached = cache_capable(backbone) if any(m.startswith("cache:") for _, _, m in samplers) else None
     if backbone.ilf is not None:
-        samplers.append((backbone.ilf.config.scheduler, backbone.ilf.config.steps, "ilf"))
-    models = [cached if mode.startswith("cache:") else backbone for _, _, mode in samplers]
+        ilf = backbone.ilf.config
+        samplers += [(ilf.scheduler, ilf.steps, mode) for mode in ("ilf", *(f"ilf+cache:{c}" for c in protocol.ilf_caches))]
+    cached = cache_capable(backbone) if any(split_mode(m)[1] for _, _, m in samplers) else None
+    models = [backbone if not split_mode(mode)[1] else cached if mode.startswith("cache:")
+              else replace(cached, ilf=backbone.ilf) for _, _, mode in samplers]
     for sampler, model in tqdm(list(zip(samplers, models)), desc=f"eval {backbone.name}", unit="sampler"):
         scheduler, steps, mode = sampler
         name = sampler_name(sampler)
@@ -222,9 +235,11 @@ def save_grid(path: Path, name: str, generated: dict[str, torch.Tensor], data: E
 
 
 def method_of(row: dict) -> str:
-    if row["mode"].startswith("cache:"):
-        return row["mode"].removeprefix("cache:").rsplit("-", 1)[0]
-    return "ilf" if row["mode"] == "ilf" else row["scheduler"]
+    job_mode, cache = split_mode(row["mode"])
+    method = "ilf" if job_mode == "ilf" else row["scheduler"]
+    if cache:
+        return cache.rsplit("-", 1)[0] + (" on ilf" if job_mode == "ilf" else "")
+    return method
 
 
 def save_frontier(path: Path, name: str, rows: list[dict], batch: int) -> None:
