@@ -56,6 +56,12 @@ class ImageRequest(_Request):
     mode: Literal["ilf", "baseline"] | None = Field(
         None, description="ilf needs a trained ILF artifact; default: ilf where one exists, else baseline."
     )
+    first_block_cache: float | None = Field(None, ge=0, le=1, description=(
+        "diffusers' FirstBlockCache on top of the sampler (either mode) at this threshold: a step whose first "
+        "block changed by less than it (relative) since the last computed step reuses that step's output of the "
+        "rest of the network. Faster, less faithful (docs/ilf.md has the trade-off per threshold). The cache "
+        "decides per batch, so these images depend on the requests they were batched with. 0: off; default: "
+        "the server's (LOOPSTACK_IMAGE_FIRST_BLOCK_CACHE, off unless set)."))
     response_format: Literal["json", "png"] = Field(
         "json", description="png (or Accept: image/png) returns the image itself; n > 1 gives a row of images."
     )
@@ -77,7 +83,9 @@ class ImageResponse(BaseModel):
     mode: Literal["ilf", "baseline"]
     scheduler: str
     steps: int
-    block_evaluations: int
+    block_evaluations: int = Field(description="Transformer blocks run per image (a step the cache skips "
+                                               "runs one).")
+    first_block_cache: float | None = Field(description="The FirstBlockCache threshold it ran with (null: off).")
     guidance_scale: float
     seeds: list[int]
     width: int
@@ -334,6 +342,7 @@ class ImageGenerationRequest(_Request):
     user: str | None = Field(None, max_length=256, description="Accepted; not used.")
     steps: int | None = Field(None, ge=1)
     mode: Literal["ilf", "baseline"] | None = None
+    first_block_cache: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     class_label: int | Text | None = None
     guidance_scale: float | None = Field(None, ge=0)

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     image_queue_size: int = Field(16, ge=0)
     chat_queue_size: int = Field(16, ge=0)
     image_max_batch: int = Field(16, ge=1, description="images of concurrent requests sampled together, at most")
+    image_first_block_cache: float | None = Field(None, ge=0, le=1, description=(
+        "FirstBlockCache threshold for image requests that do not give one (0 or unset: off)"))
     image_batch_window_ms: float = Field(5.0, ge=0, description="how long a batch's first request waits for "
                                                                "compatible ones to join")
     chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")

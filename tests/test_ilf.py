@@ -250,12 +250,14 @@ def test_a_module_serves_the_guidance_it_was_distilled_for():
 
 @pytest.mark.parametrize("name", ["tiny-dit", "tiny-pixart"])
 def test_first_block_cache_on_ilf_skips_the_feedback_with_the_loop_it_skips(manifest_path, name):
-    """ILF's schedule with diffusers' FirstBlockCache on top: a cache that never skips changes no pixel;
-    on a step where the cache skips the blocks after the first, the feedback block does not run either
-    (run on the skipped loop's output, it would also add its feedback to the cached result)."""
+    """ILF's schedule with diffusers' FirstBlockCache on top, as served: a cache that never skips
+    changes no pixel; on a step where it skips the blocks after the first, the feedback block does not
+    run either (run on the skipped loop's output, it would add its feedback to the cached result), and
+    the image reports the blocks it ran. A row leaving the batch resets the cache (its residuals had
+    the old rows); the hooks are gone after the batch."""
     from dataclasses import replace
 
-    from training.eval.caches import cache_capable, caching
+    from server.imaging.sampler import sample_batch
 
     backbone = backbone_named(manifest_path, name)
     config = ilf_config(backbone)
@@ -263,19 +265,26 @@ def test_first_block_cache_on_ilf_skips_the_feedback_with_the_loop_it_skips(mani
     torch.manual_seed(0)
     torch.nn.init.normal_(feedback.scale, std=0.5)
     ilf = replace(backbone, ilf=LoadedILF(feedback.eval(), config))
-    cached = replace(cache_capable(backbone), ilf=ilf.ilf)
     conditions = [3, 5] if backbone.spec.kind == "dit" else ["the digit 3", "a handwritten five"]
     job = SampleJob(conditions, [7, 8], 4, 2.0, backbone.native_size, backbone.native_size, mode="ilf")
-    plain = sample(ilf, job).images
+    plain = sample(ilf, job)
 
     feedback_calls = []
     hook = feedback.block.register_forward_hook(lambda *a: feedback_calls.append(1))
-    with caching(cached, "fbc-0", job.steps) as step_context:  # threshold 0: every step computes
-        never_skipping = sample(cached, job, step_context).images
-    assert torch.equal(never_skipping, plain) and len(feedback_calls) == 4
+    never_skipping = sample(ilf, replace(job, first_block_cache=1e-9))
+    assert torch.equal(never_skipping.images, plain.images) and len(feedback_calls) == 4
+    assert never_skipping.block_evaluations == plain.block_evaluations == 4 * config.blocks_per_step
     feedback_calls.clear()
-    with caching(cached, "fbc-1000", job.steps) as step_context:  # every step after the first is skipped
-        skipping = sample(cached, job, step_context).images
+    skipping = sample(ilf, replace(job, first_block_cache=1000.0))  # every step after the first is skipped
     hook.remove()
-    assert len(feedback_calls) == 1
-    assert torch.isfinite(skipping).all() and not torch.allclose(skipping, plain, atol=1e-3)
+    assert len(feedback_calls) == 1 and skipping.block_evaluations == config.blocks_per_step + 3
+    assert torch.isfinite(skipping.images).all() and not torch.allclose(skipping.images, plain.images, atol=1e-3)
+    assert torch.equal(sample(ilf, job).images, plain.images)  # no hook left behind
+
+    def leave_at_step_2(done, steps):
+        if done == 2:
+            raise RuntimeError("client gone")
+
+    alone = [replace(job, conditions=[c], seeds=[s], first_block_cache=1000.0) for c, s in zip(conditions, job.seeds)]
+    stays, left = sample_batch(ilf, alone, [None, leave_at_step_2])
+    assert isinstance(left, RuntimeError) and stays.images.shape[0] == 1 and torch.isfinite(stays.images).all()

@@ -84,11 +84,13 @@ def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, t
     assert next(m for m in load_manifest(manifest).image if m.name == "tiny-dit").ilf == entry
 
 
-def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(manifest_path, tmp_path):
+def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(zoo_dir, manifest_path, tmp_path):
     from dataclasses import replace
 
     from training.eval.ilf_ablation import VARIANTS, run_ablation
 
+    shutil.copytree(zoo_dir / "artifacts", tmp_path / "artifacts")
+    manifest_path = shutil.copy(manifest_path, tmp_path / "weights_manifest.yaml")  # it installs the winner
     variants = {name: VARIANTS[name] for name in ("one-step", "+ guidance")}
     rows = run_ablation(built(manifest_path), "tiny-dit", tmp_path, base=replace(TINY, rollout_updates=2),
                         per_class=1, variants=variants, install=True)

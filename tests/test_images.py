@@ -77,3 +77,19 @@ def test_ilf_mode_without_a_trained_module_is_a_clear_4xx(client):
     response = client.post("/generate-image", json={"model": "tiny-dit", "class_label": 0, "mode": "ilf"})
     error = assert_error_shape(response, 422, "mode")  # like every other invalid field
     assert "ILF" in error["message"]
+
+
+def test_first_block_cache_is_a_request_setting_that_skips_blocks_and_reports_them(client):
+    request = dict(model="tiny-dit", class_label=3, seed=11, n=2)
+    plain = generate(client, **request)
+    cached = generate(client, **request, first_block_cache=1.0)  # relative change below 1: skips after step 1
+    assert plain["first_block_cache"] is None and cached["first_block_cache"] == 1.0
+    assert cached["block_evaluations"] < plain["block_evaluations"] == 4 * 2
+    assert cached["images"] != plain["images"]
+    assert generate(client, **request, first_block_cache=0)["images"] == plain["images"]  # 0: off
+    via_openai = client.post("/v1/images/generations", json={"model": "tiny-dit", "prompt": "three", "seed": 11,
+                                                             "first_block_cache": 1.0})
+    assert via_openai.status_code == 200 and via_openai.json()["loopstack"]["first_block_cache"] == 1.0
+    for bad in (1.5, -0.1, "fast"):
+        assert_error_shape(client.post("/generate-image", json=request | {"first_block_cache": bad}), 422,
+                           "first_block_cache")

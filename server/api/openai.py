@@ -177,7 +177,7 @@ def native_image_request(req: ImageGenerationRequest, backbone: ImageBackbone) -
             class_label = req.prompt.strip().lower()
     return ImageRequest(model=req.model, prompt=prompt, class_label=class_label, steps=req.steps,
                         guidance_scale=req.guidance_scale, seed=req.seed, n=req.n or 1, width=width, height=height,
-                        scheduler=req.scheduler, mode=req.mode)
+                        scheduler=req.scheduler, mode=req.mode, first_block_cache=req.first_block_cache)
 
 
 def served_image(name: str, models: ModelSet, svc: Services) -> ImageBackbone:

@@ -14,6 +14,9 @@ from typing import Callable, ContextManager, Literal
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from server.imaging.backbones import ImageBackbone
@@ -40,6 +43,7 @@ class SampleJob:
     width: int
     scheduler: SchedulerName = "ddim"
     mode: Literal["baseline", "ilf"] = "baseline"
+    first_block_cache: float | None = None  # diffusers' FirstBlockCache at this threshold on top; None: off
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,38 @@ class SampleResult:
     steps: int
     block_evaluations: int  # transformer blocks run per image, guidance batched in the same pass
     seconds: float
+
+
+class FirstBlockCache:
+    """diffusers' FirstBlockCache on a backbone's transformer for one batch: a step whose first block's
+    residual changed by less than `threshold` (relative) since the last computed step reuses that step's
+    residual for the rest of the network, ILF's loop included. The hooks go on when the batch starts
+    and off when it ends; the image worker samples one batch at a time, so no other sampling meets
+    them. diffusers decides per batch, so a cached image depends on the batch it was sampled in."""
+
+    def __init__(self, transformer: torch.nn.Module, threshold: float):
+        self.transformer, self.threshold = transformer, threshold
+
+    def __enter__(self) -> "FirstBlockCache":
+        apply_first_block_cache(self.transformer, FirstBlockCacheConfig(threshold=self.threshold))
+        self.registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        self.registry.invalidate_child_registries_cache()
+        self.head = self.transformer.transformer_blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
+        _set_cache_context(self.transformer, CacheContext("batch"))
+        return self
+
+    def computed_last_step(self) -> bool:
+        return self.head.state_manager.get_state().should_compute
+
+    def forget(self) -> None:
+        """Rows left the batch: the cached residuals have the old rows, so the next step computes."""
+        self.registry.reset_stateful_hooks(recurse=True)
+        _set_cache_context(self.transformer, CacheContext("batch"))
+
+    def __exit__(self, *exc) -> None:
+        self.registry.remove_hook(_FBC_LEADER_BLOCK_HOOK, recurse=True)
+        self.registry.remove_hook(_FBC_BLOCK_HOOK, recurse=True)
+        self.registry.invalidate_child_registries_cache()
 
 
 def initial_noise(backbone: ImageBackbone, job: SampleJob) -> torch.Tensor:
@@ -76,8 +112,9 @@ def sample(backbone: ImageBackbone, job: SampleJob,
 
 
 def compatible(a: SampleJob, b: SampleJob) -> bool:
-    """Jobs that can share a batch: the same loop (mode, steps, scheduler) over latents of one shape."""
-    return (a.mode, a.steps, a.scheduler, a.height, a.width) == (b.mode, b.steps, b.scheduler, b.height, b.width)
+    """Jobs that can share a batch: the same loop (mode, steps, scheduler, cache) over latents of one shape."""
+    return ((a.mode, a.steps, a.scheduler, a.first_block_cache, a.height, a.width)
+            == (b.mode, b.steps, b.scheduler, b.first_block_cache, b.height, b.width))
 
 
 @torch.no_grad()
@@ -91,7 +128,7 @@ def sample_batch(backbone: ImageBackbone, jobs: list[SampleJob],
     early when every job has left. Written by hand: the diffusers pipelines sample one request."""
     first = jobs[0]
     if any(not compatible(first, job) for job in jobs):
-        raise ValueError("jobs in one batch must share mode, steps, scheduler and size")
+        raise ValueError("jobs in one batch must share mode, steps, scheduler, cache and size")
     if first.mode == "ilf" and backbone.ilf is None:
         raise ValueError(f"{backbone.name} has no ILF module")
     progress = progress or [None] * len(jobs)
@@ -113,10 +150,15 @@ def sample_batch(backbone: ImageBackbone, jobs: list[SampleJob],
     cond, scales = rows_of(live)
     if trajectory is not None:
         trajectory.append(x)
-    with ilf.enabled(backbone.transformer) if ilf else nullcontext():
+    blocks_per_step = ilf.config.blocks_per_step if ilf else backbone.num_blocks
+    blocks = 0  # per image: a step the cache skips runs the first block alone
+    cache = FirstBlockCache(backbone.transformer, first.first_block_cache) if first.first_block_cache else None
+    # the cache first: it hooks the backbone's own blocks, which the ILF context then loops
+    with cache or nullcontext(), ilf.enabled(backbone.transformer) if ilf else nullcontext():
         for i, t in enumerate(scheduler.timesteps):
             with step_context(i, t) if step_context else nullcontext():
                 x = denoise_step(backbone, scheduler, x, t, cond, scales)
+            blocks += blocks_per_step if cache is None or cache.computed_last_step() else 1
             if trajectory is not None:
                 trajectory.append(x)
             leaving = []
@@ -135,15 +177,16 @@ def sample_batch(backbone: ImageBackbone, jobs: list[SampleJob],
                     break
                 x = x[keep]
                 drop_rows(scheduler, keep)
+                if cache is not None:
+                    cache.forget()
                 cond, scales = rows_of(live)
 
     if live:
         images = backbone.decode(x).split([len(jobs[j].seeds) for j in live])
         steps = len(scheduler.timesteps)
-        blocks_per_step = ilf.config.blocks_per_step if ilf else backbone.num_blocks
         seconds = time.perf_counter() - start
         for j, image in zip(live, images):
-            outcomes[j] = SampleResult(image, steps, steps * blocks_per_step, seconds)
+            outcomes[j] = SampleResult(image, steps, blocks, seconds)
     return outcomes
 
 

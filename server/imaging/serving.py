@@ -209,6 +209,7 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
     if backbone.square_only and height != width:
         raise ApiError(422, f"{backbone.name} generates square images only", "width")
 
+    threshold = req.first_block_cache if req.first_block_cache is not None else settings.image_first_block_cache
     condition = _condition(req, backbone, settings)
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - settings.max_images_per_request)
     if seed + req.n - 1 > MAX_SEED:
@@ -222,6 +223,7 @@ def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> 
         width=width,
         scheduler=scheduler,
         mode=mode,
+        first_block_cache=threshold or None,
     )
 
 
@@ -280,7 +282,8 @@ def image_response(backbone: ImageBackbone, job: SampleJob, result: SampleResult
                    images: list[Image.Image] | None = None) -> ImageResponse:
     return ImageResponse(
         model=backbone.name, mode=job.mode, scheduler=job.scheduler, steps=result.steps,
-        block_evaluations=result.block_evaluations, guidance_scale=job.guidance_scale, seeds=job.seeds,
+        block_evaluations=result.block_evaluations, first_block_cache=job.first_block_cache,
+        guidance_scale=job.guidance_scale, seeds=job.seeds,
         width=job.width, height=job.height, seconds=result.seconds, placeholder=backbone.spec.placeholder,
         generation=generation, images=b64_pngs(images or to_pil(result.images)))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,21 +73,31 @@ def eval_set(backbone: ImageBackbone, protocol: Protocol) -> EvalSet:
 
 def split_mode(mode: str) -> tuple[str, str | None]:
     """A sampler's mode as (the job's mode, its diffusers cache or None): "baseline", "ilf",
-    "cache:NAME" (the baseline with a cache), "ilf+cache:NAME" (ILF's schedule with a cache)."""
+    "cache:NAME" (the baseline with a cache), "ilf+cache:fbc-T" (ILF's schedule with FirstBlockCache)."""
     if "cache:" not in mode:
         return mode, None
     prefix, name = mode.split("cache:")
+    if prefix == "ilf+" and not name.startswith("fbc-"):
+        raise ValueError(f"{mode!r}: ILF composes with FirstBlockCache only (TaylorSeer counts each call of a "
+                         "block as a step, and ILF's loop calls its blocks twice a step)")
     return ("ilf" if prefix == "ilf+" else "baseline"), name
 
 
+def served_cache(mode: str) -> bool:
+    """FirstBlockCache runs as the server serves it (a job setting); the other caches on the
+    cache-capable copy of the backbone."""
+    cache = split_mode(mode)[1]
+    return cache is not None and cache.startswith("fbc-")
+
+
 def _run(backbone: ImageBackbone, data: EvalSet, sl: slice, sampler: tuple, guidance: float):
-    """One sample() call for a sampler spec (scheduler, steps, mode); a mode with a cache runs the
-    cache-capable copy of the backbone with that diffusers cache."""
+    """One sample() call for a sampler spec (scheduler, steps, mode)."""
     scheduler, steps, mode = sampler
     size = backbone.native_size
     job_mode, cache = split_mode(mode)
-    job = SampleJob(data.conditions[sl], data.seeds[sl], steps, guidance, size, size, scheduler, job_mode)
-    if cache is None:
+    threshold = float(cache.removeprefix("fbc-")) if served_cache(mode) else None
+    job = SampleJob(data.conditions[sl], data.seeds[sl], steps, guidance, size, size, scheduler, job_mode, threshold)
+    if cache is None or threshold is not None:
         return sample(backbone, job)
     with caching(backbone, cache, steps) as step_context:
         return sample(backbone, job, step_context)
@@ -95,12 +105,15 @@ def _run(backbone: ImageBackbone, data: EvalSet, sl: slice, sampler: tuple, guid
 
 def generate(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: float,
              batch_size: int) -> tuple[torch.Tensor, float, int | None]:
-    images, seconds = [], 0.0
+    images, seconds, blocks = [], 0.0, 0
     for start in range(0, len(data.seeds), batch_size):
         result = _run(backbone, data, slice(start, start + batch_size), sampler, guidance)
         images.append(result.images)
         seconds += result.seconds
-    blocks = None if split_mode(sampler[2])[1] else result.block_evaluations  # caches skip adaptively
+        blocks += result.block_evaluations * len(result.images)
+    # per image, the mean over batches (FirstBlockCache skips per batch); the other caches skip inside
+    # blocks, which the sampler does not see
+    blocks = None if split_mode(sampler[2])[1] and not served_cache(sampler[2]) else round(blocks / len(data.seeds))
     return torch.cat(images), seconds / len(data.seeds), blocks
 
 
@@ -142,9 +155,9 @@ def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_fe
     if backbone.ilf is not None:
         ilf = backbone.ilf.config
         samplers += [(ilf.scheduler, ilf.steps, mode) for mode in ("ilf", *(f"ilf+cache:{c}" for c in protocol.ilf_caches))]
-    cached = cache_capable(backbone) if any(split_mode(m)[1] for _, _, m in samplers) else None
-    models = [backbone if not split_mode(mode)[1] else cached if mode.startswith("cache:")
-              else replace(cached, ilf=backbone.ilf) for _, _, mode in samplers]
+    hooked = [split_mode(mode)[1] is not None and not served_cache(mode) for _, _, mode in samplers]
+    cached = cache_capable(backbone) if any(hooked) else None
+    models = [cached if h else backbone for h in hooked]
     for sampler, model in tqdm(list(zip(samplers, models)), desc=f"eval {backbone.name}", unit="sampler"):
         scheduler, steps, mode = sampler
         name = sampler_name(sampler)
