@@ -95,7 +95,7 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
                                                ("ddim", 4, "cache:taylorseer-2"), ("ddim", 4, "cache:pab-2"),
                                                ("ddim", 4, "cache:fastercache-2")),
                         reference=("ddim", 4, "baseline"), ilf_caches=("fbc-0.1",),
-                        latency_images=1, latency_batch=4, latency_repeats=1, bootstrap_rounds=10)
+                        latency_rounds_batch1=1, latency_batch=4, latency_rounds=2, bootstrap_rounds=10)
     train_ilf(first, "digits-pixart", MICRO_ILF)  # a model with an ILF module also gets ILF, and ILF with a cache
     report = run_image_eval(first, tmp_path / "eval", protocol)
     saved = json.loads((tmp_path / "eval" / "images.json").read_text())
@@ -106,11 +106,16 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
     for cached in rows[2:]:  # each cache skips work, so its images leave the reference's
         assert cached["block_evaluations"] is None and cached["psnr_vs_reference_db"] < PSNR_CAP_DB
         assert cached["seconds_per_image_batch4"] > 0 and cached["speedup_batch4"] > 0
+        low, high = cached["speedup_batch4_range"]  # the median of the two rounds' ratios, between them
+        assert len(cached["seconds_per_image_batch4_rounds"]) == 2 and low <= cached["speedup_batch4"] <= high
+    assert rows[0]["speedup_batch4_range"] == [1.0, 1.0]  # the reference against itself, round by round
     assert rows[0]["psnr_vs_reference_db"] == PSNR_CAP_DB and rows[0]["ssim_vs_reference"] == pytest.approx(1.0)
     assert rows[1]["psnr_vs_reference_db"] < PSNR_CAP_DB
     ilf_rows = saved["models"]["digits-pixart"][len(rows):]
     assert [(r["sampler"], r["mode"]) for r in ilf_rows] == [("ilf-2", "ilf"), ("fbc-0.1@ilf-2", "ilf+cache:fbc-0.1")]
-    assert ilf_rows[1]["block_evaluations"] is None and ilf_rows[1]["seconds_per_image_batch4"] > 0
+    # FirstBlockCache's skips are counted: at most ILF's own blocks
+    assert 0 < ilf_rows[1]["block_evaluations"] <= ilf_rows[0]["block_evaluations"]
+    assert ilf_rows[1]["seconds_per_image_batch4"] > 0
     lo, hi = rows[1]["digit_fid_ci95"]
     assert 0 <= rows[1]["accuracy"] <= 1 and np.isfinite(rows[1]["digit_fid"]) and lo <= hi
     assert report["real_vs_real"]["images"] == 20

@@ -9,6 +9,7 @@ fidelity (PSNR, SSIM) of each image to the 20-step DDIM image from the same seed
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +32,11 @@ class Protocol:
     per_class: int = 30  # images per digit (PixArt: spread over the held-out phrasings)
     seed_base: int = 10_000
     batch_size: int = 30
-    latency_images: int = 7  # timing rounds at batch 1; each sampler's fastest counts (the machine is shared)
-    latency_batch: int = 16  # and at this batch size,
-    latency_repeats: int = 3  # in this many rounds
+    # Timing: rounds that each time every sampler once, in turn; a sampler's speedup is the median
+    # over rounds of the reference's time in that round over its own (spread: the rounds' min-max)
+    latency_rounds_batch1: int = 7
+    latency_batch: int = 16
+    latency_rounds: int = 5  # at latency_batch
     # (scheduler, steps, mode); a model with an ILF module also gets its ILF row
     samplers: tuple[tuple[str, int, str], ...] = (
         ("ddim", 20, "baseline"), ("ddim", 15, "baseline"), ("ddim", 10, "baseline"), ("ddim", 8, "baseline"),
@@ -118,19 +121,19 @@ def generate(backbone: ImageBackbone, data: EvalSet, sampler: tuple, guidance: f
 
 
 def latencies(models: list[ImageBackbone], data: EvalSet, samplers: list[tuple], guidance: float, batch: int,
-              rounds: int) -> list[float]:
-    """Seconds per image for each sampler at this batch size: one warm-up call each, then `rounds`
-    rounds that time every sampler once in turn, keeping each one's fastest. Interleaving spreads the
-    shared machine's slow spells over all samplers instead of charging them to whichever ran then."""
+              rounds: int) -> list[list[float]]:
+    """Seconds per image for each sampler at this batch size, per round: one warm-up call each, then
+    `rounds` rounds that time every sampler once in turn. A slow spell of the shared machine then
+    lands in one round, where it slows the reference too, instead of in one sampler's timings."""
     batch = min(batch, len(data.seeds))
-    best = [float("inf")] * len(samplers)
+    timed: list[list[float]] = [[] for _ in samplers]
     for round_index in range(rounds + 1):
         for i, (model, sampler) in enumerate(zip(models, samplers)):
             start = time.perf_counter()
             _run(model, data, slice(0, batch), sampler, guidance)
             if round_index > 0:
-                best[i] = min(best[i], (time.perf_counter() - start) / batch)
-    return best
+                timed[i].append((time.perf_counter() - start) / batch)
+    return timed
 
 
 def sampler_name(sampler: tuple) -> str:
@@ -177,18 +180,20 @@ def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_fe
                                                  rounds=protocol.bootstrap_rounds, recentre=True),
         })
     print(f"timing {len(samplers)} samplers, interleaved", flush=True)
-    for batch, rounds in ((1, protocol.latency_images), (protocol.latency_batch, protocol.latency_repeats)):
-        for row, seconds in zip(rows, latencies(models, data, samplers, guidance, batch, rounds)):
-            row[f"seconds_per_image_batch{batch}"] = seconds
+    reference_index = next(i for i, r in enumerate(rows) if r["sampler"] == sampler_name(protocol.reference))
+    for batch, rounds in ((1, protocol.latency_rounds_batch1), (protocol.latency_batch, protocol.latency_rounds)):
+        timed = latencies(models, data, samplers, guidance, batch, rounds)
+        for row, seconds in zip(rows, timed):
+            speedups = [ref / own for ref, own in zip(timed[reference_index], seconds)]
+            row[f"seconds_per_image_batch{batch}"] = float(np.median(seconds))
+            row[f"seconds_per_image_batch{batch}_rounds"] = seconds
+            row[f"speedup_batch{batch}"] = float(np.median(speedups))
+            row[f"speedup_batch{batch}_range"] = [min(speedups), max(speedups)]
     reference = generated[sampler_name(protocol.reference)]
     for row in rows:
         images = generated[row["sampler"]]
         row["psnr_vs_reference_db"] = float(psnr(images, reference).mean())
         row["ssim_vs_reference"] = float(ssim(images, reference).mean())
-    base = next(r for r in rows if r["sampler"] == sampler_name(protocol.reference))
-    for row in rows:
-        for key in ("batch1", f"batch{protocol.latency_batch}"):
-            row[f"speedup_{key}"] = base[f"seconds_per_image_{key}"] / row[f"seconds_per_image_{key}"]
     return rows, generated
 
 
@@ -204,9 +209,9 @@ def real_floor(classifier: DigitClassifier, protocol: Protocol, real_features: n
 
 
 def format_table(name: str, rows: list[dict], floor: dict) -> str:
-    b = next(k for k in rows[0] if k.startswith("speedup_batch") and k != "speedup_batch1").removeprefix("speedup_")
+    b = next(k for k in rows[0] if re.fullmatch(r"speedup_batch\d+", k) and k != "speedup_batch1").removeprefix("speedup_")
     head = (f"{'sampler':<24}{'steps':>6}{'blocks':>7}{'guid':>6}{'s/img b1':>10}{'s/img b' + b[5:]:>10}"
-            f"{'speedup b1/b' + b[5:]:>16}"
+            f"{'speedup b1/b' + b[5:]:>16}{'b' + b[5:] + ' rounds':>14}"
             f"{'acc':>7}{'acc 95% CI':>15}{'Digit-FID':>11}{'FID 95% CI':>17}{'PSNR dB':>9}{'SSIM':>7}")
     lines = [f"== {name}  (real-vs-real Digit-FID floor {floor['digit_fid']:.2f}, "
              f"95% CI {floor['digit_fid_ci95'][0]:.2f}-{floor['digit_fid_ci95'][1]:.2f})", head]
@@ -215,6 +220,7 @@ def format_table(name: str, rows: list[dict], floor: dict) -> str:
             f"{r['sampler']:<24}{r['steps']:>6}{r['block_evaluations'] or '-':>7}{r['guidance_scale']:>6.1f}"
             f"{r['seconds_per_image_batch1']:>10.3f}{r['seconds_per_image_' + b]:>10.4f}"
             f"{r['speedup_batch1']:>9.2f}/{r['speedup_' + b]:.2f}x"
+            f"{'%.2f-%.2f' % tuple(r['speedup_' + b + '_range']):>14}"
             f"{r['accuracy']:>7.3f}{'%.3f-%.3f' % tuple(r['accuracy_ci95']):>15}{r['digit_fid']:>11.2f}"
             f"{'%.2f-%.2f' % tuple(r['digit_fid_ci95']):>17}{r['psnr_vs_reference_db']:>9.2f}"
             f"{r['ssim_vs_reference']:>7.3f}"
