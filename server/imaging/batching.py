@@ -4,7 +4,7 @@ and no library batches diffusion requests with their own seeds, guidance and can
 Every request still goes through the image engine's bounded queue (its 429s and Retry-After stay as
 they are) and is also listed here. When the worker reaches a request still listed, it takes with it
 every listed request for the same model (the same loaded generation, ILF module included) whose
-job is compatible (mode, steps, scheduler, size), up to `max_images` images. With fewer listed, and
+job is compatible (mode, steps, scheduler, cache, size), up to `max_images` images. With fewer listed, and
 when requests came while the worker was busy (concurrent traffic), it waits up to `window` seconds
 for more to join; a lone client's request, listed with the worker idle, never waits. The batch is
 sampled as one (`sample_batch`); each request answers when its batch is done, and its own turn in
