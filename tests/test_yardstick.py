@@ -121,3 +121,18 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
     assert report["real_vs_real"]["images"] == 20
     for name in ("digits-dit.png", "digits-pixart.png", "digits-dit-frontier.png"):
         assert (tmp_path / "eval" / name).is_file()
+
+
+def test_the_frontier_judgement_names_what_is_faster_and_more_faithful():
+    from training.eval.images import judge_against_frontier
+
+    def row(name, speedup, db, accuracy=1.0, fid=50.0):
+        return {"sampler": name, "speedup_batch16": speedup, "psnr_vs_reference_db": db, "accuracy": accuracy,
+                "digit_fid": fid, "digit_fid_ci95": [40.0, 70.0]}
+
+    rows = [row("ddim-20", 1.0, 100.0), row("cache", 2.5, 36.0), row("ilf", 2.0, 35.0),
+            row("ilf+cache", 3.0, 30.0, accuracy=0.985), row("ddim-8", 2.7, 32.0, fid=75.0)]
+    judge_against_frontier(rows, rows[0], 16)
+    assert {r["sampler"]: r["dominated_by"] for r in rows} == {
+        "ddim-20": [], "cache": [], "ilf": ["cache"], "ilf+cache": [], "ddim-8": []}
+    assert [r["keeps_quality"] for r in rows] == [True, True, True, False, False]

@@ -194,7 +194,21 @@ def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_fe
         images = generated[row["sampler"]]
         row["psnr_vs_reference_db"] = float(psnr(images, reference).mean())
         row["ssim_vs_reference"] = float(ssim(images, reference).mean())
+    judge_against_frontier(rows, rows[reference_index], protocol.latency_batch)
     return rows, generated
+
+
+def judge_against_frontier(rows: list[dict], reference: dict, batch: int) -> None:
+    """Per row: the rows at least as fast in a batch (median speedup) and more faithful to the
+    reference (PSNR), which dominate it (none: it is on the speed/fidelity frontier); and whether it
+    keeps the reference's quality: accuracy within 1 point, Digit-FID inside the reference's interval."""
+    speed = f"speedup_batch{batch}"
+    low, high = reference["digit_fid_ci95"]
+    for row in rows:
+        row["dominated_by"] = [other["sampler"] for other in rows if other is not row
+                               and other[speed] >= row[speed]
+                               and other["psnr_vs_reference_db"] > row["psnr_vs_reference_db"]]
+        row["keeps_quality"] = (abs(row["accuracy"] - reference["accuracy"]) <= 0.01 and low <= row["digit_fid"] <= high)
 
 
 def real_floor(classifier: DigitClassifier, protocol: Protocol, real_features: np.ndarray) -> dict:
@@ -212,7 +226,8 @@ def format_table(name: str, rows: list[dict], floor: dict) -> str:
     b = next(k for k in rows[0] if re.fullmatch(r"speedup_batch\d+", k) and k != "speedup_batch1").removeprefix("speedup_")
     head = (f"{'sampler':<24}{'steps':>6}{'blocks':>7}{'guid':>6}{'s/img b1':>10}{'s/img b' + b[5:]:>10}"
             f"{'speedup b1/b' + b[5:]:>16}{'b' + b[5:] + ' rounds':>14}"
-            f"{'acc':>7}{'acc 95% CI':>15}{'Digit-FID':>11}{'FID 95% CI':>17}{'PSNR dB':>9}{'SSIM':>7}")
+            f"{'acc':>7}{'acc 95% CI':>15}{'Digit-FID':>11}{'FID 95% CI':>17}{'PSNR dB':>9}{'SSIM':>7}"
+            f"{'quality':>8}  dominated by (faster and more faithful)")
     lines = [f"== {name}  (real-vs-real Digit-FID floor {floor['digit_fid']:.2f}, "
              f"95% CI {floor['digit_fid_ci95'][0]:.2f}-{floor['digit_fid_ci95'][1]:.2f})", head]
     for r in rows:
@@ -223,7 +238,8 @@ def format_table(name: str, rows: list[dict], floor: dict) -> str:
             f"{'%.2f-%.2f' % tuple(r['speedup_' + b + '_range']):>14}"
             f"{r['accuracy']:>7.3f}{'%.3f-%.3f' % tuple(r['accuracy_ci95']):>15}{r['digit_fid']:>11.2f}"
             f"{'%.2f-%.2f' % tuple(r['digit_fid_ci95']):>17}{r['psnr_vs_reference_db']:>9.2f}"
-            f"{r['ssim_vs_reference']:>7.3f}"
+            f"{r['ssim_vs_reference']:>7.3f}{'kept' if r['keeps_quality'] else 'lost':>8}  "
+            f"{', '.join(r['dominated_by'][:3]) + (' ...' if len(r['dominated_by']) > 3 else '') or 'frontier'}"
         )
     return "\n".join(lines)
 
