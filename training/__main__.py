@@ -81,7 +81,10 @@ def ilf_sweep(m: BuiltManifest, args) -> None:
 def ilf_ablation(m: BuiltManifest, args) -> None:
     from training.eval.ilf_ablation import run_ablation
 
-    run_ablation(m, args.model, args.out, per_class=args.per_class, install=args.install)
+    from training.eval.ilf_ablation import VARIANTS
+
+    variants = {name: VARIANTS[name] for name in args.variants or VARIANTS}
+    run_ablation(m, args.model, args.out, per_class=args.per_class, variants=variants, install=args.install)
 
 
 def eval_images(m: BuiltManifest, args) -> None:
@@ -147,6 +150,9 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                         "and measure each on the validation seeds", ilf_ablation,
                         [MODEL, (("--per-class",), dict(type=int, default=6, help="validation images per digit")),
                          (("--out",), dict(type=Path, default=Path("runs/ilf"))),
+                         (("--variants",), dict(nargs="+", choices=("one-step", "+ normalised", "+ rollouts",
+                                                                    "+ guidance"),
+                                                 help="only these variants (default: all, in order)")),
                          (("--install",), dict(action="store_true", help="serve the variant with the best PSNR at "
                                                                         "the default guidance as the model's module"))]),
     ("eval", "images"): ("the image yardstick: speed, accuracy, Digit-FID, fidelity to DDIM-20", eval_images,
