@@ -93,7 +93,8 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
 
     protocol = Protocol(per_class=2, samplers=(("ddim", 4, "baseline"), ("dpm++", 2, "baseline"),
                                                ("ddim", 4, "cache:taylorseer-2"), ("ddim", 4, "cache:pab-2"),
-                                               ("ddim", 4, "cache:fastercache-2")),
+                                               ("ddim", 4, "cache:fastercache-2"),
+                                               ("ddim", 4, "cache:dbcache-F1B0W1-0.9")),
                         reference=("ddim", 4, "baseline"), ilf_caches=("fbc-0.1",),
                         latency_rounds_batch1=1, latency_batch=4, latency_rounds=2, bootstrap_rounds=10)
     train_ilf(first, "digits-pixart", MICRO_ILF)  # a model with an ILF module also gets ILF, and ILF with a cache
@@ -102,7 +103,7 @@ def test_micro_zoo_builds_deterministically_serves_and_evaluates(tmp_path):
     assert saved["models"].keys() == {"digits-dit", "digits-pixart"}
     rows = saved["models"]["digits-dit"]
     assert [r["sampler"] for r in rows] == ["ddim-4", "dpm++-2", "taylorseer-2@ddim-4", "pab-2@ddim-4",
-                                            "fastercache-2@ddim-4"]
+                                            "fastercache-2@ddim-4", "dbcache-F1B0W1-0.9@ddim-4"]
     for cached in rows[2:]:  # each cache skips work, so its images leave the reference's
         assert cached["block_evaluations"] is None and cached["psnr_vs_reference_db"] < PSNR_CAP_DB
         assert cached["seconds_per_image_batch4"] > 0 and cached["speedup_batch4"] > 0

@@ -22,6 +22,7 @@ from server.imaging.backbones import ImageBackbone, load_image_backbone
 from server.imaging.sampler import SampleJob, sample
 from server.manifest import BuiltManifest
 from training.data.digits import HELDOUT_TEMPLATES, caption, digit_split
+from training.eval.cache_dit import dbcache
 from training.eval.caches import cache_capable, caching
 from training.eval.classifier import DigitClassifier, accuracy, load_or_train_classifier
 from training.eval.metrics import bootstrap_interval, frechet_distance, psnr, ssim
@@ -46,6 +47,8 @@ class Protocol:
         ("ddim", 20, "cache:taylorseer-2"), ("ddim", 20, "cache:taylorseer-3"), ("ddim", 20, "cache:taylorseer-4"),
         ("ddim", 20, "cache:pab-2"), ("ddim", 20, "cache:pab-3"),
         ("ddim", 20, "cache:fastercache-2"), ("ddim", 20, "cache:fastercache-3"),
+        # cache-dit's DBCache: the first block decides, the last computes, 8 warm-up steps (its default)
+        ("ddim", 20, "cache:dbcache-F1B1-0.1"), ("ddim", 20, "cache:dbcache-F1B1-0.2"),
     )
     # and a model with an ILF module, ILF's own schedule with each of these caches on top
     ilf_caches: tuple[str, ...] = ("fbc-0.1", "fbc-0.2", "fbc-0.3")
@@ -87,10 +90,15 @@ def split_mode(mode: str) -> tuple[str, str | None]:
 
 
 def served_cache(mode: str) -> bool:
-    """FirstBlockCache runs as the server serves it (a job setting); the other caches on the
-    cache-capable copy of the backbone."""
+    """FirstBlockCache runs as the server serves it (a job setting)."""
     cache = split_mode(mode)[1]
     return cache is not None and cache.startswith("fbc-")
+
+
+def needs_cache_mixin(mode: str) -> bool:
+    """diffusers' other caches run on the cache-capable copy of the backbone; cache-dit's on the backbone."""
+    cache = split_mode(mode)[1]
+    return cache is not None and not cache.startswith(("fbc-", "dbcache-"))
 
 
 def _run(backbone: ImageBackbone, data: EvalSet, sl: slice, sampler: tuple, guidance: float):
@@ -102,7 +110,9 @@ def _run(backbone: ImageBackbone, data: EvalSet, sl: slice, sampler: tuple, guid
     job = SampleJob(data.conditions[sl], data.seeds[sl], steps, guidance, size, size, scheduler, job_mode, threshold)
     if cache is None or threshold is not None:
         return sample(backbone, job)
-    with caching(backbone, cache, steps) as step_context:
+    hooks = dbcache(backbone, cache.removeprefix("dbcache-"), steps) if cache.startswith("dbcache-") \
+        else caching(backbone, cache, steps)
+    with hooks as step_context:
         return sample(backbone, job, step_context)
 
 
@@ -158,7 +168,7 @@ def evaluate_model(backbone: ImageBackbone, classifier: DigitClassifier, real_fe
     if backbone.ilf is not None:
         ilf = backbone.ilf.config
         samplers += [(ilf.scheduler, ilf.steps, mode) for mode in ("ilf", *(f"ilf+cache:{c}" for c in protocol.ilf_caches))]
-    hooked = [split_mode(mode)[1] is not None and not served_cache(mode) for _, _, mode in samplers]
+    hooked = [needs_cache_mixin(mode) for _, _, mode in samplers]
     cached = cache_capable(backbone) if any(hooked) else None
     models = [cached if h else backbone for h in hooked]
     for sampler, model in tqdm(list(zip(samplers, models)), desc=f"eval {backbone.name}", unit="sampler"):
