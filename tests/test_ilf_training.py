@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import torch
 from fastapi.testclient import TestClient
@@ -14,7 +15,8 @@ from server.artifacts import load_with_config, sha256_file
 from server.imaging.ilf import ILFConfig
 from tests.conftest import built, make_settings
 from tests.test_ilf import backbone_named
-from training.ilf_distill import MICRO_ILF, TRAINING_SEED_BASE, VALIDATION_SEED_BASE, distil, train_ilf
+from training.ilf_distill import (MICRO_ILF, TRAINING_SEED_BASE, VALIDATION_SEED_BASE, ILFTraining, distil,
+                                  train_ilf)
 
 TINY = MICRO_ILF
 
@@ -45,6 +47,10 @@ def test_distillation_rolls_out_keeps_the_best_validated_module_and_records_its_
     assert kept["validation_psnr"] == best["validation_psnr"]
     assert kept["kept"] == (0 if best["phase"] == "start" else best["update"] + 1)
     assert tuple(config.guidance_range) == (1.0, 4.0) and config.reference_steps == 4
+    # the default distils at the model's default guidance alone, and serves that alone
+    assert ILFTraining().guidance_max_factor == 0
+    single = distil(backbone, replace(TINY, guidance_max_factor=0.0, updates=1, rollout_updates=1))[1]
+    assert single.served_guidance == (2.0, 2.0)
 
 
 def test_training_and_validation_noise_stay_clear_of_the_yardsticks_seeds(manifest_path):
@@ -85,8 +91,6 @@ def test_trained_module_is_written_recorded_and_served(zoo_dir, manifest_path, t
 
 
 def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(zoo_dir, manifest_path, tmp_path):
-    from dataclasses import replace
-
     from training.eval.ilf_ablation import VARIANTS, run_ablation
 
     shutil.copytree(zoo_dir / "artifacts", tmp_path / "artifacts")

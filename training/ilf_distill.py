@@ -61,7 +61,9 @@ class ILFTraining:
     refresh_every: int = 300  # updates between pool refreshes (fresh noise and conditions)
     lr: float = 1e-3
     feedback_init: str = "copy"
-    guidance_max_factor: float = 2.0  # guidance per row from 1 to this x the model's default; 0: the default alone
+    # guidance per row from 1 to this x the model's default; 0: the default alone (on digits-dit a
+    # range to 2x cost 6 dB at the default guidance: docs/ilf.md, `training ilf-ablation`)
+    guidance_max_factor: float = 0.0
     normalise_steps: bool = True  # each teacher-forced step's loss over the teacher's mean squared move there
     rollout_updates: int = 150  # then this many updates on the student's own rollouts, against the reference
     rollout_batch: int = 16
@@ -72,7 +74,8 @@ class ILFTraining:
 
 # Every code path in seconds, on the micro image zoo's 2-block backbones (tests, `zoo all --micro`).
 MICRO_ILF = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size=4, pool_size=8, refresh_every=3,
-                        rollout_updates=3, rollout_batch=4, validate_every=3, validation_images=4)
+                        rollout_updates=3, rollout_batch=4, validate_every=3, validation_images=4,
+                        guidance_max_factor=2.0)
 
 
 def _conditions(backbone: ImageBackbone, n: int, rng: random.Random) -> list:

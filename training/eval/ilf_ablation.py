@@ -38,7 +38,7 @@ VARIANTS: dict[str, dict] = {
     "one-step": dict(normalise_steps=False, rollout_updates=0, guidance_max_factor=0.0),
     "+ normalised": dict(normalise_steps=True, rollout_updates=0, guidance_max_factor=0.0),
     "+ rollouts": dict(normalise_steps=True, guidance_max_factor=0.0),
-    "+ guidance": dict(normalise_steps=True),
+    "+ guidance": dict(normalise_steps=True, guidance_max_factor=2.0),
 }
 
 
