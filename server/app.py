@@ -77,6 +77,16 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     app = FastAPI(title="Loopstack", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.services = svc
+    install_middleware(app, settings, metrics)
+    for router in ROUTERS:
+        app.include_router(router)
+    metrics.preset_endpoints([route.path for router in ROUTERS for route in router.routes] + ["unmatched"])
+    return app
+
+
+def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """The error shape, bounds, request counting, access control and CORS every public app has (the
+    single server's and the scale-out front's)."""
     install_error_handlers(app)
     app.add_middleware(CatchUnhandled)  # first added: innermost
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
@@ -101,8 +111,3 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Loopstack-Generation", "Retry-After"])
-
-    for router in ROUTERS:
-        app.include_router(router)
-    metrics.preset_endpoints([route.path for router in ROUTERS for route in router.routes] + ["unmatched"])
-    return app

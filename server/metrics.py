@@ -129,6 +129,15 @@ class Metrics:
             ["model"], registry=r,
         )
         self.artifact_refused.labels(model="manifest").set(0)
+        # scale-out (server/distributed): the front's calls whose replica stopped under them
+        self.replica_retries = Counter(
+            "loopstack_replica_retries", "Seeded requests sent again after the replica running them stopped",
+            ["deployment"], registry=r,
+        )
+        self.replica_lost = Counter(
+            "loopstack_replica_lost", "Requests answered 503 replica_lost (no seed, or every attempt lost)",
+            ["deployment"], registry=r,
+        )
         for reason in ("stop", "length"):
             self.chat_finished.labels(finish_reason=reason)
 

@@ -135,7 +135,7 @@ class Registry:
                 report["refused"].append({"entry": "manifest", "reason": str(exc)})
                 return report
             resolver = self.settings.manifests().resolver(self.settings.allow_network)
-            groups = planned_groups(manifest)
+            groups = [group for group in planned_groups(manifest) if self.settings.serves(group[0][0], group[0][1])]
             removed = set(self.entries) - {key for group in groups for key, *_ in group}
             for key in removed:  # gone from the manifest: no longer served
                 del self.entries[key]

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the /admin routes; without one they are off."
     )
+    serve_models: str = Field("", description=(
+        'Comma-separated manifest models this process serves (image model names, and "chat" for the chat '
+        'model); empty: all. A scale-out replica serves one.'))
     watch: bool = Field(True, description="Reload by itself when the built manifest or a loaded file changes.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice.")
@@ -81,6 +84,11 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in (self.api_keys.get_secret_value() if self.api_keys else "").split(",") if k.strip()]
+
+    def serves(self, model: str, kind: str) -> bool:
+        """Whether this process serves the manifest's image model `model` (kind "image") or its chat model."""
+        wanted = {m.strip() for m in self.serve_models.split(",") if m.strip()}
+        return not wanted or (model if kind == "image" else "chat") in wanted
 
     def manifests(self) -> BuiltManifest:
         root = self.artifact_root.resolve()
