@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: serve test zoo venv clean-venv deploy-check dashboard
+.PHONY: serve serve-ray test zoo venv clean-venv deploy-check deploy-check-ray dashboard
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ serve: venv
 	$(PY) -m training zoo placeholder --if-missing
 	$(PY) -m server --host $(HOST) --port $(PORT) --build-zoo
 
+# The same models on Ray Serve (deploy/ray/serve.yaml): a front, replicas per image model and for chat,
+# on a local Ray cluster (or the one RAY_ADDRESS names). Replicas hot-load what `make zoo` builds.
+serve-ray: venv
+	$(PY) -m training zoo placeholder --if-missing
+	$(VENV)/bin/serve run deploy/ray/serve.yaml
+
 test: venv
 	$(PY) -m pytest -q
 
@@ -45,6 +51,11 @@ test: venv
 # and every alert fires and resolves. Writes docs/dashboard.png and runs/deploy-check/report.json.
 deploy-check: venv
 	$(PY) -m deploy.check
+
+# The same on Ray Serve: 2 image replicas and 1 chat replica, Prometheus discovering each one through
+# the front (deploy/ray/prometheus.yml); every dashboard query has data, per replica where it should.
+deploy-check-ray: venv
+	$(PY) -m deploy.check_ray
 
 dashboard: venv
 	$(PY) -m deploy.grafana.dashboard

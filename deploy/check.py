@@ -285,19 +285,25 @@ def exercise_alert(stack: Stack, alert: str, fault) -> dict:
 
 
 # ---------------------------------------------------------------------- the picture
-def draw_dashboard(stack: Stack, start: float, end: float, path: Path) -> None:
+CHECK_TITLE = ("The Loopstack dashboard's panels, drawn from Prometheus's HTTP API by `make deploy-check`: the same "
+               "queries as deploy/grafana/dashboards/loopstack.json (Grafana itself did not run).\nTraffic, then "
+               "faults: an unloadable model (5xx), a refused artifact, a full chat queue, the server stopped.")
+
+
+def draw_dashboard(query_range, start: float, end: float, path: Path, panels=PANELS, title: str = CHECK_TITLE) -> None:
+    """`query_range(expr, start, end)`: Prometheus's range query results for each panel's queries."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = 3
-    rows = -(-len(PANELS) // columns)
+    rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.2 * rows), squeeze=False)
-    for ax, panel in zip(axes.flat, PANELS):
+    for ax, panel in zip(axes.flat, panels):
         lines = []
         for query in panel.queries:
-            for series in stack.query_range(query.expr, start, end):
+            for series in query_range(query.expr, start, end):
                 label = query.legend
                 for key, value in series["metric"].items():
                     label = label.replace("{{" + key + "}}", value)
@@ -313,12 +319,9 @@ def draw_dashboard(stack: Stack, start: float, end: float, path: Path) -> None:
         ax.set_xlabel("minutes into the check", fontsize=7)
         if ax.lines:
             ax.legend(fontsize=6, loc="best", ncol=2 if len(ax.lines) > 4 else 1)
-    for ax in list(axes.flat)[len(PANELS):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("The Loopstack dashboard's panels, drawn from Prometheus's HTTP API by `make deploy-check`: the same "
-                 "queries as deploy/grafana/dashboards/loopstack.json (Grafana itself did not run).\nTraffic, then "
-                 "faults: an unloadable model (5xx), a refused artifact, a full chat queue, the server stopped.",
-                 fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -362,7 +365,7 @@ def main() -> None:
             report["alerts"] = [exercise_alert(stack, alert, fault) for alert, fault in FAULTS]
             drive_traffic(stack, 20)
             time.sleep(10)
-            draw_dashboard(stack, began, time.time(), args.picture)
+            draw_dashboard(stack.query_range, began, time.time(), args.picture)
             report["seconds"] = round(time.time() - began, 1)
         finally:
             stack.close()

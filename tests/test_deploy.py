@@ -193,3 +193,26 @@ def test_ci_runs_exactly_the_readme_test_command():
           if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
     assert "make test" in commands and "make serve" in commands
     assert ci == ["make test"]
+
+
+def test_ray_serve_config_is_valid_and_names_every_deployment_the_builder_makes():
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.distributed.app import served_models
+    from server.settings import Settings
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "ray" / "serve.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "server.distributed.app:build"
+    images, has_chat = served_models(Settings(artifact_root=REPO / "no-such-root", _env_file=None))
+    made = {"front"} | {f"images-{name}" for name in images} | ({"chat"} if has_chat else set())
+    assert {d.name for d in app.deployments} == made
+
+
+def test_ray_prometheus_discovers_replicas_through_the_front_with_the_same_job_and_rules():
+    config = yaml.safe_load((REPO / "deploy" / "ray" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "loopstack"  # the rules and the dashboard select this job
+    assert job["http_sd_configs"][0]["url"].endswith("/metrics/targets")
+    rule_files = [p for pattern in config["rule_files"] for p in (REPO / "deploy" / "ray").glob(pattern)]
+    assert [p.resolve() for p in rule_files] == [REPO / "deploy" / "rules" / "loopstack.yml"]

@@ -72,6 +72,11 @@ def test_requests_spread_over_replicas_and_answer_as_one_server(cluster):
     chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
         "model": "tiny-lm", "messages": [{"role": "user", "content": "add 2 and 3"}], "max_tokens": 4, "seed": 1})
     assert chat.status_code == 200 and chat.json()["loopstack"]["trace"]["reason"]
+    streamed = httpx.post(f"{url}/chat", timeout=120, json={
+        "messages": [{"role": "user", "content": "add 2 and 3"}], "max_tokens": 4, "seed": 1, "stream": True})
+    events = re.findall(r"^event: (\w+)", streamed.text, re.M)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert events[-1] == "done" and set(events[:-1]) <= {"token"}, streamed.text
     assert_error_shape(image(url, steps=0), 422, "steps")
     assert_error_shape(image(url, model="no-such-model"), 404, "model")
     assert_error_shape(httpx.post(f"{url}/chat", content=b"{not json", timeout=30), 422)

@@ -87,6 +87,16 @@ PANELS: tuple[Panel, ...] = (
     Panel("Artifacts: loads and refusals (15 min)", "short", (
         Query("sum by (result) (increase(loopstack_artifact_reloads_total[15m]))", "{{result}}"),
         Query("max by (model) (loopstack_artifact_refused)", "refused now: {{model}}"))),
+    # On Ray Serve every replica is a target of its own, labelled deployment and replica (the front's
+    # /metrics/targets); on a single server these show one unlabelled series.
+    Panel("Per replica: requests per second", "reqps", (
+        Query(f"sum by (deployment, replica) (rate(loopstack_requests_total[{RATE}]))", "{{deployment}} {{replica}}"),)),
+    Panel("Per replica: images per second and jobs waiting", "short", (
+        Query(f"sum by (deployment, replica) (rate(loopstack_images_total[{RATE}]))", "images/s {{replica}}"),
+        Query('sum by (deployment, replica) (loopstack_engine_waiting{engine="image"})', "waiting {{replica}}"))),
+    Panel("Scale-out: requests sent again and lost with their replica", "reqps", (
+        Query(f"sum by (deployment) (rate(loopstack_replica_retries_total[{RATE}])) or vector(0)", "sent again {{deployment}}"),
+        Query(f"sum by (deployment) (rate(loopstack_replica_lost_total[{RATE}])) or vector(0)", "lost {{deployment}}"))),
 )
 
 

@@ -45,7 +45,7 @@ def replica_lost_errors() -> tuple[type[Exception], ...]:
 
 
 class Front:
-    """Forwards requests to deployment handles (anything with `.options(stream=True).forward.remote`)."""
+    """Forwards requests to deployment handles of `ModelReplica`s (`answer`, or `forward` for streams)."""
 
     def __init__(self, image_handles: dict, chat_handle, metrics: Metrics, attempts: int = 4,
                  backoff_seconds: float = 0.2):
@@ -62,19 +62,20 @@ class Front:
 
     async def forward(self, deployment: str, handle, request: Request, body: bytes, idempotent: bool,
                       stream: bool) -> Response:
-        forwarded = {"method": request.method, "path": request.url.path, "query": request.url.query,
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path  # under a route prefix
+        forwarded = {"method": request.method, "path": path, "query": request.url.query,
                      "headers": [(k, v) for k, v in request.headers.items() if k in FORWARDED_HEADERS],
                      "body": body, "client": list(request.client) if request.client else None}
         for attempt in range(self.attempts):
             try:
-                replies = handle.options(stream=True).forward.remote(forwarded)
-                head = await replies.__anext__()
-                headers = {k: v for k, v in head["headers"] if k not in HOP_BY_HOP}
                 if stream:
+                    replies = handle.options(stream=True).forward.remote(forwarded)
+                    head = await replies.__anext__()
                     return StreamingResponse(self._rest(deployment, replies), status_code=head["status"],
-                                             headers=headers)
-                content = b"".join([chunk async for chunk in replies])
-                return Response(content, status_code=head["status"], headers=headers)
+                                             headers=without_hop_by_hop(head["headers"]))
+                whole = await handle.answer.remote(forwarded)
+                return Response(whole["body"], status_code=whole["status"], headers=without_hop_by_hop(whole["headers"]))
             except self.lost as exc:
                 if not idempotent or attempt == self.attempts - 1:
                     self.metrics.replica_lost.labels(deployment=deployment).inc()
@@ -98,10 +99,12 @@ class Front:
 
     async def collect(self, handle, path: str) -> tuple[int, dict]:
         """GET `path` on one replica of a deployment: its status and JSON body."""
-        replies = handle.options(stream=True).forward.remote({"method": "GET", "path": path, "headers": [],
-                                                              "body": b""})
-        head = await replies.__anext__()
-        return head["status"], json.loads(b"".join([chunk async for chunk in replies]) or b"{}")
+        whole = await handle.answer.remote({"method": "GET", "path": path, "headers": [], "body": b""})
+        return whole["status"], json.loads(whole["body"] or b"{}")
+
+
+def without_hop_by_hop(headers: list[tuple[str, str]]) -> dict:
+    return {k: v for k, v in headers if k not in HOP_BY_HOP}
 
 
 def create_front(image_handles: dict, chat_handle, settings: Settings | None = None,

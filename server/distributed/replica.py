@@ -144,6 +144,12 @@ class ModelReplica:
                 with suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                     await asyncio.wait_for(app_task, timeout=5)
 
+    async def answer(self, request: ForwardedRequest) -> dict:
+        """The whole answer in one reply ({"status", "headers", "body"}): one message over Ray instead of
+        one per chunk, for answers that are not streams."""
+        replies = [reply async for reply in self.forward(request)]
+        return replies[0] | {"body": b"".join(replies[1:])}
+
     async def __del__(self) -> None:
         """Serve calls this when it stops the replica: the engines stop, the metrics target goes."""
         if getattr(self, "_metrics_server", None) is not None:
