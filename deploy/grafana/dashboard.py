@@ -12,6 +12,10 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "dashboards" / "loopstack.json"
 RATE = "1m"  # short windows: a test load of a few minutes shows in them
+# Request series as clients see them: a single server's (no `deployment` label) or, on Ray Serve, the
+# front's; the replicas count the same requests again under their own `deployment`.
+FRONT = 'deployment=~"front|"'
+CLIENT_SIDE = "{" + FRONT + "}"
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,14 @@ def per_image(mode: str) -> str:
 PANELS: tuple[Panel, ...] = (
     Panel("Server up", "short", (Query('up{job="loopstack"}', "{{instance}}"),), "stat"),
     Panel("Requests per second by endpoint and status", "reqps", (
-        Query(f"sum by (endpoint, status) (rate(loopstack_requests_total[{RATE}]))", "{{endpoint}} {{status}}"),)),
+        Query(f"sum by (endpoint, status) (rate(loopstack_requests_total{CLIENT_SIDE}[{RATE}]))",
+              "{{endpoint}} {{status}}"),)),
     Panel("Errors per second (4xx and 5xx) by endpoint and status", "reqps", (
-        Query(f'sum by (endpoint, status) (rate(loopstack_requests_total{{status=~"[45].."}}[{RATE}]))',
+        Query(f'sum by (endpoint, status) (rate(loopstack_requests_total{{status=~"[45]..", {FRONT}}}[{RATE}]))',
               "{{endpoint}} {{status}}"),)),
     Panel("5xx share of responses", "percentunit", (Query("loopstack:error_ratio:rate1m", "5xx"),)),
     Panel("Latency of successful requests", "s",
-          quantiles("loopstack_request_duration_seconds", where='{status=~"2.."}')),
+          quantiles("loopstack_request_duration_seconds", where=f'{{status=~"2..", {FRONT}}}')),
     Panel("Queue: running and waiting per engine", "short", (
         Query("loopstack_engine_running", "running {{engine}}"),
         Query("loopstack_engine_waiting", "waiting {{engine}}"),
