@@ -372,6 +372,35 @@ def test_general_prompts_teach_the_router_to_leave_the_base_alone(manifest_path,
     assert max(held_out_general) < min(held_out_math)  # on phrasings neither set was trained on
 
 
+def test_labelled_examples_teach_their_own_domain_without_discovery(manifest_path, monkeypatch):
+    from training.brainstacks import router_training
+    from training.brainstacks.router_training import RouterTraining, train_router
+
+    chat = load_base(built(manifest_path))
+    calls = []
+
+    def nothing_discovered(m, t, items, *a, **k):  # discovery runs on the discovered items alone
+        calls.append(len(items))
+        return [()] * len(items)
+
+    monkeypatch.setattr(router_training, "discovered_routes", nothing_discovered)
+    config = chat.model.config
+
+    def math_probability(labelled):
+        torch.manual_seed(0)
+        router, report = train_router(
+            chat.model, chat.tokenizer, examples("math", "train", 8), ("chat", "math"),
+            RouterTraining(epochs=40, batch_size=8, lr=1e-2), middle_layer=1, hidden_size=config.hidden_size,
+            general=examples("general", "train", 24), labelled=labelled)
+        assert report["labelled_prompts"] == len(labelled)
+        ids = [chat.encode(e.messages()) for e in held_out("math", "test", 4)]
+        return min(router.probabilities(chat.model, i, torch.ones_like(i))[0, 1].item() for i in ids)
+
+    # discovered targets alone put math at 0.2 (the label's share); labelled math prompts at 1
+    assert math_probability([]) < 0.5 < math_probability(examples("math", "train", 24, seed=3))
+    assert calls == [8, 8]
+
+
 def test_the_weighting_is_chosen_by_what_it_serves_on_validation_prompts(manifest_path, monkeypatch):
     from training.brainstacks import router_training
 

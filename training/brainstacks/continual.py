@@ -50,7 +50,7 @@ MICRO_CHAT = ChatZooRecipe(
     boosting=BoostingConfig(steps_per_round=4, later_round_steps=None, eval_every=2, batch_size=4, max_rounds=2,
                             min_gain=-1.0),
     nullspace=NullSpaceConfig(mode="off", samples=64),
-    router=RouterTraining(examples_per_domain=4, epochs=3, batch_size=8, general_examples=4,
+    router=RouterTraining(examples_per_domain=4, labelled_per_domain=4, epochs=3, batch_size=8, general_examples=4,
                           validation_per_kind=1, general_validation=4),
     domains=("chat", "math"), train_examples=32, val_examples=8, test_examples=4, projection_examples=4,
     max_new_tokens=8,

@@ -4,6 +4,9 @@ Targets come from what the stacks actually do for each (prompt, answer): the ans
 base alone, with each domain alone, then greedy forward selection, adding the domain that lowers
 the loss most while it lowers it by more than `margin`. The selected set (1 per selected domain)
 is mixed with the prompt's own domain label, 0.8 / 0.2, and the router learns it with BCE.
+More examples of each domain join with their label alone as the target (no discovery: on domains
+trained on the base alone, discovery finds exactly the prompt's own domain for 93% of prompts), so
+that the router sees every training phrasing with many contents for the price of a forward each.
 General prompts (everyday questions, writing, advice: outside every domain) join with the target
 "no domain", so that the router leaves to the instruction-tuned base what it already does.
 Training scores only the subsets the greedy walks visit (`discovered_routes`: base, 5 singles, then
@@ -38,13 +41,17 @@ class RouterTraining:
     # Measured on SmolLM2 with domains trained on the base alone: 184 of 200 discovered routes were
     # the prompt's own domain and top-1 was 1.00 in every domain at 40, so fewer examples suffice
     examples_per_domain: int = 24
+    # Labelled-only examples a domain: with 24 a domain (6 a task kind, fewer than a kind's 7 training
+    # phrasings) the router sent one held-out chat phrasing ("What is {word} in block capitals?") to
+    # no domain on 23 of 25 prompts, while its validation phrasing scored 1.00 (docs/brainstacks.md)
+    labelled_per_domain: int = 72
     margin: float = 0.01
     discovered_weight: float = 0.8  # the label gets the rest
     epochs: int = 60
     lr: float = 2e-3
     batch_size: int = 32
     seed: int = 0
-    general_examples: int = 60  # prompts outside every domain, target: no domain
+    general_examples: int = 240  # prompts outside every domain, target: no domain
     # The paper keeps the chat domain on for every prompt (a floor). An instruction-tuned base already
     # chats, so no floor: a general prompt gets the base alone.
     floor_domain: str | None = None
@@ -219,16 +226,18 @@ def choose_weighting(router: MetaRouter, model, tokenizer, validation: list[Exam
 
 def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...], cfg: RouterTraining,
                  middle_layer: int, hidden_size: int, general: list[Example] = (),
-                 validation: list[Example] = ()) -> tuple[MetaRouter, dict]:
-    """`items`: the domains' examples, targets discovered from their answers' losses; `general`:
-    prompts outside every domain, target zero for every domain; `validation`: held-out domain and
-    general prompts the gate threshold is chosen on (without them the config's default stays)."""
+                 validation: list[Example] = (), labelled: list[Example] = ()) -> tuple[MetaRouter, dict]:
+    """`items`: the domains' examples, targets discovered from their answers' losses; `labelled`:
+    more domain examples, target their own domain alone; `general`: prompts outside every domain,
+    target zero for every domain; `validation`: held-out domain and general prompts the gate
+    threshold is chosen on (without them the config's default stays)."""
     started = time.perf_counter()
     chosen = discovered_routes(model, tokenizer, items, domains, cfg.margin, cfg.batch_size)
-    target = torch.cat([targets(items, chosen, domains, cfg), torch.zeros(len(general), len(domains))])
+    own = torch.tensor([[float(e.domain == d) for d in domains] for e in labelled]).reshape(len(labelled), len(domains))
+    target = torch.cat([targets(items, chosen, domains, cfg), own, torch.zeros(len(general), len(domains))])
     target = target.to(device_of(model))
     discovered = [{"domain": e.domain, "chosen": list(c)} for e, c in zip(items, chosen)]
-    everything = list(items) + list(general)
+    everything = list(items) + list(labelled) + list(general)
     order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(cfg.seed))  # mixed batches
     items, target = [everything[i] for i in order], target[order]
     torch.manual_seed(cfg.seed)
@@ -265,6 +274,7 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
             f"general as base {row['general_as_base']:.2f})" for row in weightings))
     router.cpu()
     report = {"seconds": time.perf_counter() - started, "bce": history, "general_prompts": len(general),
+              "labelled_prompts": len(labelled),
               "gate_threshold": router.config.gate_threshold, "weighting": router.config.weighting,
               "gate_threshold_validation": thresholds, "weighting_validation": weightings, "discovered": discovered}
     return router, report

@@ -116,13 +116,14 @@ def save_domain(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe
 def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, runs_dir: Path) -> dict:
     """Train the meta-router on every domain's stacks, write it, enter it in the built manifest."""
     items = [e for d in recipe.domains for e in examples(d, "train", recipe.router.examples_per_domain, seed=2)]
+    labelled = [e for d in recipe.domains for e in examples(d, "train", recipe.router.labelled_per_domain, seed=3)]
     general = examples("general", "train", recipe.router.general_examples, seed=2)
     validation = ([e for d in recipe.domains for e in held_out(d, "val", recipe.router.validation_per_kind)]
                   + held_out("general", "val", recipe.router.general_validation))
     config = chat.model.config
     router, report = train_router(chat.model, chat.tokenizer, items, recipe.domains, recipe.router,
                                   middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size,
-                                  general=general, validation=validation)
+                                  general=general, validation=validation, labelled=labelled)
     relative = f"{STACKS}/router.safetensors"
     sha = write_atomically(manifests.file(relative), lambda tmp: save_router(tmp, router, {"base": chat.name}))
     current = manifests.read()
