@@ -1,6 +1,7 @@
 """The generated multi-domain world: seeded, held out by phrasing, every final answer checkable."""
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -29,6 +30,17 @@ def test_held_out_phrasings_never_reach_training_and_generation_is_seeded():
         assert phrasings["train"] == {(k.name, i) for k in kinds for i in k.phrasings_of("train")}
     assert examples("math", "train", 20) == examples("math", "train", 20)
     assert examples("math", "train", 20, seed=1) != examples("math", "train", 20)
+
+
+def test_more_training_phrasings_leave_the_held_out_prompts_unchanged():
+    # Regression guard: the world grows by training phrasings inserted before the held-out ones, and
+    # evaluations stay comparable only if validation and test prompts are then the same, prompt for prompt.
+    for domain in DOMAINS:
+        grown = [replace(k, phrasings=(*k.phrasings[:-3], f"New phrasing {i}.", *k.phrasings[-3:]))
+                 for i, k in enumerate(KINDS[domain])]
+        for split in ("val", "test"):
+            assert held_out(domain, split, 20, kinds=grown) == held_out(domain, split, 20)
+        assert examples(domain, "train", 200, kinds=grown) != examples(domain, "train", 200)
 
 
 def test_held_out_sets_are_distinct_stratified_and_count_what_exists():
