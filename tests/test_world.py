@@ -39,7 +39,8 @@ def test_more_training_phrasings_leave_the_held_out_prompts_unchanged():
         grown = [replace(k, phrasings=(*k.phrasings[:-3], f"New phrasing {i}.", *k.phrasings[-3:]))
                  for i, k in enumerate(KINDS[domain])]
         for split in ("val", "test"):
-            assert held_out(domain, split, 20, kinds=grown) == held_out(domain, split, 20)
+            asked = [(e.kind, e.prompt, e.answer) for e in held_out(domain, split, 20, kinds=grown)]
+            assert asked == [(e.kind, e.prompt, e.answer) for e in held_out(domain, split, 20)]
         assert examples(domain, "train", 200, kinds=grown) != examples(domain, "train", 200)
 
 
