@@ -41,8 +41,8 @@ class RouterTraining:
     # Measured on SmolLM2 with domains trained on the base alone: 184 of 200 discovered routes were
     # the prompt's own domain and top-1 was 1.00 in every domain at 40, so fewer examples suffice
     examples_per_domain: int = 24
-    # Labelled-only examples a domain: with 24 a domain (6 a task kind, fewer than a kind's 7 training
-    # phrasings) the router sent one held-out chat phrasing ("What is {word} in block capitals?") to
+    # Labelled-only examples a domain: with 24 a domain (6 a task kind, fewer than the 7 training
+    # phrasings a kind then had) the router sent one held-out chat phrasing ("What is {word} in block capitals?") to
     # no domain on 23 of 25 prompts, while its validation phrasing scored 1.00 (docs/brainstacks.md)
     labelled_per_domain: int = 72
     margin: float = 0.01
