@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.chat.model import ChatJob, load_chat
 from server.chat.moe_lora import MoELoRAConfig, add_stack, batch_route, freeze, routed, wrapped_layers
+from server.artifacts import save_with_config
 from server.chat.router import MetaRouter, RouterConfig, load_router, save_router
 from server.manifest import load_manifest
 from tests.conftest import ZOO_LM_TEMPLATE, built, make_settings
@@ -87,17 +88,32 @@ def test_gating_respects_the_chat_floor_and_the_threshold():
     assert weights == {"chat": pytest.approx(0.5), "math": 1.0} and set(gated) == {"medical"}
 
 
-def test_router_round_trips(tmp_path):
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_router_round_trips(tmp_path, pooling):
     torch.manual_seed(0)
-    router = MetaRouter(RouterConfig(domains=("chat", "math"), hidden_size=16, middle_layer=1)).eval()
+    router = MetaRouter(RouterConfig(domains=("chat", "math"), hidden_size=16, middle_layer=1, pooling=pooling)).eval()
     states, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.long)
     mask[0, 3:] = 0
     save_router(tmp_path / "router.safetensors", router)
     loaded, _ = load_router(tmp_path / "router.safetensors")
+    assert loaded.config.pooling == pooling
     assert torch.equal(loaded(states, mask), router(states, mask))
     changed = states.clone()
     changed[0, 3:] = 100.0  # padding never reaches the pooled features
     assert torch.equal(router(changed, mask)[0], router(states, mask)[0])
+    assert not torch.allclose(router(changed, torch.ones_like(mask))[0], router(states, mask)[0])
+    with pytest.raises(ValueError, match="pooling"):
+        MetaRouter(replace(router.config, pooling="max"))
+
+
+def test_a_router_saved_before_pooling_was_configurable_loads_as_attention(tmp_path):
+    torch.manual_seed(0)
+    router = MetaRouter(RouterConfig(domains=("chat", "math"), hidden_size=16, middle_layer=1, pooling="attention"))
+    config = {k: v for k, v in asdict(router.config).items() if k != "pooling"}
+    save_with_config(tmp_path / "router.safetensors", router.state_dict(), "meta_router", {"config": config})
+    loaded, _ = load_router(tmp_path / "router.safetensors")
+    states, mask = torch.randn(2, 4, 16), torch.ones(2, 4, dtype=torch.long)
+    assert loaded.config.pooling == "attention" and torch.equal(loaded(states, mask), router.eval()(states, mask))
 
 
 def test_projector_removes_earlier_directions_also_after_folding(manifest_path):

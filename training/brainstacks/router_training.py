@@ -56,6 +56,7 @@ class RouterTraining:
     # chats, so no floor: a general prompt gets the base alone.
     floor_domain: str | None = None
     weighting: str = "probability"  # how an applied domain is weighted (server/chat/router.py)
+    pooling: str = "mean"  # how the router pools the prompt's tokens (server/chat/router.py)
     weightings: tuple[str, ...] = WEIGHTINGS  # candidates, chosen on validation (else `weighting` stays)
     gate_thresholds: tuple[float, ...] = (0.12, 0.2, 0.3, 0.4, 0.5, 0.6)  # candidates, chosen on validation
     validation_per_kind: int = 3  # held-out validation prompts per task kind of every domain
@@ -224,6 +225,26 @@ def choose_weighting(router: MetaRouter, model, tokenizer, validation: list[Exam
     return best["weighting"], table
 
 
+def fit_router(router: MetaRouter, feats: list[tuple[torch.Tensor, torch.Tensor]], target: torch.Tensor,
+               cfg: RouterTraining, progress: bool = True) -> list[float]:
+    """BCE on batches of the base's features (`base_features`, in `target`'s order) for `cfg.epochs`;
+    the mean loss of every epoch. Leaves the router frozen, in eval mode."""
+    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.01)
+    history = []
+    for _ in tqdm(range(cfg.epochs), desc="meta-router", unit="epoch", disable=not progress):
+        total, start = 0.0, 0
+        for states, mask in feats:
+            loss = F.binary_cross_entropy_with_logits(router(states, mask), target[start:start + len(states)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(states)
+            start += len(states)
+        history.append(total / start)
+    router.eval().requires_grad_(False)
+    return history
+
+
 def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...], cfg: RouterTraining,
                  middle_layer: int, hidden_size: int, general: list[Example] = (),
                  validation: list[Example] = (), labelled: list[Example] = ()) -> tuple[MetaRouter, dict]:
@@ -242,21 +263,10 @@ def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...
     items, target = [everything[i] for i in order], target[order]
     torch.manual_seed(cfg.seed)
     router = MetaRouter(RouterConfig(domains=domains, hidden_size=hidden_size, middle_layer=middle_layer,
-                                     floor_domain=cfg.floor_domain, weighting=cfg.weighting)).to(device_of(model))
+                                     floor_domain=cfg.floor_domain, weighting=cfg.weighting,
+                                     pooling=cfg.pooling)).to(device_of(model))
     feats = base_features(model, router, tokenizer, [e.messages() for e in items], cfg.batch_size)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.01)
-    history = []
-    for epoch in tqdm(range(cfg.epochs), desc="meta-router", unit="epoch"):
-        total = 0.0
-        for (states, mask), start in zip(feats, range(0, len(items), cfg.batch_size)):
-            logits = router(states, mask)
-            loss = F.binary_cross_entropy_with_logits(logits, target[start:start + len(states)])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(states)
-        history.append(total / len(items))
-    router.eval().requires_grad_(False)
+    history = fit_router(router, feats, target, cfg)
     thresholds = None
     if validation:
         chosen_threshold, thresholds = choose_gate_threshold(router, model, tokenizer, list(validation),
