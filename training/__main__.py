@@ -108,6 +108,12 @@ def eval_brainstacks(m: BuiltManifest, args) -> None:
     run_brainstacks_eval(m, args.out, BrainstacksEval(per_kind=args.per_kind), compare, args.device)
 
 
+def eval_router_phrasings(m: BuiltManifest, args) -> None:
+    from training.eval.router_phrasings import RouterPhrasingsEval, run_router_phrasings
+
+    run_router_phrasings(m, args.out, RouterPhrasingsEval(), args.device)
+
+
 def _ilf_flags() -> dict:
     """`training ilf` takes every ILFTraining field that has a scalar default as a flag."""
     from training.ilf_distill import ILFTraining
@@ -167,6 +173,9 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                                (("--compare",), dict(type=Path, nargs="*", default=[],
                                                      help="other artifact roots (zoos built with another --variant) "
                                                           "to evaluate on the same prompts"))]),
+    ("eval", "router-phrasings"): ("the meta-router's poolings on training phrasings held out by cross-validation: "
+                                   "how often a prompt gets its own domain alone, a general prompt none "
+                                   "(the chat base only, no stacks)", eval_router_phrasings, [OUT, DEVICE]),
 }
 
 
