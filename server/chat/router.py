@@ -2,7 +2,8 @@
 
 It reads the frozen base's hidden states for the prompt (stacks off): a mix of a middle layer and
 the last (0.45 / 0.55), layer-normed and averaged over the prompt's tokens, then a small MLP gives
-one logit per domain, and one sigmoid per domain (domains are not exclusive: a dose question wants medical *and* math).
+one logit per domain, and one sigmoid per domain (domains are not exclusive: a dose question wants
+medical *and* math).
 At inference the chat domain gets a floor, a domain at or under the gate threshold is skipped, and
 every applied domain runs at weight 1 (`weighting="gate"`), at its probability (the paper's), or
 relative to the most probable (`"top"`: that one at 1, the others at p / p_max).
