@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from server.chat.router import MetaRouter, RouterConfig
@@ -60,16 +61,10 @@ def rows_of(feats: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor
 
 
 def batched(rows: list[torch.Tensor], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        length = max(len(r) for r in chunk)
-        states = torch.zeros(len(chunk), length, chunk[0].shape[-1])
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            states[i, : len(r)], mask[i, : len(r)] = r, 1
-        out.append((states, mask))
-    return out
+    """Right-padded batches of per-prompt features, with their masks."""
+    return [(pad_sequence(chunk, batch_first=True),
+             pad_sequence([torch.ones(len(r), dtype=torch.long) for r in chunk], batch_first=True))
+            for chunk in (rows[start:start + size] for start in range(0, len(rows), size))]
 
 
 def fold_split(items: list[Example], fold: int, folds: int, cfg: RouterPhrasingsEval) -> tuple[list[int], list[int]]:
