@@ -57,6 +57,23 @@ def test_held_out_sets_are_distinct_stratified_and_count_what_exists():
     assert held_out("medical", "test", 100) == held_out("medical", "test", 100)
 
 
+def test_worked_steps_spell_count_and_name_what_was_asked():
+    # Regression guard on the worked steps a small model carries out one at a time.
+    for e in examples("code", "train", 300):
+        if e.kind == "length":
+            listed = e.prompt.split("[")[1].split("]")[0].split(", ")
+            assert e.answer.startswith("Counting: " + ", ".join(f"{x} ({k})" for k, x in enumerate(listed, 1)) + ".")
+        if e.kind == "slice":
+            word = e.prompt.split("'")[1]
+            assert f"{word} is spelled {', '.join(word)}." in e.answer and f"Together: {e.final}." in e.answer
+            assert e.answer.count(" (") == len(e.final) and e.final == word[:len(e.final)]
+    for e in examples("reasoning", "train", 100):
+        if e.kind == "height-chain":
+            asked = "tallest" if "tallest" in e.prompt else "shortest"
+            assert f"The question asks for the {asked}: {e.final}." in e.answer
+            assert f"the {asked} is {e.final}" in e.answer
+
+
 def test_cross_domain_prompts_need_two_domains():
     kinds = {e.domain for e in examples("cross", "test", 60)}
     assert kinds == {"cross:medical+math", "cross:code+math", "cross:reasoning+chat"}
