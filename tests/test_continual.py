@@ -290,7 +290,7 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
     build_chat_zoo(served, MICRO_CHAT, runs_dir=tmp_path / "runs")
     stacked = open_manifest(tmp_path / "stacked", ZOO_LM_TEMPLATE)
     build_chat_zoo(stacked, with_variant(MICRO_CHAT, "output"), runs_dir=tmp_path / "runs-stacked")
-    cfg = BrainstacksEval(per_kind=1, general_prompts=3, max_new_tokens=4, general_tokens=4)
+    cfg = BrainstacksEval(per_kind=1, general_prompts=3, max_new_tokens=4, general_tokens=4, probe_per_phrasing=2)
     report = run_brainstacks_eval(served, tmp_path / "eval", cfg, compare={"stacked": stacked})
     zoo = report["zoos"]["served"]
     assert zoo["stacked"] is False and report["zoos"]["stacked"]["stacked"] is True
@@ -311,6 +311,11 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
             low, high = row[s]["interval"]
             assert 0 <= low <= row[s]["exact_match"] <= high <= 1
     assert zoo["general"]["n"] == 3 and 0 <= zoo["general"]["same_as_base"] <= 1
+    probes = zoo["router"]["probe_phrasings"]  # two prompts of each probe phrasing, every kind
+    assert {d: p["n"] for d, p in probes.items()} == {"chat": 16, "math": 8, "general": 8}
+    for domain, p in probes.items():
+        assert set(p["kinds"]) == {k.name for k in kinds_of(domain)}
+        assert p["correct"] == round(sum(p["kinds"].values()) * p["n"] / len(p["kinds"]))
     forgetting = zoo["forgetting"]
     assert [(r["after_domain"], r["domain"]) for r in forgetting["rows"]] == [("math", "chat")]
     assert forgetting["pooled_after_last"]["after"] == zoo["settings"]["chat"]["routed"]["exact_match"]

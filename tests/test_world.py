@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from training.data.world import CROSS_KINDS, DOMAINS, KINDS, examples, final_answer, general_corpus, held_out
+from training.data.world import (CROSS_KINDS, DOMAINS, KINDS, PROBE_PHRASINGS, examples, final_answer, general_corpus,
+                                 held_out, kinds_of, probe_prompts)
 
 
 def test_every_domain_and_the_cross_set_have_checkable_final_answers():
@@ -42,6 +43,18 @@ def test_more_training_phrasings_leave_the_held_out_prompts_unchanged():
             asked = [(e.kind, e.prompt, e.answer) for e in held_out(domain, split, 20, kinds=grown)]
             assert asked == [(e.kind, e.prompt, e.answer) for e in held_out(domain, split, 20)]
         assert examples(domain, "train", 200, kinds=grown) != examples(domain, "train", 200)
+
+
+def test_probe_phrasings_are_no_phrasing_of_the_world_and_ask_every_kind():
+    phrasings = {p for d in (*DOMAINS, "cross", "general") for k in kinds_of(d) for p in k.phrasings}
+    assert not phrasings & {p for probe in PROBE_PHRASINGS.values() for p in probe}
+    for domain in (*DOMAINS, "general"):
+        asked = probe_prompts(domain, 3)
+        assert len({e.prompt for e in asked}) == len(asked)
+        per_phrasing = Counter((e.kind, e.phrasing) for e in asked)
+        assert set(per_phrasing) == {(k.name, i) for k in kinds_of(domain) for i in range(len(PROBE_PHRASINGS[k.name]))}
+        assert set(per_phrasing.values()) == {3}
+        assert all(final_answer(e.answer) == e.final for e in asked if domain != "general")
 
 
 def test_held_out_sets_are_distinct_stratified_and_count_what_exists():

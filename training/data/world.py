@@ -262,6 +262,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "Shout the word {word} in capital letters.", "Change {word} so that every letter is a capital.",
             "{word} in caps, please.", "Show me {word} written entirely in upper case.",
             "Type {word} with caps lock on.",
+            "What is the uppercase form of {word}?", "How do you write {word} in all caps?",
+            "Which capitals spell {word}?", "What do I get if I uppercase {word}?",
             "Rewrite {word} using only capital letters.",
             "How is {word} written in capital letters?", "What is {word} in block capitals?"]),
         "sort": (_sort, [
@@ -272,6 +274,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "Put {words} in dictionary order.", "{words}: sort them from A to Z.",
             "Give me {words} sorted alphabetically.", "Alphabetical order, please: {words}.",
             "How do {words} look when sorted alphabetically?",
+            "What is the A-to-Z order of {words}?", "How would a dictionary order {words}?",
+            "Could you sort {words} alphabetically?",
             "Rearrange these alphabetically: {words}.", "Can you put {words} in A-Z order?",
             "Which order do {words} come in alphabetically?"]),
         "repeat": (_repeat, [
@@ -285,6 +289,9 @@ KINDS: dict[str, list[TaskKind]] = {
             "Please write {word} {n} times, each separated by a comma.",
             "Show {word} repeated {n} times with commas.",
             "Write the word {word} {n} times and put commas between them.",
+            "What is {word} written {n} times with commas?",
+            "How would you repeat {word} {n} times, separated by commas?",
+            "Could you type {word} {n} times, comma-separated?",
             "Give me the word {word}, {n} times over, separated by commas.",
             "I need {word} written {n} times, comma separated.", "Write out {word} exactly {n} times, separated by commas."]),
         "reverse": (_reverse, [
@@ -296,6 +303,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "Backwards word order, please: {words}.", "Take the words {words} and reverse their order.",
             "Can you reverse the word order of {words}?", "{words}: write them in reverse order.",
             "Put the words {words} backwards.", "Reverse the sequence: {words}.",
+            "What is the reverse word order of {words}?", "How do {words} read backwards, word by word?",
+            "Could you flip the order of {words}?",
             "Give the words {words} in the opposite order.",
             "Say these words last to first: {words}.", "What are these words in reverse order? {words}"]),
     }),
@@ -347,6 +356,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "A shelf has {a} books. {b} more are put on it and {c} are removed. How many books are on the shelf?",
             "Tom had {a} stickers, got {b} more and gave away {c}. How many stickers does he have now?",
             "What is the result of {a} + {b} - {c}?", "Sum {a} and {b}, then take {c} away.",
+            "What is {a} + {b} - {c} equal to?", "How many is {a} plus {b} take away {c}?",
+            "Can you work out {a} + {b} - {c}?",
             "Start at {a}, add {b}, then take away {c}. What do you get?",
             "What do you get from {a} + {b} - {c}?",
             "I have {a} apples, buy {b} more and eat {c}. How many apples are left?"]),
@@ -360,6 +371,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "{c} packs of {b} cards plus {a} single cards: how many cards is that?",
             "What is the result of {c} * {b} + {a}?", "Find {c} multiplied by {b}, plus {a}.",
             "A school has {c} classes of {b} pupils and {a} teachers. How many people are there?",
+            "What is {c} * {b} + {a} equal to?", "How many is {c} times {b} and then {a} more?",
+            "Can you work out {c} * {b} + {a}?",
             "Evaluate {c} * {b} + {a}.",
             "What do you get from {c} * {b} + {a}?",
             "There are {c} boxes of {b} pens and {a} loose pens. How many pens are there in total?"]),
@@ -424,6 +437,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "{b} is taller than {c}, and {a} is taller than {b}. Who is the {question}?",
             "It is known that {a} is taller than {b}, and that {b} is taller than {c}. Who is the {question}?",
             "Here are two facts: {a} is taller than {b}; {b} is taller than {c}. Who is the {question}?",
+            "Which of them is {question}: {a} is taller than {b} and {b} is taller than {c}?",
+            "What is the name of the {question} if {a} is taller than {b} and {b} is taller than {c}?",
             "Of {a}, {b} and {c}, {a} is taller than {b} and {b} is taller than {c}. Who is the {question}?",
             "{b} is shorter than {a}. {c} is shorter than {b}. Who is the {question}?",
             "We know {a} is taller than {b} and {b} is taller than {c}. Which person is the {question}?"]),
@@ -443,6 +458,8 @@ KINDS: dict[str, list[TaskKind]] = {
             "Assume all {many} are {group}. {premise} Does it follow that {a} is one of the {group}?",
             "Statement: every {one} is one of the {group}. {premise} Question: is {a} one of the {group}?",
             "Consider: all {many} are {group}. {premise} Is {a} one of the {group}?",
+            "Is {a} one of the {group}, given that every {one} is one of the {group}? {premise}",
+            "Can we conclude that {a} is one of the {group}? All {many} are {group}. {premise}",
             "Given: all {many} are {group}. {premise} Can we say {a} is one of the {group}?",
             "Every {one} is one of the {group}. {premise} Answer yes or unknown: is {a} one of the {group}?",
             "Premise one: all {many} are {group}. Premise two: {premise} Is {a} one of the {group}?"]),
@@ -535,6 +552,49 @@ GENERAL_KINDS = [TaskKind("general", "everyday", (
     "What is the best time of year for {activity}?", "Tell me a short story about {thing}.",
     "Is {activity} a good hobby for {person}?", "Give me a reason to try {activity} this week.",
 ), _general, held_out=(8, 4))]
+
+
+# Wording unlike every phrasing above, for a check of the router alone (`probe_prompts`): never
+# trained on, never used to choose anything; two a task kind, four general.
+PROBE_PHRASINGS = {
+    "capitals": ("What does {word} become when every letter is made uppercase?", "I need {word} in uppercase letters for a sign."),
+    "sort": ("In what order do {words} go alphabetically?", "I am filing {words}. Give them in alphabetical order."),
+    "repeat": ("I want the word {word} {n} times, commas between each one.",
+               "Could I get {word} {n} times, each followed by a comma except the last?"),
+    "reverse": ("Tell me {words} with the order of the words flipped.", "Which order do the words {words} have when reversed?"),
+    "program": ("What does Python show for this?\n{program}", "I ran this:\n{program}\nWhat did it print?"),
+    "length": ("How many elements does Python count in {items}?", "I have the list {items}. What does len give?"),
+    "slice": ("Which string comes out of '{word}'[:{a}]?", "I sliced '{word}' with [:{a}]. What is left?"),
+    "add-subtract": ("How much is {a} + {b} - {c}?", "I start with {a}, gain {b} and lose {c}. Where do I end up?"),
+    "multiply-add": ("How much is {c} * {b} + {a}?",
+                     "I buy {c} crates of {b} eggs and have {a} eggs already. How many eggs do I have?"),
+    "diagnosis": ("How would you diagnose {first} with {second}?", "I have {first} and {second}. What could it be?"),
+    "treatment": ("Tell me which drug is for {condition}.", "I was told I have {condition}. What medicine do I take?"),
+    "dose": ("Tell me how many mg per kg of {drug} are given.", "I need to know the dose of {drug}."),
+    "height-chain": ("Tell me who is {question}: {a} is taller than {b} and {b} is taller than {c}.",
+                     "How can you tell who is {question} when {a} is taller than {b} and {b} is taller than {c}?"),
+    "syllogism": ("Every {one} is one of the {group}, they say. {premise} So is {a} one of the {group}?",
+                  "How can we tell whether {a} is one of the {group}? Every {one} is one of the {group}. {premise}"),
+    "everyday": ("Can you describe {thing} in a sentence?", "What should {person} bring for {activity}?",
+                 "Give me a motivational line about {activity}.", "How do I explain {thing} to {person}?"),
+}
+
+
+def probe_prompts(domain: str, per_phrasing: int, seed: int = 0) -> list[Example]:
+    """Distinct prompts of a domain ("general" too) in its PROBE_PHRASINGS, `per_phrasing` of each."""
+    out = []
+    for kind in kinds_of(domain):
+        probe = replace(kind, phrasings=PROBE_PHRASINGS[kind.name], held_out=(0, 0))
+        rng = random.Random(f"{seed}/{domain}/{kind.name}/probe")
+        pool: dict[str, Example] = {}
+        for _ in range(200 * per_phrasing * len(probe.phrasings)):
+            example = probe.example(rng, "train")
+            if sum(e.phrasing == example.phrasing for e in pool.values()) < per_phrasing:
+                pool.setdefault(example.prompt, example)
+            if len(pool) == per_phrasing * len(probe.phrasings):
+                break
+        out += pool.values()
+    return out
 
 
 def kinds_of(domain: str) -> list[TaskKind]:

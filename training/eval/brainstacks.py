@@ -23,7 +23,9 @@ prompts stratified by task kind, with 95% intervals and the distinct-prompt coun
     pooled over the earlier domains after the last one. Rows before the last use the final router
     restricted to the library of that time, not a router retrained then.
 (d) The router: top-1 on single-domain prompts, and on cross-domain prompts the combinations it
-    applies beside those outcome discovery finds best; no floor counts toward them.
+    applies beside those outcome discovery finds best; no floor counts toward them. And the router
+    alone on wording unlike every phrasing of the world (world.PROBE_PHRASINGS, never trained on or
+    chosen with): how often a domain prompt gets its own domain alone, a general prompt none.
 
 Prompts routed differently run in one batch (per-sequence weights, moe_lora.batch_route). A
 prompt's reply under a route is generated once and reused by every setting and forgetting row that
@@ -53,7 +55,7 @@ from training.artifacts import machine
 from training.brainstacks.continual import isolation_route, load_for_training
 from training.brainstacks.data import collate
 from training.brainstacks.router_training import discovered_routes, example_losses
-from training.data.world import Example, final_answer, held_out
+from training.data.world import Example, final_answer, held_out, probe_prompts
 from training.eval.exact_match import generate_replies, mcnemar_p, paired_difference_interval, wilson_interval
 
 SETTINGS = ("base", "ungated", "routed", "routed_other_weighting", "oracle")
@@ -67,6 +69,7 @@ class BrainstacksEval:
     batch_size: int = 32
     max_new_tokens: int = 128  # a cap: each set generates its longest expected reply plus 16 tokens
     general_tokens: int = 48  # greedy tokens compared on general prompts
+    probe_per_phrasing: int = 10  # router-only check on PROBE_PHRASINGS
     oracle_per_kind: int = 5
     # ungated and probability weighting answer a side question (what routing adds, how to weight);
     # on the first prompts of each kind they cost 40% of the generation the full sets would
@@ -194,10 +197,29 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
     router["cross_applied_combinations"] = Counter("+".join(c["router_applied"]) or "none" for c in cross).most_common()
     router["cross_discovered_combinations"] = Counter("+".join(c["discovered"]) or "none" for c in cross).most_common()
     router.update(weighting=chat.router.config.weighting, other_weighting=other,
-                  gate_threshold=chat.router.config.gate_threshold)
+                  gate_threshold=chat.router.config.gate_threshold,
+                  probe_phrasings=router_on_probes(chat, cfg.probe_per_phrasing))
     report = {"settings": settings, "router": router, "general": general_prompts(chat, cfg, cache),
               "forgetting": routed_forgetting(chat, sets, records, cfg, stacked, cache)}
     return {**report, "replies_generated": len(cache)}
+
+
+def router_on_probes(chat: ChatModel, per_phrasing: int) -> dict:
+    """The served route on probe prompts: per domain, how often it is the prompt's own domain alone
+    (for general prompts: no domain), overall and per task kind."""
+    report = {}
+    for domain in (*chat.domains, "general"):
+        wanted = set() if domain == "general" else {domain}
+        hits = {}
+        for e in probe_prompts(domain, per_phrasing):
+            p = chat.router_probabilities(e.messages())
+            route = chat.router.route(torch.tensor([p[d] for d in chat.domains]))[0]
+            hits.setdefault(e.kind, []).append(set(route) == wanted)
+        every = [h for kind in hits.values() for h in kind]
+        report[domain] = {**{k: v for k, v in proportion(every).items() if k != "exact_match"},
+                          "as_wanted": sum(every) / len(every),
+                          "kinds": {k: sum(v) / len(v) for k, v in hits.items()}}
+    return report
 
 
 def general_prompts(chat: ChatModel, cfg: BrainstacksEval, cache: dict) -> dict:
@@ -277,6 +299,9 @@ def format_report(report: dict) -> str:
                  f"[{g['interval'][0]:.2f},{g['interval'][1]:.2f}]; router picked no domain {g['no_domain']:.2f}")
     lines.append("router top-1 on single-domain prompts: " + ", ".join(f"{d} {a:.2f}" for d, a in router["top1"].items()))
     lines.append(f"cross-domain prompts routed to >= 2 domains (no floor): {router['cross_two_or_more_domains']:.2f}")
+    lines.append("router on probe phrasings (own domain alone; general: none): " + ", ".join(
+        f"{d} {r['as_wanted']:.2f} [{r['interval'][0]:.2f},{r['interval'][1]:.2f}] n={r['n']}"
+        for d, r in router["probe_phrasings"].items()))
     lines.append(f"  router applied: {router['cross_applied_combinations'][:6]}")
     lines.append(f"  outcome discovery found best: {router['cross_discovered_combinations'][:6]}")
     f = report["forgetting"]
