@@ -52,3 +52,37 @@ def test_chat_speed_bench_measures_the_baseline_and_the_engine_in_one_run(manife
     assert batching["step_s_1_row"] > 0 and batching["ceiling_8_clients"] == pytest.approx(
         8 * batching["step_s_1_row"] / batching["step_s_8_rows"])
     assert "8 clients can gain at most" in bench.table(report)
+
+
+def test_cross_domain_bench_composes_two_domains_every_way(manifest_path):
+    from dataclasses import replace
+
+    import torch
+
+    from bench.cross_domain import WEIGHT_PAIRS, first_part, measure, score, table
+    from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze
+    from training.brainstacks.continual import load_base
+    from training.data.world import held_out
+
+    chat = load_base(built(manifest_path))
+    torch.manual_seed(0)
+    for domain in ("chat", "math"):
+        stacks = add_stack(chat.model, domain, MoELoRAConfig(experts=2, rank=4, alpha=4.0))
+        for stack in stacks:
+            torch.nn.init.normal_(stack.lora_B, std=0.3)
+        freeze(stacks)
+    chat.domains = ("chat", "math")
+    items = held_out("cross", "val", 2)  # medical, code and reasoning have no stacks here: skipped
+    asked = [replace(e, domain="cross:chat+math", kind="sum") for e in items if e.kind == "program-sum"]
+    report = measure(chat, items + asked, max_new_tokens=6)
+    assert list(report) == ["sum"] and report["sum"]["domains"] == ["chat", "math"]
+    routes = report["sum"]["routes"]
+    assert len(routes) == 4 + len(WEIGHT_PAIRS)
+    assert routes["math alone"]["sample"] != routes["base alone (baseline)"]["sample"]  # the stacks act
+    assert routes["chat then math"]["sample"].startswith(first_part(routes["chat alone"]["sample"]))
+    for row in routes.values():
+        assert row["n"] == 2 and row["interval"][0] <= row["exact_match"] <= row["interval"][1]
+    assert "sum" in table(report) and "vs base" in table(report)
+
+    graded = score(["6 * 7 = 42. Answer: 42", "Answer: 7"], [replace(asked[0], final="42"), replace(asked[1], final="8")])
+    assert graded["correct"] == 1 and graded["exact_match"] == 0.5

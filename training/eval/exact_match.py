@@ -12,11 +12,15 @@ from training.data.world import Example, final_answer
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, items: list[Example], max_new_tokens: int = 48,
-                     batch_size: int = 32) -> list[str]:
+                     batch_size: int = 32, starts: list[str] | None = None) -> list[str]:
+    """Greedy replies; with `starts`, each reply continues the given start of the assistant's turn
+    (the start itself is not returned)."""
     replies = []
     pad = tokenizer.pad_token_id
+    starts = starts or [""] * len(items)
     for start in range(0, len(items), batch_size):
-        prompts = [prompt_ids(tokenizer, e.messages()) for e in items[start : start + batch_size]]
+        prompts = [prompt_ids(tokenizer, e.messages()) + tokenizer(s, add_special_tokens=False).input_ids
+                   for e, s in zip(items[start : start + batch_size], starts[start : start + batch_size])]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
