@@ -96,7 +96,7 @@ def main() -> None:
            "seconds": time.perf_counter() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
-    print(f"baseline: the base alone on the same {args.split} prompts; 'vs base' counts prompts gained")
+    print(f"baseline: the base alone on the same {args.split} prompts; 'vs base': prompts right, minus the base's")
     print(table(report))
 
 
