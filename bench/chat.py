@@ -33,10 +33,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
-from server.chat.batching import ChatBatcher, DecodeBatch, Sequence, prefill
-from server.chat.model import ChatJob, ChatModel, _TokenClock, load_chat, nf4_config
+from server.chat.batching import ChatEngine
+from server.chat.decoding import ChatJob, DecodeBatch, Decoding, prefill
+from server.chat.model import ChatModel, load_chat
 from server.chat.moe_lora import wrapped_layers
+from server.chat.nf4 import nf4_config
+from server.chat.router import RoutePlan
 from server.manifest import BuiltManifest
 from server.metrics import Metrics
 from server.settings import Settings
@@ -77,6 +81,23 @@ def summary(results: list[tuple[int, float]], wall: float) -> dict:
 
 
 # ---------------------------------------------------------------- transformers' own generate
+class TokenClock(BaseStreamer):
+    """Records when `generate` hands over each new token: time to first token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._saw_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._saw_prompt:  # generate() first hands over the prompt itself
+            self._saw_prompt = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def load_unwrapped(manifests: BuiltManifest, device: str):
     spec = manifests.read().chat.base
     folder = manifests.resolver().source(spec.source)
@@ -100,7 +121,7 @@ def baseline(model, chat: ChatModel, clients: int, tokens: int) -> dict:
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):  # left padding: every row's next token is in the last column
             ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
-        clock, submitted = _TokenClock(), time.perf_counter()
+        clock, submitted = TokenClock(), time.perf_counter()
         out = model.generate(ids.to(chat.device), attention_mask=mask.to(chat.device), max_new_tokens=tokens,
                              min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=eos, streamer=clock)
@@ -111,7 +132,7 @@ def baseline(model, chat: ChatModel, clients: int, tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------- the chat engine
-def engine_run(engine: ChatBatcher, chat: ChatModel, routes: list, clients: int, tokens: int) -> dict:
+def engine_run(engine: ChatEngine, chat: ChatModel, routes: list, clients: int, tokens: int) -> dict:
     jobs = [ChatJob(messages(p), tokens, 0.0, 1.0, 0, route, input_ids=chat.encode(messages(p)), min_tokens=tokens)
             for p, route in zip(PROMPTS, routes)]
 
@@ -126,7 +147,7 @@ def engine_run(engine: ChatBatcher, chat: ChatModel, routes: list, clients: int,
     return summary(results, time.perf_counter() - started)
 
 
-def router_share(engine: ChatBatcher, chat: ChatModel) -> dict:
+def router_share(engine: ChatEngine, chat: ChatModel) -> dict:
     """The meta-router's share of a 64-token request's time ("auto" route), one request at a time."""
     shares, seconds, tokens = [], [], []
     for prompt in LONG_PROMPTS:
@@ -144,17 +165,16 @@ def router_share(engine: ChatBatcher, chat: ChatModel) -> dict:
 @torch.no_grad()
 def decode_steps(chat: ChatModel, rows: int, steps: int = 8) -> float:
     """Seconds per base decode step of `rows` rows (the prompts' caches joined, no stacks)."""
-    batch, tokens = DecodeBatch(chat, rows), []
+    batch = DecodeBatch(chat, rows)
     for prompt in (PROMPTS * rows)[:rows]:
         logits, cache = prefill(chat, chat.encode(messages(prompt)), {})
-        row = Sequence(chat, None, None)
-        row.plan = type("Plan", (), {"weights": {}})()
+        row = Decoding(chat, None, plan=RoutePlan({}, {}, "the base alone"), tokens=[int(logits.argmax())])
         batch.join(row, cache)
-        tokens.append(int(logits.argmax()))
     times = []
     for _ in range(steps + 2):
         started = time.perf_counter()
-        tokens = batch.step(tokens).argmax(-1).tolist()
+        for row, token in zip(batch.rows, batch.step().argmax(-1).tolist()):
+            row.tokens.append(token)
         times.append(time.perf_counter() - started)
     return statistics.median(times[2:])  # the first steps warm up
 
@@ -180,7 +200,8 @@ def measure(manifests: BuiltManifest, device: str, tokens: int) -> dict:
     chat = load_chat(manifests.read().chat, manifests.resolver(), device)
     domains = chat.domains
     macs = multiply_adds(chat)
-    engine = ChatBatcher("chat", max_batch=8, max_waiting=64, retry_after=1, metrics=Metrics())
+    engine = ChatEngine("chat", max_batch=8, max_waiting=64, retry_after=1, metrics=Metrics())
+    engine.start()
     rows = []
     try:
         unwrapped = load_unwrapped(manifests, device)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from server.chat.model import ChatJob, ChatModel, load_chat_base
+from server.chat.decoding import ChatJob, generate
+from server.chat.model import ChatModel, load_chat_base
 from server.manifest import BuiltManifest
 from server.settings import Settings
 from training.eval.metrics import bootstrap_interval
@@ -102,7 +103,7 @@ def text_logits(chat: ChatModel, window: int) -> tuple[torch.Tensor, torch.Tenso
 def answers(chat: ChatModel, tokens: int) -> list[dict]:
     out = []
     for prompt in tqdm(PROMPTS, desc=f"greedy {chat.spec.quantization}", unit="prompt"):
-        result = chat.generate(ChatJob([{"role": "user", "content": prompt}], tokens, 0.0, 1.0, 0))
+        result = generate(chat, ChatJob([{"role": "user", "content": prompt}], tokens, 0.0, 1.0, 0))
         ids = chat.tokenizer(result.text, add_special_tokens=False).input_ids
         times = result.token_times
         decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else float("nan")

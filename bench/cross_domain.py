@@ -90,7 +90,7 @@ def main() -> None:
     manifests = Settings(_env_file=None, **({"artifact_root": args.artifacts} if args.artifacts else {})).manifests()
     chat = load_for_training(manifests.read().chat, manifests, "cpu")
     started = time.perf_counter()
-    with chat.mounted():
+    with chat.mounted({}):
         report = measure(chat, held_out("cross", args.split, args.per_kind))
     out = {"split": args.split, "per_kind": args.per_kind, "base": chat.name, "kinds": report,
            "seconds": time.perf_counter() - started}

@@ -24,7 +24,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.artifacts import load_with_config, save_with_config, write_atomically
-from server.chat.model import ChatJob, load_chat
+from server.chat.decoding import ChatJob, generate
+from server.chat.model import load_chat
 from server.manifest import BuiltManifest
 from server.settings import Settings
 
@@ -56,7 +57,7 @@ def references(manifests: BuiltManifest, versions: dict, domain: str, prompts: l
         chat = load_chat(with_stacks(manifests.read(), domain, stacks).chat, manifests.resolver(), "cpu")
         for prompt in prompts:
             job = ChatJob([{"role": "user", "content": prompt}], tokens, 0.0, 1.0, 0)
-            out[name, prompt] = chat.generate(job, {domain: 1.0}).text
+            out[name, prompt] = generate(chat, job, {domain: 1.0}).text
     return out
 
 

@@ -1,11 +1,12 @@
 """create_app: the services (settings, metrics, model registry, engines), the middleware and the
-routers of server/api/ wired into one FastAPI app. No routes here."""
+routers of server/api/ wired into one FastAPI app. No routes here. Building an app starts nothing
+and changes nothing of the process: its lifespan starts the engines, the first load, the watcher
+and the SIGHUP handler, and stops them."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 import time
@@ -18,13 +19,15 @@ from server import __version__
 from server.access import AccessControl
 from server.api import ROUTERS
 from server.api.dependencies import Services
-from server.chat.batching import ChatBatcher
-from server.engine import Engine
+from server.chat.batching import ChatEngine
+from server.chat.serving import ChatService
+from server.engine import WorkerEngine
 from server.errors import BodySizeLimit, CatchUnhandled, install_error_handlers
-from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
 from server.imaging.batching import ImageBatcher
+from server.imaging.serving import ImageService
+from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
 from server.registry import Registry
-from server.schemas import ErrorBody
+from server.schemas.common import ErrorBody
 from server.settings import Settings
 from server.watch import watch_artifacts
 
@@ -35,16 +38,15 @@ ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 4
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
     settings = settings or Settings()
-    if not settings.allow_network:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is fetched unless an operator allows it
     metrics = Metrics()
-    image_engine = Engine("image", settings.image_queue_size, settings.retry_after_seconds, metrics)
-    chat_engine = ChatBatcher("chat", settings.chat_max_batch, settings.chat_queue_size, settings.retry_after_seconds,
-                              metrics, settings.chat_timeout_seconds)
+    image_engine = WorkerEngine("image", settings.image_queue_size, settings.retry_after_seconds, metrics)
+    chat_engine = ChatEngine("chat", settings.chat_max_batch, settings.chat_queue_size, settings.retry_after_seconds,
+                             metrics, settings.chat_timeout_seconds)
     # new artifacts are warmed on the worker that will run them, between requests
     registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
     image_batcher = ImageBatcher(image_engine, settings.image_max_batch, settings.image_batch_window_ms / 1000, metrics)
-    svc = Services(settings, metrics, registry, image_engine, image_batcher, chat_engine)
+    svc = Services(settings, metrics, registry, ImageService(settings, image_batcher, metrics),
+                   ChatService(settings, chat_engine, metrics), (image_engine, chat_engine))
     stop_watching = threading.Event()
 
     def initial_load() -> None:
@@ -59,6 +61,8 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        for engine in svc.engines:
+            engine.start()
         if load_in_background:
             threading.Thread(target=initial_load, name="initial-load", daemon=True).start()
         else:
@@ -72,8 +76,8 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
             log.debug("no SIGHUP handler outside the main thread")  # e.g. under a test client
         yield
         stop_watching.set()
-        image_engine.shutdown()
-        chat_engine.shutdown()
+        for engine in svc.engines:
+            engine.shutdown()
 
     app = FastAPI(title="Loopstack", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.services = svc

@@ -1,9 +1,12 @@
-"""A bounded job queue in front of one model worker thread.
+"""Engines: what runs model work, off the event loop, behind a bounded queue.
 
-Model work never runs on the event loop: each engine owns one thread, so jobs for one model set
-run one at a time (torch uses the cores inside a job). At most `max_waiting` jobs may wait; past
-that, `submit` refuses at once with QueueFull and the route answers 429 with Retry-After: the
-time the queue ahead needs at the measured service rate (`ServiceRate`).
+Every engine has the surface of `Engine`: the app's lifespan starts and stops it, and the registry
+warms new artifacts on its worker between jobs (`run`). Two implement it: `WorkerEngine` here (a
+queue in front of one worker thread; the image engine, whose batcher groups the jobs waiting in
+it) and the chat engine (server/chat/batching.py: continuous batching of decode steps). Each owns
+one thread, so jobs for one model set run one at a time (torch uses the cores inside a job). Past
+its queue's bound an engine refuses at once with QueueFull, and the route answers 429 with
+Retry-After: the time the queue ahead needs at the measured service rate (`ServiceRate`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 from server.metrics import CURRENT_REQUEST, Metrics
 
@@ -46,7 +49,26 @@ class ServiceRate:
         return max(1, min(600, math.ceil(self.mean * ahead / slots)))
 
 
-class Engine:
+class Engine(Protocol):
+    name: str
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued, not yet running."""
+
+    def start(self) -> None:
+        """Start the worker (the app's lifespan does, so that building an app runs no thread)."""
+
+    def run(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn` on the worker between jobs, from another thread, and wait for it. Not queue-bounded."""
+
+    def shutdown(self) -> None:
+        """Stop the worker; what still waits fails."""
+
+
+class WorkerEngine:
+    """A bounded job queue in front of one worker thread (an `Engine`)."""
+
     def __init__(self, name: str, max_waiting: int, retry_after: int, metrics: Metrics):
         self.name = name
         self.max_waiting = max_waiting
@@ -54,7 +76,7 @@ class Engine:
         self._running = metrics.engine_running.labels(engine=name)
         self._waiting = metrics.engine_waiting.labels(engine=name)
         metrics.engine_queue_limit.labels(engine=name).set(max_waiting)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+        self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._in_system = 0  # running + waiting
 
@@ -62,9 +84,15 @@ class Engine:
     def waiting(self) -> int:
         return max(self._in_system - 1, 0)
 
+    def start(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
+
     async def submit(self, fn: Callable[..., T], *args, times_queue: bool = True) -> T:
         """Run `fn(*args)` on the worker when its turn comes. `times_queue=False`: the job tells the
         request its own wait (a batched job starts with its batch, not at its turn)."""
+        if self._executor is None:
+            raise RuntimeError(f"the {self.name} engine is not running")
         with self._lock:
             if self._in_system > self.max_waiting:  # one running, max_waiting already queued
                 raise QueueFull(self.name, self.service.retry_after(self._in_system))
@@ -96,7 +124,10 @@ class Engine:
     def run(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` on the worker from another thread, between jobs, and wait for it (the registry
         warms new artifacts here: they touch modules that running jobs use). Not queue-bounded."""
+        if self._executor is None:
+            raise RuntimeError(f"the {self.name} engine is not running")
         return self._executor.submit(fn, *args).result()
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

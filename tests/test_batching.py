@@ -10,14 +10,17 @@ import time
 import pytest
 import torch
 
-from server.chat.batching import ChatBatcher, DeadlineExceeded, DecodeBatch, Sequence, prefill
-from server.chat.model import ChatJob, load_chat
-from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, remove_last_stack, save_stack, stack_modules
+from server.chat.batching import ChatEngine, DeadlineExceeded
+from server.chat.decoding import ChatJob, DecodeBatch, Decoding, generate, prefill
+from server.chat.model import load_chat
+from server.chat.moe_lora import MoELoRAConfig
 from server.chat.router import plan_route
+from server.chat.stack_files import save_stack
 from server.chat.stacks import load_domain_stacks
 from server.engine import QueueFull
 from server.manifest import ArtifactResolver, load_manifest
 from server.metrics import Metrics
+from training.brainstacks.stacks import add_stack, freeze, remove_last_stack, stack_modules
 
 ROUTES = ({}, {"math": 1.0}, {"chat": 0.7, "math": 0.4}, {"chat": 1.0})
 PROMPTS = ("What is 3 + 4?", "Name a colour", "Tell me something about the sea and the sky", "hi")
@@ -49,16 +52,41 @@ def job(prompt: str, route, max_new_tokens: int = 6, **kw) -> ChatJob:
                    kw.pop("top_p", 1.0), kw.pop("seed", 0), route, **kw)
 
 
+def started_engine(**settings) -> ChatEngine:
+    engine = ChatEngine("chat", **{"max_batch": 8, "max_waiting": 8, "retry_after": 1, "metrics": Metrics()} | settings)
+    engine.start()
+    return engine
+
+
+def transformers_generate(chat, job: ChatJob, weights: dict) -> tuple[str, int]:
+    """transformers' own greedy `generate`, one request alone with the same stacks mounted: the
+    reference for the engine's decoding. The answer's text and its length in tokens."""
+    ids = chat.encode(job.messages)
+    with chat.mounted(weights), torch.no_grad():
+        out = chat.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
+                                  do_sample=False, min_new_tokens=job.min_tokens or None, top_p=None, top_k=None,
+                                  pad_token_id=chat.tokenizer.pad_token_id, eos_token_id=list(chat.end_of_turn_ids))
+    tokens = out[0, ids.shape[1]:].tolist()
+    return chat.decode(tokens).strip(), len(tokens)
+
+
+def fed(row: Decoding, token: int) -> Decoding:
+    """Teacher forcing: the row's next input is this token, whatever it sampled."""
+    row.tokens.append(token)
+    return row
+
+
 def alone_logits(chat, prompt, route, forced: list[int]) -> list[torch.Tensor]:
     """Teacher forcing, one request alone: the logits after the prompt and after each forced token."""
     batch = DecodeBatch(chat, 1)
-    row = Sequence(chat, job(prompt, route), None)
+    row = Decoding(chat, job(prompt, route))
     logits, cache = prefill(chat, chat.encode(row.job.messages), route)
     row.plan = plan_route(route, chat.domains, {d: 1 for d in chat.domains}, None, None)
     batch.join(row, cache)
     out = [logits]
     for token in forced:
-        out.append(batch.step([token])[0])
+        fed(row, token)
+        out.append(batch.step()[0])
     return out
 
 
@@ -72,19 +100,22 @@ def test_each_row_of_a_mixed_route_batch_matches_its_request_alone(manifest_path
     # decoding), the second leaves after 4 tokens; every step compares each row with its own run
     batch = DecodeBatch(chat, 8)
     position = {}  # row index -> tokens fed so far
+    which = {}  # id(row) -> its index
     worst = 0.0
     for step in range(14):
         if step % 2 == 0 and step // 2 < len(PROMPTS):
             k = step // 2
-            row = Sequence(chat, job(PROMPTS[k], ROUTES[k]), None)
+            row = Decoding(chat, job(PROMPTS[k], ROUTES[k]))
             row.plan = plan_route(ROUTES[k], chat.domains, {d: 1 for d in chat.domains}, None, None)
-            row.tokens = [k]  # the row's identity
+            which[id(row)] = k
             logits, cache = prefill(chat, chat.encode(row.job.messages), ROUTES[k])
             worst = max(worst, (logits - alone[k][0]).abs().max().item())
             batch.join(row, cache)
             position[k] = 0
-        rows = [r.tokens[0] for r in batch.rows]
-        logits = batch.step([forced[k][position[k]] for k in rows])
+        rows = [which[id(r)] for r in batch.rows]
+        for row, k in zip(batch.rows, rows):
+            fed(row, forced[k][position[k]])
+        logits = batch.step()
         for i, k in enumerate(rows):
             position[k] += 1
             worst = max(worst, (logits[i] - alone[k][position[k]]).abs().max().item())
@@ -104,27 +135,32 @@ def run(coro):
 def test_concurrent_requests_share_steps_and_answer_as_each_alone(manifest_path, tmp_path):
     chat = chat_with_stacks(manifest_path, tmp_path, "none")
     jobs = [job(p, r, max_new_tokens=n) for p, r, n in zip(PROMPTS, ROUTES, (9, 4, 12, 7))]
-    unstopped = chat.generate(job("Count: one two", {"math": 1.0}, max_new_tokens=12), {"math": 1.0}).text
+    unstopped = generate(chat, job("Count: one two", {"math": 1.0}, max_new_tokens=12), {"math": 1.0}).text
     assert len(unstopped) > 8
     jobs.append(job("Count: one two", {"math": 1.0}, max_new_tokens=12, stop=(unstopped[4:7],)))
     jobs.append(job("Say something", {"chat": 0.5}, max_new_tokens=10, temperature=0.9, top_p=0.8, seed=11))
     metrics = Metrics()
-    engine = ChatBatcher("chat", max_batch=8, max_waiting=8, retry_after=1, metrics=metrics)
+    chat_engine = started_engine(metrics=metrics)
     try:
         async def together():
-            return await asyncio.gather(*(engine.submit(chat, j) for j in jobs))
+            return await asyncio.gather(*(chat_engine.submit(chat, j) for j in jobs))
         results = run(together())
-        sampled_again = run(engine.submit(chat, jobs[-1]))
+        sampled_again = run(chat_engine.submit(chat, jobs[-1]))
     finally:
-        engine.shutdown()
+        chat_engine.shutdown()
     steps = metrics.registry.get_sample_value("loopstack_chat_batch_rows_count")
     rows = metrics.registry.get_sample_value("loopstack_chat_batch_rows_sum")
     assert rows / steps > 2  # requests really decoded together
+    for j, result in zip(jobs[:-2], results):  # greedy, no stop sequence: transformers' generate is the reference
+        assert (result.text, result.completion_tokens) == transformers_generate(chat, j, j.route), j
+        assert result.finish_reason == ("length" if result.completion_tokens == j.max_new_tokens else "stop")
     for j, result in zip(jobs[:-1], results):
-        reference = chat.generate(j, j.route)  # transformers' own generate, one request alone
-        assert result.text == reference.text, j
-        assert (result.completion_tokens, result.finish_reason) == (reference.completion_tokens, reference.finish_reason)
+        alone = generate(chat, j, j.route)  # the engine's steps, one request alone
+        assert (result.text, result.completion_tokens, result.finish_reason) == (
+            alone.text, alone.completion_tokens, alone.finish_reason), j
         assert result.plan.weights == j.route and len(result.token_times) == result.completion_tokens
+    stopped = results[-2]
+    assert stopped.finish_reason == "stop" and stopped.text == unstopped[:unstopped.index(unstopped[4:7])].strip()
     assert results[1].completion_tokens == 4 and results[1].finish_reason == "length"
     assert sampled_again.text == results[-1].text  # a sampled row follows its own seed, whatever the batch
 
@@ -133,7 +169,7 @@ def test_a_departed_client_and_a_passed_deadline_leave_the_batch(manifest_path, 
     chat = chat_with_stacks(manifest_path, tmp_path, "none")
     chat.model.generation_config.eos_token_id = None  # long answers: no end of turn stops them early
     chat.tokenizer.eos_token_id = None
-    engine = ChatBatcher("chat", max_batch=4, max_waiting=0, retry_after=1, metrics=Metrics(), timeout=0.3)
+    engine = started_engine(max_batch=4, max_waiting=0, timeout=0.3)
     try:
         with pytest.raises(DeadlineExceeded):
             run(engine.submit(chat, job("hi", {}, max_new_tokens=100_000)))
@@ -171,16 +207,15 @@ def test_min_tokens_holds_off_the_end_of_turn_as_transformers_min_new_tokens_doe
     greedy = chat.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
                                  pad_token_id=chat.tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
     chat.model.generation_config.eos_token_id = greedy[2]  # the answer now ends by its third token
-    engine = ChatBatcher("chat", max_batch=2, max_waiting=2, retry_after=1, metrics=Metrics())
+    chat_engine = started_engine(max_batch=2, max_waiting=2)
     try:
-        ended = run(engine.submit(chat, job("Name a colour", {}, max_new_tokens=8)))
-        held = run(engine.submit(chat, job("Name a colour", {}, max_new_tokens=8, min_tokens=8)))
+        ended = run(chat_engine.submit(chat, job("Name a colour", {}, max_new_tokens=8)))
+        held = run(chat_engine.submit(chat, job("Name a colour", {}, max_new_tokens=8, min_tokens=8)))
     finally:
-        engine.shutdown()
+        chat_engine.shutdown()
     assert ended.finish_reason == "stop" and ended.completion_tokens <= 3
     assert (held.finish_reason, held.completion_tokens) == ("length", 8)
-    reference = chat.generate(job("Name a colour", {}, max_new_tokens=8, min_tokens=8), {})
-    assert held.text == reference.text and reference.completion_tokens == 8
+    assert (held.text, 8) == transformers_generate(chat, job("Name a colour", {}, max_new_tokens=8, min_tokens=8), {})
 
 
 def test_a_stream_closed_early_takes_its_row_out_of_the_batch(manifest_path, tmp_path):
@@ -189,7 +224,7 @@ def test_a_stream_closed_early_takes_its_row_out_of_the_batch(manifest_path, tmp
     chat = chat_with_stacks(manifest_path, tmp_path, "none")
     chat.model.generation_config.eos_token_id = None  # no end of turn: only the closed stream ends it
     chat.tokenizer.eos_token_id = None
-    engine = ChatBatcher("chat", max_batch=2, max_waiting=0, retry_after=1, metrics=Metrics())
+    engine = started_engine(max_batch=2, max_waiting=0)
     try:
         async def read_then_close():
             row = engine.enqueue(chat, job("Tell me a story", {"math": 1.0}, max_new_tokens=100_000), stream_listener())
@@ -208,7 +243,7 @@ def test_a_stream_closed_early_takes_its_row_out_of_the_batch(manifest_path, tmp
 
 
 def test_sampling_at_a_vanishing_temperature_is_greedy_and_at_one_follows_the_softmax():
-    from server.chat.batching import sample
+    from server.chat.decoding import sample
 
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
     for temperature in (1e-300, 1e-30, 1e-6):  # schema-valid; the unshifted division overflowed to nan

@@ -60,7 +60,8 @@ def test_cross_domain_bench_composes_two_domains_every_way(manifest_path):
     import torch
 
     from bench.cross_domain import WEIGHT_PAIRS, first_part, measure, score, table
-    from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze
+    from server.chat.moe_lora import MoELoRAConfig
+    from training.brainstacks.stacks import add_stack, freeze
     from training.brainstacks.continual import load_base
     from training.data.world import held_out
 

@@ -10,6 +10,7 @@ from training.brainstacks.data import IGNORE, batches, collate
 from training.brainstacks.boosting import BoostingConfig, boost_domain, validation_loss
 from tests.conftest import built
 from training.brainstacks.continual import load_base
+from training.brainstacks.stacks import training_stacks
 from training.data.world import examples
 
 
@@ -36,8 +37,8 @@ def test_boosting_keeps_best_checkpoints_and_stops_adding_rounds(manifest_path):
     assert results[0].best_loss <= start and results[0].best_loss == min(loss for _, loss in results[0].curve)
     # the model now carries exactly the kept round's best checkpoint, frozen
     assert validation_loss(chat.model, val) == pytest.approx(results[0].best_loss, rel=1e-5)
-    stacks = [layer.stacks for layer in covered_layers(chat.model, cfg.stack).values()]
-    assert stacks and all(len(s) == 1 and not any(p.requires_grad for p in s[0].parameters()) for s in stacks)
+    stacks = [training_stacks(chat.model).of(layer) for layer in covered_layers(chat.model, cfg.stack).values()]
+    assert stacks and all(len(s) == 1 and not any(p.requires_grad for p in s[0][1].parameters()) for s in stacks)
 
 
 def test_zoo_lm_keeps_digits_single_and_projections_multiples_of_32(tmp_path):

@@ -11,12 +11,15 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import make_settings
 from server.app import create_app
-from server.chat.model import ChatJob, load_chat, load_chat_base
-from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
+from server.chat.decoding import ChatJob, generate
+from server.chat.model import load_chat, load_chat_base
+from server.chat.moe_lora import MoELoRAConfig
+from server.chat.stack_files import save_stack
 from server.manifest import Artifact, ArtifactResolver, Domain, load_manifest, write_manifest
 from server.artifacts import ArtifactError, sha256_file
 from server.metrics import Metrics
 from server.registry import Registry
+from training.brainstacks.stacks import add_stack, freeze, stack_modules
 
 
 def test_nf4_load_yields_bitsandbytes_4bit_layers(manifest_path):
@@ -118,9 +121,10 @@ def test_explicit_routes_apply_stacks_and_the_trace_names_them(stacked_manifest)
     manifest = load_manifest(stacked_manifest)
     chat = load_chat(manifest.chat, ArtifactResolver(stacked_manifest.parent), "cpu")
     job = ChatJob([{"role": "user", "content": request["prompt"]}], 6, 0.0, 1.0, 0)
-    assert chat.generate(job, trace["domains_applied"]).text == routed_reply["text"]
-    assert chat.generate(job).text == base_reply["text"]
-    assert chat.answer(job).text == base_reply["text"]  # the job's own route: "auto", no router loaded
+    assert generate(chat, job, trace["domains_applied"]).text == routed_reply["text"]
+    assert generate(chat, job).text == base_reply["text"]
+    plan = chat.plan_route(job.route, job.messages)  # the job's own route: "auto", no router loaded
+    assert plan.weights == {} and generate(chat, job, plan.weights).text == base_reply["text"]
 
 
 def test_a_stack_listed_under_the_wrong_domain_is_refused(stacked_manifest, tmp_path):
@@ -136,7 +140,7 @@ def test_a_stack_listed_under_the_wrong_domain_is_refused(stacked_manifest, tmp_
     registry.reload()  # the server refuses those two domains' stacks and serves the rest
     served = registry.current.chat
     assert served is not None and {d: s.count for d, s in served.stacks.items()} == {"math": 0}
-    assert "listed under 'chat'" in registry.entries["tiny-lm/stacks/chat"].error
+    assert "listed under 'chat'" in registry.entry("tiny-lm/stacks/chat").error
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,7 @@ def tiny_chat(manifest_path):
 def test_max_tokens_is_fitted_to_the_context_the_prompt_leaves(tiny_chat):
     from server.chat.serving import plan_job
     from server.errors import ApiError
-    from server.schemas import ChatRequest
+    from server.schemas.chat import ChatRequest
     from server.settings import Settings
 
     settings = Settings(_env_file=None, default_max_tokens=100)
@@ -184,7 +188,7 @@ def test_context_and_template_refusals_are_422_over_http(client):
 def test_a_conversation_the_template_refuses_is_a_422(tiny_chat):
     from server.chat.serving import plan_job
     from server.errors import ApiError
-    from server.schemas import ChatRequest
+    from server.schemas.chat import ChatRequest
     from server.settings import Settings
 
     template = tiny_chat.tokenizer.chat_template

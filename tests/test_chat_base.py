@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from server.artifacts import ArtifactError, folder_digests
-from server.chat.model import ChatJob, load_chat_base
+from server.chat.decoding import ChatJob, generate
+from server.chat.model import load_chat_base
 from server.manifest import ArtifactResolver, ChatBase, Source, load_manifest
 from tests.builders import CAUSAL_LM_ARCHITECTURES, build_causal_lm, write_llama_gguf
 from tests.conftest import REPO_TEMPLATE
@@ -58,7 +59,7 @@ def test_a_gguf_converts_to_a_safetensors_folder_with_the_same_model_and_tokeniz
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     assert chat.encode(messages).tolist() == expected.encode(messages).tolist()  # the chat template survived
     job = ChatJob(messages, 6, 0.0, 1.0, 0)
-    assert chat.generate(job).text == expected.generate(job).text
+    assert generate(chat, job).text == generate(expected, job).text
 
 
 def test_the_packaged_gguf_is_found_through_its_metadata_and_pinned(monkeypatch):
@@ -132,5 +133,5 @@ def test_users_llama_qwen_and_gemma_folders_load_in_nf4_and_float(architecture, 
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9  # 4-bit is the same function, roughly
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"},
                 {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "The cat?"}]
-    result = nf4.generate(ChatJob(messages, 5, 0.0, 1.0, 0))
+    result = generate(nf4, ChatJob(messages, 5, 0.0, 1.0, 0))
     assert result.prompt_tokens == nf4.encode(messages).shape[1] and 1 <= result.completion_tokens <= 5

@@ -10,12 +10,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.chat.model import ChatJob, load_chat
-from server.chat.moe_lora import MoELoRAConfig, add_stack, batch_route, freeze, routed, wrapped_layers
+from server.chat.decoding import ChatJob, generate
+from server.chat.model import load_chat
+from server.chat.moe_lora import MoELoRAConfig, batch_route, routed, stacked_projections, wrapped_layers
 from server.artifacts import save_with_config
 from server.chat.router import MetaRouter, RouterConfig, load_router, save_router
 from server.manifest import load_manifest
 from tests.conftest import ZOO_LM_TEMPLATE, built, make_settings
+from training.brainstacks.stacks import add_stack, freeze
 from training.artifacts import open_manifest
 from training.brainstacks.continual import (MICRO_CHAT, ChatZooRecipe, domain_data, load_base, run_continual,
                                             with_variant)
@@ -276,8 +278,8 @@ def test_micro_language_zoo_serves_routed_chat(tmp_path):
     served = load_chat(chat, manifests.resolver(), "cpu")
     assert served.router.config.floor_domain is None  # no domain is forced on: general prompts get the base
     job = ChatJob([{"role": "user", "content": "Compute 23 + 45 - 12."}], 6, 0.0, 1.0, 0)
-    assert served.generate(job, trace["domains_applied"]).text == body["text"]
-    assert served.answer(job).plan.weights == trace["domains_applied"]  # "auto" again: the same route
+    assert generate(served, job, trace["domains_applied"]).text == body["text"]
+    assert served.plan_route(job.route, job.messages).weights == trace["domains_applied"]  # "auto" again: the same route
 
     again = build_chat_zoo(manifests, MICRO_CHAT, if_missing=True, runs_dir=tmp_path / "runs")
     assert again["base"] is None and again["domains"] == []
@@ -343,7 +345,7 @@ def test_eval_generates_each_prompt_and_route_once_and_reuses_it(tmp_path):
     items = examples("math", "test", 3)
     routes = [{"math": 1.0}, {}, {"chat": 1.0, "math": 0.5}]
     cache: dict = {}
-    with chat.mounted():
+    with chat.mounted({}):
         losses, replies = run_routes(chat, items, routes, cfg, cache)
         assert len(cache) == 3
         assert run_routes(chat, items, routes, cfg, cache) == (losses, replies) and len(cache) == 3
@@ -430,13 +432,13 @@ def test_the_weighting_is_chosen_by_what_it_serves_on_validation_prompts(manifes
                                      middle_layer=1, floor_domain=None))
     torch.nn.init.zeros_(router.mlp[-1].weight)  # every prompt: both domains at probability 0.6
     torch.nn.init.constant_(router.mlp[-1].bias, torch.logit(torch.tensor(0.6)).item())
-    layer = next(iter(wrapped_layers(chat.model).values()))
+    projections = stacked_projections(chat.model)
     generated = []
 
     def replies(model, tokenizer, items, max_new_tokens, batch_size):
         # a stand-in for the stacks: a domain prompt is answered right only with math at weight 1; any
         # domain on changes a general prompt's answer
-        route = layer.route
+        route = projections.route
         rows = []
         for row, item in enumerate(items):
             weights = {d: float(w[row]) for d, w in route.items()}

@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.imaging import batching as image_batching
 from server.imaging import sampler as image_sampler
-from server.imaging import serving as image_serving
 from tests.conftest import assert_error_shape, live_server, make_settings, per_job
 
 STEP_SECONDS = 0.3
@@ -46,12 +45,18 @@ class SlowSampler:
 def slow_sampler(monkeypatch) -> SlowSampler:
     sampler = SlowSampler()
     monkeypatch.setattr(image_batching, "sample_batch", per_job(sampler))
-    monkeypatch.setattr(image_serving, "COSTS", image_serving.SamplingCosts())  # no estimate from other tests
     return sampler
 
 
-def test_a_request_past_its_deadline_stops_between_steps_with_504(client, slow_sampler):
-    response = client.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "steps": 20,
+@pytest.fixture
+def fresh_client(client):
+    """The session's app with no sampling cost measured yet: no estimate from other tests."""
+    client.app.state.services.images.costs.per_unit.clear()
+    return client
+
+
+def test_a_request_past_its_deadline_stops_between_steps_with_504(fresh_client, slow_sampler):
+    response = fresh_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 1, "steps": 20,
                                                     "timeout": 1.0})
     assert_error_shape(response, 504, "timeout")
     done = len(slow_sampler.steps)
@@ -60,30 +65,30 @@ def test_a_request_past_its_deadline_stops_between_steps_with_504(client, slow_s
     assert len(slow_sampler.steps) == done  # and nothing ran on after the answer
 
 
-def test_a_queued_request_whose_deadline_passes_never_starts(client, slow_sampler):
+def test_a_queued_request_whose_deadline_passes_never_starts(fresh_client, slow_sampler):
     first = {}
-    worker = threading.Thread(target=lambda: first.update(r=client.post(
+    worker = threading.Thread(target=lambda: first.update(r=fresh_client.post(
         "/generate-image", json={"model": "tiny-dit", "class_label": 1, "steps": 6})))
     worker.start()
     while not slow_sampler.steps:  # the first job holds the worker
         time.sleep(0.01)
-    late = client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "steps": 2, "timeout": 0.5})
+    late = fresh_client.post("/generate-image", json={"model": "tiny-dit", "class_label": 2, "steps": 2, "timeout": 0.5})
     worker.join(timeout=30)
     assert first["r"].status_code == 200
     assert_error_shape(late, 504, "timeout")
     assert slow_sampler.jobs == 1  # the late one was dropped when the worker reached it
 
 
-def test_a_request_that_cannot_finish_in_time_is_refused_up_front(client, slow_sampler):
+def test_a_request_that_cannot_finish_in_time_is_refused_up_front(fresh_client, slow_sampler):
     body = {"model": "tiny-dit", "class_label": 1, "steps": 2}
-    assert client.post("/generate-image", json=body).status_code == 200  # the model's speed, measured
+    assert fresh_client.post("/generate-image", json=body).status_code == 200  # the model's speed, measured
     started = time.perf_counter()
-    refused = client.post("/generate-image", json=body | {"steps": 60, "n": 8, "timeout": 2.0})
+    refused = fresh_client.post("/generate-image", json=body | {"steps": 60, "n": 8, "timeout": 2.0})
     assert_error_shape(refused, 422, "timeout")
     assert "about" in refused.json()["error"]["message"]
     assert time.perf_counter() - started < STEP_SECONDS and slow_sampler.jobs == 1  # nothing sampled
     # within the estimate it runs
-    assert client.post("/generate-image", json=body | {"timeout": 30.0}).status_code == 200
+    assert fresh_client.post("/generate-image", json=body | {"timeout": 30.0}).status_code == 200
 
 
 def test_a_timeout_over_the_servers_maximum_and_sizes_past_the_models_are_refused(client):

@@ -21,12 +21,16 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.artifacts import load_with_config, save_with_config, write_atomically
-from server.chat.model import ChatJob, load_chat, load_chat_base
-from server.chat.moe_lora import MoELoRAConfig, add_stack, freeze, save_stack, stack_modules
+from server.chat.decoding import ChatJob, generate
+from server.chat.model import load_chat, load_chat_base
+from server.chat.moe_lora import MoELoRAConfig
+from server.chat.stack_files import save_stack
+from server.loaders import DomainStacksLoader
 from server.manifest import Artifact, ArtifactResolver, Domain, load_manifest, write_manifest
 from server.metrics import Metrics
 from server.registry import Registry
 from tests.conftest import assert_error_shape, make_settings, zoo_manifest
+from training.brainstacks.stacks import add_stack, freeze, stack_modules
 
 PROMPT = "Compute 23 + 45 - 12."
 TOKEN = "s3cret"
@@ -65,7 +69,7 @@ def expected_text(manifest_path: Path, stack: str, sha: str) -> str:
     root = manifest_path.parent
     chat = load_chat(with_math_stack(zoo_manifest(root), stack, sha).chat, ArtifactResolver(root), "cpu")
     job = ChatJob([{"role": "user", "content": PROMPT}], 4, 0.0, 1.0, 0)
-    return chat.generate(job, {"math": 1.0}).text
+    return generate(chat, job, {"math": 1.0}).text
 
 
 def test_admin_routes_are_off_without_a_token_and_need_it_with_one(manifest_path):
@@ -249,15 +253,14 @@ def test_entries_not_loaded_yet_show_as_loading_and_their_requests_get_503(serve
     503, not "no chat model" (404), also once the base is loaded and its stacks are still loading."""
     path, _ = served
     release, reached = threading.Event(), threading.Event()
-    real_load = Registry._load
+    real_load = DomainStacksLoader.load
 
-    def slow_chat(self, kind, spec, parent, resolver):
-        if kind == "stacks":
-            reached.set()
-            release.wait(timeout=60)
-        return real_load(self, kind, spec, parent, resolver)
+    def slow_stacks(self, spec, parent, context):
+        reached.set()
+        release.wait(timeout=60)
+        return real_load(self, spec, parent, context)
 
-    monkeypatch.setattr(Registry, "_load", slow_chat)
+    monkeypatch.setattr(DomainStacksLoader, "load", slow_stacks)
     with TestClient(create_app(make_settings(path, watch=False))) as c:  # loads in the background
         assert reached.wait(timeout=60)
         ready = c.get("/readyz").json()

@@ -190,7 +190,7 @@ def test_full_queue_answers_429_with_retry_after(manifest_path, monkeypatch):
                    for _ in range(2)]
         for w in workers:
             w.start()
-        engine = app.state.services.image_engine
+        engine = app.state.services.images.batcher.engine
         deadline = time.time() + 20
         while engine.waiting < 1 and time.time() < deadline:  # one running, one waiting
             time.sleep(0.01)
@@ -226,7 +226,7 @@ def test_a_lone_surrogate_in_text_is_refused_not_a_500(client, path, body, param
 def test_retry_after_follows_the_measured_service_rate():
     import asyncio
 
-    from server.engine import Engine, ServiceRate
+    from server.engine import ServiceRate, WorkerEngine
     from server.metrics import Metrics
 
     rate = ServiceRate(fallback=7)
@@ -235,6 +235,7 @@ def test_retry_after_follows_the_measured_service_rate():
     assert rate.retry_after(3) == 6 and rate.retry_after(3, slots=8) == 1
     rate.record(12.0)  # a mean that moves a tenth of the way: 3 s
     assert rate.mean == pytest.approx(3.0) and rate.retry_after(2) == 6 and rate.retry_after(10_000) == 600
-    engine = Engine("image", max_waiting=1, retry_after=7, metrics=Metrics())
+    engine = WorkerEngine("image", max_waiting=1, retry_after=7, metrics=Metrics())
+    engine.start()
     asyncio.run(engine.submit(time.sleep, 0.3))
     assert engine.service.mean == pytest.approx(0.3, abs=0.1)  # the job's own time, as the engine ran it

@@ -50,7 +50,7 @@ def test_requests_waiting_together_are_sampled_in_one_batch_each_as_alone(manife
         for thread in threads[1:]:
             thread.start()
         deadline = time.time() + 30
-        while app.state.services.image_engine.waiting < len(bodies) and time.time() < deadline:
+        while app.state.services.images.batcher.engine.waiting < len(bodies) and time.time() < deadline:
             time.sleep(0.01)
         release.set()
         for thread in threads:
@@ -72,7 +72,7 @@ def test_the_images_bench_measures_both_servings_and_checks_the_targets(manifest
     from bench import images as bench
 
     with TestClient(create_app(make_settings(manifest_path), load_in_background=False)) as client:
-        batcher, body = client.app.state.services.image_batcher, {"model": "tiny-dit", "class_label": 1}
+        batcher, body = client.app.state.services.images.batcher, {"model": "tiny-dit", "class_label": 1}
         sequential, batched = bench.alternate(bench.one_request(client, batcher, 1, body),
                                               bench.one_request(client, batcher, 16, body), 3)
         rows = [{"mode": "baseline", "clients": 1, "serving": serving} | bench.pooled([{"wall_s": sum(run), "latencies": run}])
@@ -148,7 +148,7 @@ def test_a_streamed_request_joins_a_batch_and_still_reports_each_step(manifest_p
         for thread in threads[1:]:
             thread.start()
         deadline = time.time() + 30
-        while app.state.services.image_engine.waiting < 2 and time.time() < deadline:
+        while app.state.services.images.batcher.engine.waiting < 2 and time.time() < deadline:
             time.sleep(0.01)
         release.set()
         for thread in threads:

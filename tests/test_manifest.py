@@ -182,7 +182,7 @@ def test_failed_reload_keeps_the_old_models_serving(tmp_path, zoo_dir):
     assert registry.current is first  # the old generation keeps serving
     assert [r["entry"] for r in report["refused"]] == ["tiny-dit"] and "sha256 mismatch" in report["refused"][0]["reason"]
     assert str(tmp_path) not in report["refused"][0]["reason"]  # relative paths only
-    assert registry.entries["tiny-dit"].state == "ready" and "sha256 mismatch" in registry.entries["tiny-dit"].error
+    assert registry.entry("tiny-dit").state == "ready" and "sha256 mismatch" in registry.entry("tiny-dit").error
     assert metrics.artifact_reloads.labels(model="tiny-dit", result="refused")._value.get() == 1
     assert metrics.artifact_reloads.labels(model="tiny-dit", result="loaded")._value.get() == 1
 

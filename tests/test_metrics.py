@@ -117,7 +117,7 @@ def test_running_and_waiting_per_engine(manifest_path, monkeypatch):
         for w in workers:
             w.start()
         deadline = time.time() + 20
-        while app.state.services.image_engine.waiting < 2 and time.time() < deadline:
+        while app.state.services.images.batcher.engine.waiting < 2 and time.time() < deadline:
             time.sleep(0.01)
         assert sample(c, "loopstack_engine_running", engine="image") == 1.0
         assert sample(c, "loopstack_engine_waiting", engine="image") == 2.0

@@ -5,14 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.artifacts import ArtifactError
 from server.chat.model import load_chat_base
 from server.chat.moe_lora import (
-    MoELoRA, MoELoRAConfig, add_stack, aux_loss, disable_cpu_weight_packing, freeze, load_stack, remove_last_stack,
-    routed, save_stack, stack_modules, wrap_projections, wrapped_layers,
+    MoELoRA, MoELoRAConfig, StackedMoELoRALinear, StackedProjections, routed, stacked_projections, wrap_projections,
+    wrapped_layers,
 )
-from server.chat.stacks import load_domain_stacks, mounted
+from server.chat.nf4 import disable_cpu_weight_packing
+from server.chat.stack_files import save_stack
+from server.chat.stacks import DomainStacks, ServedStacks, load_domain_stacks
 from server.manifest import ArtifactResolver, load_manifest
-from server.artifacts import ArtifactError
+from training.brainstacks.stacks import (
+    TrainableMoELoRA, add_stack, aux_loss, freeze, load_stack, remove_last_stack, stack_modules, training_stacks,
+)
 
 SMALL = MoELoRAConfig(experts=4, rank=4, alpha=4.0)
 
@@ -54,9 +59,12 @@ def test_a_new_stack_wraps_all_seven_projections_and_is_an_exact_no_op(lm):
 
 
 def test_top2_gates_sum_to_one_and_noise_is_only_on_in_training():
-    stack = MoELoRA(32, 64, SMALL)
-    torch.nn.init.normal_(stack.noise.weight, std=1.0)  # trained noise weights are non-zero
+    served = MoELoRA(32, 64, SMALL).train()
+    torch.nn.init.normal_(served.noise.weight, std=1.0)
     x = torch.randn(50, 32)
+    assert torch.equal(served.gates(x), served.gates(x))  # the served module has no noise, in any mode
+    stack = TrainableMoELoRA(32, 64, SMALL)
+    torch.nn.init.normal_(stack.noise.weight, std=1.0)  # trained noise weights are non-zero
     stack.eval()
     gates = stack.gates(x)
     assert torch.allclose(gates.sum(-1), torch.ones(50))
@@ -67,7 +75,7 @@ def test_top2_gates_sum_to_one_and_noise_is_only_on_in_training():
 
 
 def test_aux_loss_gradient_reaches_the_router():
-    stack = MoELoRA(32, 64, SMALL).train()
+    stack = TrainableMoELoRA(32, 64, SMALL).train()
     stack(torch.randn(40, 32))
     aux = aux_loss([stack])
     assert aux.requires_grad
@@ -127,7 +135,8 @@ def test_save_load_round_trips_exactly_and_routes_weight_domains(lm, manifest_pa
     save_stack(other, stack_modules(lm, "math", 0), "math", MoELoRAConfig(experts=4, rank=8, alpha=8.0))
     with pytest.raises(ArtifactError, match="does not fit"):
         load_stack(fresh, other)
-    assert len(next(iter(wrapped_layers(fresh).values())).stacks) == 1  # the refused stack left nothing behind
+    first = next(iter(wrapped_layers(fresh).values()))
+    assert len(training_stacks(fresh).of(first)) == 1  # the refused stack left nothing behind
 
 
 def test_stacks_on_upper_layers_only_train_save_and_serve_beside_full_ones(lm, manifest_path, tmp_path):
@@ -151,15 +160,16 @@ def test_stacks_on_upper_layers_only_train_save_and_serve_beside_full_ones(lm, m
     wrap_projections(fresh)
     library = [load_domain_stacks(fresh, d, [p]) for d, p in paths.items()]
     assert sum(len(s) for s in library[1].per_layer.values()) == 7
-    with torch.no_grad(), mounted(fresh, library), routed(fresh, {"chat": 0.7, "math": 0.6}):
+    served = ServedStacks(wrapped_layers(fresh), library)
+    with torch.no_grad(), stacked_projections(fresh).mounted(served, {"chat": 0.7, "math": 0.6}):
         torch.testing.assert_close(fresh(input_ids=ids).logits, trained, atol=1e-5, rtol=1e-5)
     remove_last_stack(lm, "math")
-    assert "math" not in {d for layer in wrapped_layers(lm).values() for d in layer.stack_domains}
+    assert "math" not in {d for stacks in training_stacks(lm).per_layer.values() for d, _ in stacks}
 
 
 def test_projection_folds_into_the_frozen_stack():
     torch.manual_seed(0)
-    stack = MoELoRA(32, 64, SMALL).eval()
+    stack = TrainableMoELoRA(32, 64, SMALL).eval()
     torch.nn.init.normal_(stack.lora_B)
     basis, _ = torch.linalg.qr(torch.randn(64, 3))
     stack.output_basis = basis
@@ -184,8 +194,7 @@ def test_fused_frozen_stacks_equal_the_per_stack_sum(lm):
     layer = next(iter(wrapped_layers(lm).values()))
     x = torch.randn(2, 5, layer.in_features)
     route = {"chat": 1.0, "math": 0.5, "medical": 2.0}
-    with torch.no_grad():
-        layer.route = route
+    with torch.no_grad(), routed(lm, route):
         fused = layer(x) - layer.base_layer(x)
         by_stack = sum(w * s(x) for w, s in zip(route.values(), (g[0] for g in groups)))
         torch.testing.assert_close(fused, by_stack, rtol=1e-5, atol=1e-5)
@@ -199,107 +208,140 @@ def test_fused_frozen_stacks_equal_the_per_stack_sum(lm):
         torch.testing.assert_close(layer(x) - layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mounted_stacks_serve_each_route_and_each_row_its_own_never_a_stale_plan(lm):
-    from server.chat.moe_lora import batch_route
-    from server.chat.stacks import DomainStacks
-
-    layers = wrap_projections(lm)
-    domains = ("chat", "math", "medical")
+def frozen_library(layers: dict[str, StackedMoELoRALinear], domains: tuple[str, ...]) -> list[DomainStacks]:
+    """Random, non-zero served stacks, one per domain on every projection of `layers`."""
     library = []
     for i, domain in enumerate(domains):
         torch.manual_seed(i)
         per_layer = {}
         for name, layer in layers.items():
-            stack = MoELoRA(layer.in_features, layer.out_features, SMALL)
+            stack = MoELoRA(layer.in_features, layer.out_features, SMALL).requires_grad_(False)
             torch.nn.init.normal_(stack.lora_B, std=0.3)
             torch.nn.init.normal_(stack.router.weight, std=1.0)
-            freeze([stack])
             per_layer[name] = [stack]
         library.append(DomainStacks(domain, per_layer, 1))
+    return library
+
+
+def test_mounted_stacks_serve_each_route_and_each_row_its_own_never_a_stale_plan(lm):
+    from server.chat.moe_lora import batch_route
+    from training.brainstacks.stacks import TrainingStacks
+
+    layers = wrap_projections(lm)
+    domains = ("chat", "math", "medical")
+    library = frozen_library(layers, domains)
     ids = tokens()
     # a route, rows routed apart, the first route again (its cached plan), then one not seen yet
     routes = [{"chat": 1.0, "math": 0.5}, batch_route([{"chat": 1.0, "math": 0.5}, {"medical": 2.0}], domains),
               {"chat": 1.0, "math": 0.5}, {"math": 1.0}]
-    with torch.no_grad(), mounted(lm, library):
+    projections, mount = stacked_projections(lm), ServedStacks(layers, library)
+    with torch.no_grad():
         served = []
         for route in routes:
-            with routed(lm, route):
+            with projections.mounted(mount, route):
                 served.append(lm(input_ids=ids).logits)
-    assert all(layer.mount_token is None and len(layer.stacks) == 0 for layer in layers.values())
-    # the reference: the same stacks attached one by one, unfused (trainable stacks' path)
+    assert projections.stacks is None and projections.route is None  # unmounted after each step
+    # the reference: the same stacks as a training run holds them, unfused (trainable stacks' path)
+    reference = TrainingStacks()
     for name, layer in layers.items():
-        layer.stacks = torch.nn.ModuleList([d.per_layer[name][0] for d in library])
-        layer.stack_domains = list(domains)
-        for stack in layer.stacks:
-            stack.frozen_token = None
+        for domain in library:
+            copy = TrainableMoELoRA(layer.in_features, layer.out_features, SMALL).eval()
+            copy.load_state_dict(domain.per_layer[name][0].state_dict())
+            reference.per_layer.setdefault(layer, []).append((domain.domain, copy))
     with torch.no_grad():
         for route, logits in zip(routes, served):
-            with routed(lm, route):
+            with projections.mounted(reference, route):
                 torch.testing.assert_close(logits, lm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(served[1][0], served[0][0], atol=1e-5, rtol=1e-5)  # row 0 kept its route
     assert (served[3] - served[0]).abs().max() > 1e-3  # the routes differ, and so do their logits
 
 
-def test_projections_that_share_an_input_are_computed_together_and_each_takes_its_own_part():
-    from server.chat.moe_lora import SharedInputStacks, StackedMoELoRALinear
+def shared_input_layers(widths: tuple[int, ...], prefix: str) -> dict[str, StackedMoELoRALinear]:
+    """Stand-ins for one decoder layer's projections that read one input: q, k, v (or gate, up)."""
+    names = ("q_proj", "k_proj", "v_proj") if len(widths) == 3 else ("gate_proj", "up_proj")
+    projections = StackedProjections()
+    return {f"{prefix}.{name}": StackedMoELoRALinear(torch.nn.Linear(32, width), projections)
+            for name, width in zip(names, widths)}
 
+
+def test_projections_that_share_an_input_are_computed_together_and_each_takes_its_own_part():
     torch.manual_seed(0)
-    members = [StackedMoELoRALinear(torch.nn.Linear(32, width)) for width in (48, 16, 16)]  # q, k, v
-    for index, member in enumerate(members):
-        for domain in ("chat", "math", "medical") if index == 1 else ("chat", "math"):  # medical: k alone
-            stack = MoELoRA(32, member.out_features, SMALL)
-            torch.nn.init.normal_(stack.lora_B, std=0.3)
-            torch.nn.init.normal_(stack.router.weight, std=1.0)
-            freeze([stack])
-            member.stacks.append(stack)
-            member.stack_domains.append(domain)
-        member.route = {"chat": 1.0, "math": 0.5, "medical": 2.0}
+    layers = shared_input_layers((48, 16, 16), "model.layers.0.self_attn")
+    library = frozen_library(layers, ("chat", "math", "medical"))
+    k_proj = list(layers)[1]
+    for domain in library[2:]:  # medical: on k alone
+        for name in layers:
+            if name != k_proj:
+                domain.per_layer[name] = []
+    grouped = ServedStacks(layers, library)
+    alone = ServedStacks({f"alone.{i}": layer for i, layer in enumerate(layers.values())},  # names that never group
+                         [DomainStacks(d.domain, {f"alone.{i}": d.per_layer[name] for i, name in enumerate(layers)}, 1)
+                          for d in library])
+    route = {"chat": 1.0, "math": 0.5, "medical": 2.0}
+    members = list(layers.values())
+    projections = members[0].projections
     x, other = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
     with torch.no_grad():
-        alone = [m(x) for m in members]  # each projection's own fused pass
-        group = SharedInputStacks(members)
-        for member in members:
-            member.input_group, member.mount_token = group, object()
-        torch.testing.assert_close([m(x) for m in members], alone, atol=1e-5, rtol=1e-5)
-        # the group holds no input once every member has its part; a member fed another input recomputes
-        assert group._input is None
-        mixed = [members[0](x), members[1](other), members[2](x)]
-        for member in members:
-            member.input_group = member.mount_token = None
-        torch.testing.assert_close(mixed, [members[0](x), members[1](other), members[2](x)], atol=1e-5, rtol=1e-5)
+        with projections.mounted(alone, route):
+            expected = [m(x) for m in members]  # each projection's own fused pass
+            expected_mixed = [members[0](x), members[1](other), members[2](x)]
+        with projections.mounted(grouped, route):
+            torch.testing.assert_close([m(x) for m in members], expected, atol=1e-5, rtol=1e-5)
+            group = grouped._layers[members[0]].group
+            assert group is not None and group._input is None  # no input held once every member has its part
+            mixed = [members[0](x), members[1](other), members[2](x)]  # a member fed another input recomputes
+        torch.testing.assert_close(mixed, expected_mixed, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_input_groups_keep_fused_copies_per_domain_and_of_all_whatever_the_routes_and_mount_plans():
+def test_shared_input_groups_keep_fused_copies_per_domain_and_of_all_whatever_the_routes():
     """Regression guard for the server's memory: each batch of rows is a route of its own (per-row
-    weight tensors) and makes its own set of domains; a fused copy per route, then per set of domains
-    (in every mount plan's group), grew the server's memory with its traffic."""
-    from server.chat.moe_lora import SharedInputStacks, StackedMoELoRALinear
-
+    weight tensors) and makes its own set of domains; a fused copy per route, then per set of domains,
+    grew the server's memory with its traffic."""
     torch.manual_seed(0)
-    members = [StackedMoELoRALinear(torch.nn.Linear(32, width)) for width in (48, 16)]  # gate, up
-    for member in members:
-        for domain in ("chat", "math", "medical"):
-            stack = MoELoRA(32, member.out_features, SMALL)
-            freeze([stack])
-            member.stacks.append(stack)
-            member.stack_domains.append(domain)
-    groups = [SharedInputStacks(members), SharedInputStacks(members)]  # two mount plans' groups
+    layers = shared_input_layers((48, 16), "model.layers.0.mlp")
+    served = ServedStacks(layers, frozen_library(layers, ("chat", "math", "medical")))
+    projections = next(iter(layers.values())).projections
     with torch.no_grad():
         for step in range(40):
-            group = groups[step // 20]
             rows = 1 + step % 4
             pair = [("chat", "math"), ("math", "medical"), ("chat", "medical")][step % 3]
             route = {d: torch.rand(rows) for d in pair} if step % 2 else {"math": 0.1 + step / 100}
             x = torch.randn(rows, 1, 32)
-            for member in members:
-                member.route, member.input_group, member.mount_token = route, group, object()
-            for member in members:
-                member(x)
-    cache = members[0]._fused_cache
-    assert len(cache) == 2  # math's stacks alone, and all stacks for routes of several domains
-    fused = {id(plan[0]) for group in groups for plan in group._plans.values()}
-    assert fused == {id(f) for f in cache.values()}
-    assert not members[1]._fused_cache
+            with projections.mounted(served, route):
+                for member in layers.values():
+                    member(x)
+    assert len(served._fused) == 2  # math's stacks alone, and all stacks for routes of several domains
+    owner = served._layers[next(iter(layers.values()))]
+    assert {id(plan[0]) for plan in owner.plans.values()} == {id(f) for f in served._fused.values()}
+
+
+def test_a_model_claimed_by_the_engine_refuses_mounts_from_other_threads(lm):
+    """Regression guard for the one-thread rule: stacks are set on the shared base per step."""
+    import threading
+
+    projections = stacked_projections(lm)
+    errors = []
+
+    def engine_thread():
+        projections.claim()
+        with projections.routed({}):
+            entered.set()
+            release.wait(5)
+
+    entered, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=engine_thread)
+    worker.start()
+    entered.wait(5)
+    try:
+        with projections.routed({}):
+            pass
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    release.set()
+    worker.join()
+    assert errors and "owns this model" in errors[0]
+    with projections.routed({}):  # once the owning thread has ended, the model is free again
+        assert projections.route == {}
 
 
 def test_the_served_nf4_base_multiplies_in_float32_on_every_cpu(manifest_path):

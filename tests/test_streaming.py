@@ -74,18 +74,19 @@ def test_a_refused_image_stream_is_a_plain_error(client):
 def test_a_closed_image_stream_stops_the_sampling_at_its_next_step(manifest_path, monkeypatch):
     import asyncio
 
-    from server.engine import Engine
+    from server.engine import WorkerEngine
     from server.imaging import batching, sampler, serving
     from server.imaging.batching import ImageBatcher
     from server.imaging.backbones import load_image_backbone
     from server.manifest import ArtifactResolver, load_manifest
     from server.metrics import Metrics
-    from server.schemas import ImageRequest
+    from server.schemas.images import ImageRequest
     from tests.conftest import make_settings, per_job
 
     spec = next(m for m in load_manifest(manifest_path).image if m.name == "tiny-dit")
     backbone = load_image_backbone(spec, ArtifactResolver(manifest_path.parent), "cpu")
-    engine = Engine("image", max_waiting=2, retry_after=1, metrics=Metrics())
+    engine = WorkerEngine("image", max_waiting=2, retry_after=1, metrics=Metrics())
+    engine.start()
     batcher = ImageBatcher(engine, max_images=16, window=0.005, metrics=Metrics())
     sampled, real = [], sampler.sample
 
@@ -98,8 +99,9 @@ def test_a_closed_image_stream_stops_the_sampling_at_its_next_step(manifest_path
     monkeypatch.setattr(batching, "sample_batch", per_job(counting))
 
     async def read_two_steps_then_close():
+        service = serving.ImageService(make_settings(manifest_path), batcher, Metrics())
         events = await serving.start_stream(ImageRequest(model="tiny-dit", class_label=0, steps=50, mode="baseline"),
-                                            backbone, 1, make_settings(manifest_path), batcher, Metrics())
+                                            backbone, 1, service)
         seen = [await anext(events), await anext(events)]
         await events.aclose()
         await engine.submit(lambda: None)  # runs once the worker has left the stopped job

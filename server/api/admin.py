@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
+from server import status
 from server.api.dependencies import Services, admin, services
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin)])
@@ -17,9 +18,5 @@ async def reload(svc: Services = Depends(services)) -> dict:
 
 
 @router.get("/status")
-async def status(svc: Services = Depends(services)) -> dict:
-    registry = svc.registry
-    models = registry.current
-    return {"generation": models.generation if models else None, "manifest_error": registry.manifest_error,
-            "last_reload": registry.last_reload, "requests_in_flight": registry.in_flight(),
-            "entries": registry.status(), "build": registry.build_state()}
+async def admin_status(svc: Services = Depends(services)) -> dict:
+    return status.admin_status(svc.registry)

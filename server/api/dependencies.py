@@ -10,10 +10,11 @@ from typing import Awaitable, Callable, Iterator
 
 from fastapi import Depends, Request
 
-from server.chat.batching import ChatBatcher
+from server import status
+from server.chat.serving import ChatService
 from server.engine import Engine
 from server.errors import ApiError
-from server.imaging.batching import ImageBatcher
+from server.imaging.serving import ImageService
 from server.metrics import Metrics
 from server.registry import ModelSet, Registry
 from server.settings import Settings
@@ -21,14 +22,14 @@ from server.settings import Settings
 
 @dataclass(frozen=True)
 class Services:
-    """Made once per app by `create_app`."""
+    """Made once per app by `create_app`; its engines run from the app's start to its end."""
 
     settings: Settings
     metrics: Metrics
     registry: Registry
-    image_engine: Engine
-    image_batcher: ImageBatcher
-    chat_engine: ChatBatcher
+    images: ImageService
+    chat: ChatService
+    engines: tuple[Engine, ...]
 
 
 def services(request: Request) -> Services:
@@ -40,7 +41,7 @@ def loaded_models(svc: Services = Depends(services)) -> Iterator[ModelSet]:
     the response is sent, so a reload frees the old set's memory only after its requests finished."""
     models = svc.registry.acquire()
     if models is None:
-        raise ApiError(503, svc.registry.not_serving_reason())
+        raise ApiError(503, status.not_serving_reason(svc.registry))
     try:
         yield models
     finally:
@@ -48,7 +49,7 @@ def loaded_models(svc: Services = Depends(services)) -> Iterator[ModelSet]:
 
 
 def admin(request: Request, svc: Services = Depends(services)) -> None:
-    """`Authorization: Bearer <LOOPSTACK_ADMIN_TOKEN>`; the admin routes do not exist without a token."""
+    """`Authorization: Bearer <LOOPSTACK_ADMIN_TOKEN>`; without a token the admin routes answer 404."""
     token = svc.settings.admin_token
     if token is None:
         raise ApiError(404, "admin routes are off: set LOOPSTACK_ADMIN_TOKEN to turn them on")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from server import status
 from server.api.dependencies import Services, services
 from server.errors import ApiError
-from server.schemas import ErrorBody
+from server.schemas.common import ErrorBody
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +21,7 @@ async def livez() -> dict:
 async def readyz(svc: Services = Depends(services)) -> dict:
     """200 once a model serves (more may still be loading); the body names what serves, what is a
     placeholder, what is loading and what was refused, by entry name only."""
-    readiness = svc.registry.readiness()
+    readiness = status.readiness(svc.registry)
     if not readiness["serving"]:
-        raise ApiError(503, svc.registry.not_serving_reason())
+        raise ApiError(503, status.not_serving_reason(svc.registry))
     return {"status": "ready", **readiness}

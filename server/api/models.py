@@ -4,43 +4,35 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from server import status
 from server.api.dependencies import Services, services
-from server.api.openai import alias_route, route_aliases
+from server.api.lookup import alias_route, route_aliases
 from server.chat.model import ChatModel
 from server.imaging.backbones import ImageBackbone
-from server.registry import Entry
-from server.schemas import ModelCard, ModelList
+from server.schemas.common import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(svc: Services = Depends(services)) -> ModelList:
-    registry = svc.registry
-    models = registry.current
+    models = svc.registry.current
     cards = []
-    for entry in [e for e in list(registry.entries.values()) if e.kind in ("image", "chat")]:
-        group = [e for e in list(registry.entries.values()) if e.key == entry.key or e.parent == entry.key]
-        errors = [{"entry": e.key, "reason": e.error} for e in group if e.error]
-        if entry.kind == "image" and models is not None and entry.key in models.images:
-            details = image_details(models.images[entry.key])
-        elif entry.kind == "chat" and models is not None and models.chat is not None:
+    for model in status.models(svc.registry):
+        details = {}
+        if model.kind == "image" and models is not None and model.key in models.images:
+            details = image_details(models.images[model.key])
+        elif model.kind == "chat" and models is not None and models.chat is not None:
             details = chat_details(models.chat)
-        else:
-            details = {}
-        card = ModelCard(id=entry.key, created=int(entry.loaded_at or 0), kind=kind_of(entry),
-                         placeholder=entry.placeholder, status=entry.state, generation=entry.generation,
-                         errors=errors, details=details)
+        card = ModelCard(id=model.key, created=int(model.loaded_at or 0), kind=model.model_kind,
+                         placeholder=model.placeholder, status=model.state, generation=model.generation,
+                         errors=model.errors, details=details)
         cards.append(card)
-        if entry.kind == "chat" and models is not None and models.chat is not None:
+        if model.kind == "chat" and models is not None and models.chat is not None:
             card.domains = list(models.chat.domains)
             cards += [card.model_copy(update={"id": alias, "route": alias_route(alias, models.chat)})
                       for alias in route_aliases(models.chat)]
-    return ModelList(data=cards, build=registry.build_state())
-
-
-def kind_of(entry: Entry) -> str:
-    return "causal-lm" if entry.kind == "chat" else entry.spec.kind
+    return ModelList(data=cards, build=status.build_state(svc.settings))
 
 
 def image_details(b: ImageBackbone) -> dict:

@@ -6,7 +6,6 @@ chat trace on the finishing chunk when streaming)."""
 
 from __future__ import annotations
 
-import logging
 import re
 import secrets
 import time
@@ -16,45 +15,23 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from server.api.chat import served_chat
 from server.api.dependencies import Services, client_gone, loaded_models, services
+from server.api.lookup import alias_route, served_chat, served_image
+from server.api.streaming import ending_in_error_event
 from server.chat import serving
 from server.chat.model import ChatModel
-from server.chat.router import Route
-from server.errors import ApiError, error_body
+from server.errors import ApiError
 from server.imaging import serving as image_serving
 from server.imaging.backbones import ImageBackbone
 from server.registry import ModelSet
-from server.schemas import (
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatRequest, ChatResponse, ChunkChoice, ChunkDelta,
-    CompletionAnswer, CompletionChoice, GeneratedImage, ImageGenerationRequest, ImageRequest, ImagesResponse,
-    LoopstackExtra,
+from server.schemas.chat import ChatRequest, ChatResponse
+from server.schemas.images import ImageRequest
+from server.schemas.openai import (
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, ChunkDelta, CompletionAnswer,
+    CompletionChoice, GeneratedImage, ImageGenerationRequest, ImagesResponse, LoopstackExtra,
 )
 
 router = APIRouter(tags=["openai"])
-log = logging.getLogger(__name__)
-
-
-def route_aliases(chat: ChatModel) -> list[str]:
-    """The model ids GET /v1/models lists for a chat model: the router's and the base alone's, and
-    each domain on its own (any +-joined set of served domains is accepted too)."""
-    return [f"{chat.name}:auto", f"{chat.name}:none"] + [f"{chat.name}+{d}" for d in chat.domains]
-
-
-def alias_route(model: str, chat: ChatModel) -> Route | None:
-    """The route a model id names (None: the plain model, no route of its own)."""
-    if model == chat.name:
-        return None
-    if model in (f"{chat.name}:auto", f"{chat.name}:none"):
-        return model.rsplit(":", 1)[1]
-    if model.startswith(f"{chat.name}+"):
-        domains = model[len(chat.name) + 1:].split("+")
-        if unknown := [d for d in domains if d not in chat.domains]:
-            raise ApiError(404, f"model {model!r}: {chat.name!r} has no domain {unknown[0]!r}; "
-                                f"served domains: {list(chat.domains)}", "model", "model_not_found")
-        return {d: 1.0 for d in domains}
-    raise ApiError(404, f"unknown model {model!r}; this server's chat model is {chat.name!r} "
-                        f"(route aliases: GET /v1/models)", "model", "model_not_found")
 
 
 def native_request(req: ChatCompletionRequest, chat: ChatModel) -> ChatRequest:
@@ -85,20 +62,18 @@ def native_request(req: ChatCompletionRequest, chat: ChatModel) -> ChatRequest:
              responses={200: {"content": {"text/event-stream": {}}}})
 async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response,
                            models: ModelSet = Depends(loaded_models), svc: Services = Depends(services)):
-    chat = served_chat(models, svc)
+    chat = served_chat(models, svc.registry)
     native = native_request(req, chat)
     completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     fingerprint = f"generation-{models.generation}"
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
-        pieces = serving.start_stream(native, chat, models.generation, svc.settings, svc.chat_engine, svc.metrics,
-                                      client_gone(request))
+        pieces = serving.start_stream(native, chat, models.generation, svc.chat, client_gone(request))
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=req.model, choices=[],
                                     system_fingerprint=fingerprint)
         usage = req.stream_options is not None and req.stream_options.include_usage
         return EventSourceResponse(chunks(pieces, chunk, usage), headers=headers)
-    answer = await serving.answer(native, chat, models.generation, svc.settings, svc.chat_engine, svc.metrics,
-                                  client_gone(request))
+    answer = await serving.answer(native, chat, models.generation, svc.chat, client_gone(request))
     response.headers.update(headers)
     return ChatCompletion(
         id=completion_id, created=created, model=req.model, system_fingerprint=fingerprint, usage=answer.usage,
@@ -118,7 +93,7 @@ async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usag
     def data(**update) -> dict:
         return {"data": chunk.model_copy(update=update).model_dump_json(exclude_none=True)}
 
-    try:
+    async def chunks_of_the_answer() -> AsyncIterator[dict]:
         yield data(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
         async for item in pieces:
             if isinstance(item, str):
@@ -127,11 +102,9 @@ async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usag
             yield data(choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=item.finish_reason)], loopstack=extra(item))
             if include_usage:
                 yield data(choices=[], usage=item.usage)
-    except ApiError as exc:
-        yield {"data": error_body(exc.type, exc.message, exc.param)}
-    except Exception:  # the status line has gone out: the failure travels in the stream
-        log.exception("a streamed chat completion failed")
-        yield {"data": error_body("internal_error", "the answer failed; see the server's log")}
+
+    async for event in ending_in_error_event(chunks_of_the_answer(), lambda body: {"data": body}, "answer"):
+        yield event
     yield {"data": "[DONE]"}
 
 
@@ -140,14 +113,14 @@ async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usag
 async def image_generations(req: ImageGenerationRequest, request: Request, response: Response,
                             models: ModelSet = Depends(loaded_models),
                             svc: Services = Depends(services)) -> ImagesResponse:
-    backbone = served_image(req.model, models, svc)
+    backbone = served_image(req.model, models, svc.registry)
     if req.response_format == "url":
         raise ApiError(422, "response_format: 'url' is not supported (no image hosting); use b64_json",
                        "response_format")
     native = native_image_request(req, backbone)
     job = image_serving.plan_job(native, backbone, svc.settings)
     result = await image_serving.run_job(backbone, job, image_serving.deadline_of(native, svc.settings),
-                                         svc.image_batcher, client_gone(request))
+                                         svc.images, client_gone(request))
     image_serving.record_metrics(svc.metrics, backbone, job, result)
     answer = image_serving.image_response(backbone, job, result, models.generation)
     response.headers["X-Loopstack-Generation"] = str(models.generation)
@@ -178,13 +151,3 @@ def native_image_request(req: ImageGenerationRequest, backbone: ImageBackbone) -
     return ImageRequest(model=req.model, prompt=prompt, class_label=class_label, steps=req.steps,
                         guidance_scale=req.guidance_scale, seed=req.seed, n=req.n or 1, width=width, height=height,
                         scheduler=req.scheduler, mode=req.mode, first_block_cache=req.first_block_cache)
-
-
-def served_image(name: str, models: ModelSet, svc: Services) -> ImageBackbone:
-    backbone = models.images.get(name)
-    if backbone is None:
-        if reason := svc.registry.unavailable("image", name):
-            raise ApiError(503, reason, "model")
-        raise ApiError(404, f"unknown image model {name!r}; serving: {sorted(models.images)}", "model",
-                       "model_not_found")
-    return backbone

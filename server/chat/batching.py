@@ -1,22 +1,15 @@
-"""Continuous batching of chat decoding: many requests, each with its own route, in one batch.
+"""The chat engine: continuous batching of chat decoding, many requests, each with its own route,
+in one batch.
 
 No serving library composes a weighted mix of adapters per request (vLLM and LoRAX apply one LoRA
 per request; PEFT's X-LoRA runs the base twice), so this is written by hand. One thread owns the
-model. Between decode steps it runs the warm-ups the registry hands it, admits waiting requests
-(each planned, the meta-router run for "auto", and prefilled alone: its first token is sampled
-there, so its time to first token does not wait for a batch), then runs one decode step for every
-active request of a model set together, each row with its own domain weights (per-row weights over
-the stacks, `moe_lora.batch_route`: no weight merging), its own sampling settings and stop
-conditions. A row leaves at the next step when it ends, when its client has gone, or when its
-deadline has passed.
-
-The KV cache is transformers' DynamicCache with rows left-padded to a common length: a joining
-row's cache is spliced in, and padding columns no row needs are dropped when rows leave. Each row
-keeps its own positions, so padding changes nothing but float rounding (bitsandbytes and the
-attention kernels take other code paths at batch > 1; tests/test_batching.py bounds the
-difference under teacher forcing). Rows of one model set (one generation of stacks and router)
-decode together, with that set's stacks mounted; two generations never share a step. A model
-whose cache is not a plain DynamicCache (sliding-window layers) decodes one row per batch.
+model (it `claim`s each model's stacked projections). Between decode steps it runs the calls the
+registry hands it (warm-ups), admits waiting requests (each planned, the meta-router run for
+"auto", and prefilled alone: its first token is sampled there, so its time to first token does not
+wait for a batch), then runs one decode step for every active request of a model set together
+(server/chat/decoding.py). A row leaves at the next step when it ends, when its client has gone, or
+when its deadline has passed. Rows of one model set (one generation of stacks and router) decode
+together, with that set's stacks mounted; two generations never share a step.
 """
 
 from __future__ import annotations
@@ -30,13 +23,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
-import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
-
-from server.chat.model import ChatJob, ChatModel, ChatResult
-from server.chat.moe_lora import batch_route, routed
+from server.chat.decoding import ChatJob, ChatResult, DecodeBatch, Decoding, batchable
+from server.chat.model import ChatModel
+from server.chat.moe_lora import stacked_projections
 from server.engine import QueueFull, ServiceRate
 from server.metrics import CURRENT_REQUEST, Metrics
 
@@ -54,138 +43,22 @@ class DeadlineExceeded(Exception):
         super().__init__(f"the answer did not finish within {seconds:g} s")
 
 
-@dataclass
-class Sequence:
-    """One request being answered: its job, what it has generated, and where its result goes."""
-    chat: ChatModel
-    job: ChatJob
-    future: Future
+@dataclass(eq=False)
+class Sequence(Decoding):
+    """One request being answered: its decoding, and where its result goes."""
+
+    future: Future = field(default_factory=Future)
     deadline: float | None = None  # perf_counter() after which the row leaves
     timeout: float | None = None
     submitted: float = field(default_factory=time.perf_counter)
     timing: object | None = None  # the request's RequestTiming, for its queue time
-    plan: object | None = None  # RoutePlan
-    prompt_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)
-    started: float = 0.0
-    route_seconds: float = 0.0
-    generator: torch.Generator | None = None
     cancelled: bool = False
-    finish_reason: str | None = None
-    stop_at: int | None = None  # where the first stop sequence begins in the decoded text
     listener: Callable[[], None] | None = None  # told, from the engine's thread, of each new token
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from one row's logits: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    # shifted, in float64 (where a temperature of 1e-300 is not 0): at a tiny temperature the scaled
-    # logits go to -inf but for the largest (0), the greedy limit, instead of overflowing to nan
-    logits = logits.double()
-    probs = F.softmax((logits - logits.max()) / temperature, dim=-1).float()
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the smallest set whose mass reaches top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def batchable(cache) -> bool:
-    """Whether rows of this model can share a step: a cache of plain full-attention layers."""
-    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-@torch.no_grad()
-def prefill(chat: ChatModel, input_ids: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, DynamicCache]:
-    """One prompt alone through the model with its route: its last logits and its KV cache."""
-    input_ids = input_ids.to(chat.device)
-    with chat.mounted(), routed(chat.model, weights):
-        # logits of the last position only, as generate() asks: the LM head over the whole prompt
-        # would cost a fifth of the prefill
-        out = chat.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         cache=DynamicCache(config=chat.model.config), use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1], out.cache
-
-
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, length - t.shape[-2], 0)) if t.shape[-2] < length else t
-
-
-class DecodeBatch:
-    """The active rows of one model set: their KV cache (left-padded) and attention mask."""
-
-    def __init__(self, chat: ChatModel, capacity: int):
-        self.chat = chat
-        self.capacity = capacity
-        self.rows: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, cached length]: 1 a real token, 0 padding
-        self._route: dict | None = None  # the rows' route, until rows join or leave
-
-    @property
-    def room(self) -> int:
-        return self.capacity - len(self.rows)
-
-    def join(self, row: Sequence, cache: DynamicCache) -> None:
-        length = cache.get_seq_length()
-        mask = torch.ones(1, length, dtype=torch.long, device=self.chat.device)
-        if self.cache is None:
-            self.rows, self.cache, self.mask = [row], cache, mask
-            return
-        width = max(length, self.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
-        self.rows.append(row)
-        self._route = None
-
-    def route(self) -> dict[str, float] | dict[str, torch.Tensor]:
-        """The rows' weights: one route for all when they agree (the fast path, bit for bit a single
-        request's), else per-row weights for every domain any row uses. The same object from step to
-        step while the rows stay: the projections reuse what they built for it."""
-        if self._route is None:
-            routes = [row.plan.weights for row in self.rows]
-            same = all(r == routes[0] for r in routes)
-            self._route = routes[0] if same else batch_route(routes, self.chat.domains, self.chat.device)
-        return self._route
-
-    @torch.no_grad()
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed each row its next token; the logits for the token after it, [rows, vocab]."""
-        device = self.chat.device
-        positions = self.mask.sum(1, keepdim=True)  # each row's own: padding takes no position
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=device)], 1)
-        input_ids = torch.tensor(tokens, device=device).view(-1, 1)
-        with self.chat.mounted(), routed(self.chat.model, self.route()):
-            out = self.chat.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
-                                  cache=self.cache, use_cache=True)
-        return out.logits[:, -1]
-
-    def keep(self, indices: list[int]) -> None:
-        """Only these rows go on; padding columns that no remaining row needs are dropped."""
-        if len(indices) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in indices]
-        self._route = None
-        if not self.rows:
-            self.cache = self.mask = None
-            return
-        index = torch.tensor(indices, device=self.mask.device)
-        self.mask = self.mask[index]
-        first = int((self.mask.sum(0) > 0).nonzero()[0])
-        self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
 
 
 def stream_listener() -> Callable[[], None]:
     """A row listener that wakes a streaming request's coroutine (on its event loop) from the
-    engine's thread; pass it to `ChatBatcher.enqueue`, then iterate `ChatBatcher.stream`."""
+    engine's thread; pass it to `ChatEngine.enqueue`, then iterate `ChatEngine.stream`."""
     loop, event = asyncio.get_running_loop(), asyncio.Event()
 
     def listener() -> None:
@@ -209,7 +82,7 @@ class StreamedText:
     def new(self) -> str:
         chat, tokens = self.row.chat, list(self.row.tokens)
         tokens = [t for t in tokens if t not in chat.end_of_turn_ids]
-        text = chat.decode(torch.tensor(tokens, dtype=torch.long)).lstrip().rstrip("\ufffd")
+        text = chat.decode(tokens).lstrip().rstrip("\ufffd")
         cuts = [i for i in (text.find(s) for s in self.row.job.stop) if i >= 0]
         text = text[:min(cuts)] if cuts else text[:max(0, len(text) - self.hold)]
         text = text.rstrip()
@@ -225,10 +98,10 @@ class StreamedText:
         return piece
 
 
-class ChatBatcher:
-    """The chat engine: a bounded queue in front of one thread that decodes every active request
-    in one batch per model set. The same surface as `server.engine.Engine` (`submit`, `run`,
-    `waiting`, `shutdown`), so the registry warms artifacts on it between steps."""
+class ChatEngine:
+    """A bounded queue in front of one thread that decodes every active request in one batch per
+    model set. An `Engine` (server/engine.py): started and stopped by the app's lifespan, and the
+    registry warms artifacts on it between steps (`run`)."""
 
     def __init__(self, name: str, max_batch: int, max_waiting: int, retry_after: int, metrics: Metrics,
                  timeout: float | None = None):
@@ -246,8 +119,7 @@ class ChatBatcher:
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._batches: list[DecodeBatch] = []
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ the request side
     @property
@@ -258,6 +130,12 @@ class ChatBatcher:
     def running(self) -> int:
         return sum(len(b.rows) for b in self._batches)
 
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+                self._thread.start()
+
     async def submit(self, chat: ChatModel, job: ChatJob,
                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResult:
         """Answer `job` on `chat`, decoded beside every other active request. Refuses at once
@@ -267,7 +145,7 @@ class ChatBatcher:
     def enqueue(self, chat: ChatModel, job: ChatJob, listener: Callable[[], None] | None = None) -> Sequence:
         """Queue `job` (QueueFull at once when every slot is taken and `max_waiting` wait); its row.
         `listener` is called from the engine's thread after each token the row gets."""
-        row = Sequence(chat, job, Future(), timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener)
+        row = Sequence(chat, job, timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener)
         if self.timeout is not None:
             row.deadline = row.submitted + self.timeout
         with self._lock:
@@ -323,8 +201,8 @@ class ChatBatcher:
         new artifacts here: they touch modules that running steps use). Not queue-bounded."""
         future: Future = Future()
         with self._lock:
-            if self._stopping:
-                raise RuntimeError("the server is shutting down")
+            if self._stopping or self._thread is None:
+                raise RuntimeError("the chat engine is not running")
             self._calls.append((fn, args, future))
             self._lock.notify()
         return future.result()
@@ -335,7 +213,7 @@ class ChatBatcher:
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if threading.current_thread() is not self._thread:
+        if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
 
     def _publish(self) -> None:
@@ -370,6 +248,8 @@ class ChatBatcher:
         for row in list(self._queue) + [r for b in self._batches for r in b.rows]:
             if not row.future.done():
                 row.future.set_exception(error)
+        for _, _, future in self._calls:
+            future.set_exception(error)
 
     @staticmethod
     def _call(fn, args, future: Future) -> None:
@@ -402,62 +282,27 @@ class ChatBatcher:
                     row.future.set_exception(exc)
 
     def _start(self, row: Sequence) -> None:
-        chat, job = row.chat, row.job
-        row.started = time.perf_counter()
-        row.plan = chat.plan_route(job.route, job.messages)
-        row.route_seconds = time.perf_counter() - row.started
-        input_ids = job.input_ids if job.input_ids is not None else chat.encode(job.messages)
-        row.prompt_tokens = int(input_ids.shape[1])
-        if job.temperature > 0:
-            row.generator = torch.Generator().manual_seed(job.seed)
-        logits, cache = prefill(chat, input_ids, row.plan.weights)
-        if self._append(row, logits):
+        stacked_projections(row.chat.model).claim()  # mounting from any other thread now raises
+        cache = row.start()
+        if self._told(row):
             return  # done after one token
         capacity = self.max_batch if batchable(cache) else 1
-        batch = next((b for b in self._batches if b.chat is chat and b.room > 0), None) if capacity > 1 else None
+        batch = next((b for b in self._batches if b.chat is row.chat and b.room > 0), None) if capacity > 1 else None
         if batch is None:
-            batch = DecodeBatch(chat, capacity)
+            batch = DecodeBatch(row.chat, capacity)
             self._batches.append(batch)
         batch.join(row, cache)
 
-    def _append(self, row: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the row's next token; True when the row has ended (and its result is set)."""
-        job = row.job
-        if len(row.tokens) < job.min_tokens:  # as transformers' MinNewTokensLengthLogitsProcessor
-            logits = logits.clone()
-            logits[list(row.chat.end_of_turn_ids)] = float("-inf")
-        token = sample(logits, job.temperature, job.top_p, row.generator)
-        row.tokens.append(token)
-        row.token_times.append(time.perf_counter())
+    def _told(self, row: Sequence) -> bool:
+        """Tell the row's listener of its new token; True when the row has ended (its result is set)."""
         if row.listener is not None:
             row.listener()
-        chat = row.chat
-        if token in chat.end_of_turn_ids:
-            row.finish_reason = "stop"
-        elif job.stop:
-            text = chat.decode(torch.tensor(row.tokens))
-            cuts = [i for i in (text.find(s) for s in job.stop) if i >= 0]
-            if cuts:
-                row.finish_reason, row.stop_at = "stop", min(cuts)
-        if row.finish_reason is None and len(row.tokens) >= job.max_new_tokens:
-            row.finish_reason = "length"
         if row.finish_reason is None:
             return False
-        self._finish(row)
-        return True
-
-    def _finish(self, row: Sequence) -> None:
-        chat = row.chat
-        tokens = row.tokens[:-1] if row.tokens and row.tokens[-1] in chat.end_of_turn_ids else row.tokens
-        text = chat.decode(torch.tensor(tokens, dtype=torch.long))
-        if row.stop_at is not None:
-            text = text[:row.stop_at]  # the stop sequence itself is not part of the answer
-        result = ChatResult(text=text.strip(), prompt_tokens=row.prompt_tokens, completion_tokens=len(row.tokens),
-                            finish_reason=row.finish_reason, token_times=row.token_times, started=row.started,
-                            plan=row.plan, route_seconds=row.route_seconds)
         if not row.future.done():
-            row.future.set_result(result)
+            row.future.set_result(row.result())
         self.service.record(time.perf_counter() - row.started)
+        return True
 
     def _leaves(self, row: Sequence, now: float) -> bool:
         """A row whose client has gone or whose deadline has passed leaves now (True)."""
@@ -472,17 +317,18 @@ class ChatBatcher:
     def _decode(self, batch: DecodeBatch) -> None:
         """One decode step for every row of the batch; ended and departed rows leave it."""
         now = time.perf_counter()
-        going = [i for i, row in enumerate(batch.rows) if not self._leaves(row, now)]
-        batch.keep(going)
+        batch.keep([i for i, row in enumerate(batch.rows) if not self._leaves(row, now)])
         if not batch.rows:
             return
         self._batch_rows.observe(len(batch.rows))
         try:
-            logits = batch.step([row.tokens[-1] for row in batch.rows])
+            logits = batch.step()
         except Exception as exc:  # a failed step fails its rows, not the engine
             for row in batch.rows:
                 if not row.future.done():
                     row.future.set_exception(exc)
             batch.keep([])
             return
-        batch.keep([i for i, row in enumerate(batch.rows) if not self._append(row, logits[i])])
+        for row, row_logits in zip(batch.rows, logits):
+            row.append(row_logits)
+        batch.keep([i for i, row in enumerate(batch.rows) if not self._told(row)])

@@ -10,54 +10,65 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 from jinja2 import TemplateError
 
-from server.chat.batching import ChatBatcher, ClientGone, DeadlineExceeded, stream_listener
-from server.chat.model import ChatJob, ChatModel, ChatResult
+from server.chat.batching import ChatEngine, ClientGone, DeadlineExceeded, stream_listener
+from server.chat.decoding import ChatJob, ChatResult
+from server.chat.model import ChatModel
 from server.errors import ApiError
 from server.metrics import Metrics, since_arrival
-from server.schemas import MAX_SEED, ChatRequest, ChatResponse, RouteTrace, Usage
+from server.schemas.chat import ChatRequest, ChatResponse, RouteTrace, Usage
+from server.schemas.common import MAX_SEED
 from server.settings import Settings
 
 
-async def answer(req: ChatRequest, chat: ChatModel, generation: int, settings: Settings, engine: ChatBatcher,
-                 metrics: Metrics, disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResponse:
+@dataclass(frozen=True)
+class ChatService:
+    """What chat requests run on: the operator's bounds, the chat engine, the metrics."""
+
+    settings: Settings
+    engine: ChatEngine
+    metrics: Metrics
+
+
+async def answer(req: ChatRequest, chat: ChatModel, generation: int, service: ChatService,
+                 disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResponse:
     """Plan the job, answer it on the chat engine (route, then decode in its batch), trace it, record it."""
-    job = plan_job(req, chat, settings)
+    job = plan_job(req, chat, service.settings)
     submitted = time.perf_counter()
     try:
-        result = await engine.submit(chat, job, disconnected)
+        result = await service.engine.submit(chat, job, disconnected)
     except DeadlineExceeded as exc:
         raise ApiError(504, f"{exc} (the server's chat timeout); ask for fewer max_tokens, or retry later",
                        "max_tokens") from None
     except ClientGone:
         raise ApiError(499, "the client closed the request before its answer was ready") from None
     trace = make_trace(job, result, result.started - submitted, generation)
-    record_metrics(metrics, job, result, trace)
+    record_metrics(service.metrics, job, result, trace)
     return respond(chat, job, result, trace)
 
 
-def start_stream(req: ChatRequest, chat: ChatModel, generation: int, settings: Settings, engine: ChatBatcher,
-                 metrics: Metrics, disconnected: Callable[[], Awaitable[bool]] | None = None
-                 ) -> AsyncIterator[str | ChatResponse]:
+def start_stream(req: ChatRequest, chat: ChatModel, generation: int, service: ChatService,
+                 disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[str | ChatResponse]:
     """Plan the job and queue it now (a refusal or a full queue is an HTTP error before any event);
     the answer's text pieces as they are decoded, then the whole response. A passed deadline raises
     ApiError (504) from the iterator; a client that has gone ends it."""
-    job = plan_job(req, chat, settings)
+    job = plan_job(req, chat, service.settings)
     submitted = time.perf_counter()
-    row = engine.enqueue(chat, job, stream_listener())
+    row = service.engine.enqueue(chat, job, stream_listener())
 
     async def pieces() -> AsyncIterator[str | ChatResponse]:
         try:
-            async for item in engine.stream(row, disconnected):
+            async for item in service.engine.stream(row, disconnected):
                 if isinstance(item, str):
                     yield item
                     continue
                 trace = make_trace(job, item, item.started - submitted, generation)
-                record_metrics(metrics, job, item, trace)
+                record_metrics(service.metrics, job, item, trace)
                 yield respond(chat, job, item, trace)
         except DeadlineExceeded as exc:
             raise ApiError(504, f"{exc} (the server's chat timeout)", "max_tokens") from None

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from server.engine import Engine
+from server.engine import WorkerEngine
 from server.imaging.backbones import ImageBackbone
 from server.imaging.sampler import SampleJob, SampleResult, compatible, sample_batch
 from server.metrics import CURRENT_REQUEST, Metrics, RequestTiming
@@ -46,7 +46,7 @@ class Listed:
 
 
 class ImageBatcher:
-    def __init__(self, engine: Engine, max_images: int, window: float, metrics: Metrics):
+    def __init__(self, engine: WorkerEngine, max_images: int, window: float, metrics: Metrics):
         self.engine = engine  # the image engine, whose worker samples the batches
         self.max_images = max_images
         self.window = window

@@ -11,7 +11,7 @@ import base64
 import io
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
@@ -24,17 +24,17 @@ from server.imaging.backbones import ImageBackbone
 from server.imaging.batching import ImageBatcher
 from server.imaging.sampler import SampleJob, SampleResult
 from server.metrics import Metrics
-from server.schemas import MAX_SEED, ImageRequest, ImageResponse
+from server.schemas.common import MAX_SEED
+from server.schemas.images import ImageRequest, ImageResponse
 from server.settings import Settings
 
 
-async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings,
-                   batcher: ImageBatcher, metrics: Metrics, as_png: bool,
+async def generate(req: ImageRequest, backbone: ImageBackbone, generation: int, service: "ImageService", as_png: bool,
                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
     """Plan the job, sample it on the image worker (in a batch with others that fit), record it, answer."""
-    job = plan_job(req, backbone, settings)
-    result = await run_job(backbone, job, deadline_of(req, settings), batcher, disconnected)
-    record_metrics(metrics, backbone, job, result)
+    job = plan_job(req, backbone, service.settings)
+    result = await run_job(backbone, job, deadline_of(req, service.settings), service, disconnected)
+    record_metrics(service.metrics, backbone, job, result)
     return respond(backbone, job, result, generation, as_png)
 
 
@@ -67,18 +67,18 @@ def deadline_of(req: ImageRequest, settings: Settings) -> float:
     return req.timeout or settings.image_timeout_seconds
 
 
-async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, batcher: ImageBatcher,
+async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, service: "ImageService",
                   disconnected: Callable[[], Awaitable[bool]] | None) -> SampleResult:
     """Sample `job` on the worker, in a batch with the requests that fit (server/imaging/batching.py);
     a client that disconnects, or a deadline that passes, stops it at the next step (or before it
     starts): 499 and 504. It answers as soon as its batch has sampled it, and leaves the engine's queue."""
-    estimate = COSTS.estimate(backbone, job)
+    estimate = service.costs.estimate(backbone, job)
     if estimate is not None and estimate > seconds:
         raise ApiError(422, f"this request would take about {estimate:.0f} s at the measured speed of "
                             f"{backbone.name}, over its deadline of {seconds:g} s; ask for fewer steps, "
                             f"images or pixels, or a longer timeout", "timeout")
     control = JobControl(time.perf_counter() + seconds, seconds)
-    outcome = await queue_job(batcher, backbone, job, control.check, control.check)
+    outcome = await queue_job(service.batcher, backbone, job, control.check, control.check)
     try:
         while not outcome.done():
             await asyncio.wait({outcome}, timeout=0.25)
@@ -93,7 +93,7 @@ async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, batch
         if stopped.reason == "deadline":
             raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
         raise ApiError(499, "the client closed the request before its images were ready") from None
-    COSTS.record(backbone, job, result.seconds)
+    service.costs.record(backbone, job, result.seconds)
     return result
 
 
@@ -162,7 +162,15 @@ class SamplingCosts:
         return None if per_unit is None else per_unit * self.units(backbone, job)
 
 
-COSTS = SamplingCosts()
+@dataclass
+class ImageService:
+    """What image requests run on: the operator's bounds, the batcher in front of the image engine,
+    the metrics, and the sampling costs measured on this server's jobs (its deadline estimates)."""
+
+    settings: Settings
+    batcher: ImageBatcher
+    metrics: Metrics
+    costs: SamplingCosts = field(default_factory=SamplingCosts)
 
 
 def plan_job(req: ImageRequest, backbone: ImageBackbone, settings: Settings) -> SampleJob:
@@ -295,21 +303,21 @@ class Progress:
     mode: str
 
 
-async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: int, settings: Settings,
-                       batcher: ImageBatcher, metrics: Metrics) -> AsyncIterator[Progress | ImageResponse]:
+async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: int,
+                       service: ImageService) -> AsyncIterator[Progress | ImageResponse]:
     """Plan the job and queue it now, to be sampled in a batch like any other request (a refusal or
     a full queue raises before any event); then the sampling's progress after each step, and the
     response. Closing the iterator early stops the sampling at its next step."""
-    job = plan_job(req, backbone, settings)
+    job = plan_job(req, backbone, service.settings)
     loop, steps = asyncio.get_running_loop(), asyncio.Queue()
-    seconds = deadline_of(req, settings)
+    seconds = deadline_of(req, service.settings)
     control = JobControl(time.perf_counter() + seconds, seconds)  # a closed stream is a client gone
 
     def progress(done: int, total: int) -> None:  # on the image worker's thread
         control.check()
         loop.call_soon_threadsafe(steps.put_nowait, Progress(done, total, job.mode))
 
-    outcome = await queue_job(batcher, backbone, job, control.check, progress)
+    outcome = await queue_job(service.batcher, backbone, job, control.check, progress)
 
     async def events() -> AsyncIterator[Progress | ImageResponse]:
         try:
@@ -324,7 +332,7 @@ async def start_stream(req: ImageRequest, backbone: ImageBackbone, generation: i
                 result = outcome.result()
             except JobStopped:
                 raise ApiError(504, f"the images did not finish within {seconds:g} s", "timeout") from None
-            record_metrics(metrics, backbone, job, result)
+            record_metrics(service.metrics, backbone, job, result)
             yield image_response(backbone, job, result, generation)
         finally:
             control.gone = True  # a job still waiting or sampling stops at its next check

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from server.chat.moe_lora import (MoELoRA, MoELoRAConfig, add_stack, aux_loss, covered_layers, freeze,
-                                  remove_last_stack)
+from server.chat.moe_lora import MoELoRAConfig, covered_layers
+from training.brainstacks.stacks import TrainableMoELoRA, add_stack, aux_loss, freeze, remove_last_stack
 from training.brainstacks.data import Batch, batches, device_of, reply_token_losses
 from training.data.world import Example
 
@@ -76,14 +76,14 @@ def validation_loss(model: torch.nn.Module, val: list[Batch]) -> float:
     return total / max(count, 1)
 
 
-def _snapshot(stacks: list[MoELoRA]) -> list[dict[str, torch.Tensor]]:
+def _snapshot(stacks: list[TrainableMoELoRA]) -> list[dict[str, torch.Tensor]]:
     return [{k: v.detach().clone() for k, v in s.state_dict().items()} for s in stacks]
 
 
 def train_round(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
                 round_index: int, start_loss: float, steps: int | None = None,
                 bases: dict[str, torch.Tensor] | None = None,
-                side: str = "output") -> tuple[RoundResult, list[MoELoRA]]:
+                side: str = "output") -> tuple[RoundResult, list[TrainableMoELoRA]]:
     """Train one fresh stack of `domain`; returns its result and the (frozen, best-checkpoint) stack.
     `bases` (by wrapped projection) confine its output (side "output") or its input (side "input")
     to a null space of earlier domains while it trains; freezing folds the projection into the stack."""
@@ -143,7 +143,7 @@ def train_round(model, tokenizer, domain: str, train: list[Example], val: list[B
 
 def boost_domain(model, tokenizer, domain: str, train: list[Example], val: list[Batch], cfg: BoostingConfig,
                  bases: dict[str, torch.Tensor] | None = None,
-                 side: str = "output") -> tuple[list[RoundResult], list[list[MoELoRA]]]:
+                 side: str = "output") -> tuple[list[RoundResult], list[list[TrainableMoELoRA]]]:
     """Residual boosting: rounds of frozen stacks while each round still gains `min_gain`."""
     results, kept = [], []
     current = validation_loss(model, val)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from server.chat.model import ChatModel, load_chat
-from server.chat.moe_lora import disable_cpu_weight_packing, routed, wrap_projections
+from server.chat.moe_lora import routed, wrap_projections
+from server.chat.nf4 import disable_cpu_weight_packing
 from server.manifest import BuiltManifest, ChatSection
 from training.brainstacks.boosting import BoostingConfig, boost_domain, round_summary, validation_loss
 from training.brainstacks.data import batches

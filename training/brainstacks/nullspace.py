@@ -13,7 +13,7 @@ Two ways of confining a new stack, measured against each other by `training eval
 K scales with the projection's width and with the number of earlier domains (`fraction` of the
 width per domain: the paper's 64 of 3,840 is 1.7%), so later domains keep room. The paper built
 P from the *new* domain's data; here it is built from the earlier domains'. Freezing folds either
-projection into the stack's weights (moe_lora.freeze).
+projection into the stack's weights (stacks.freeze).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from server.chat.moe_lora import MoELoRAConfig, covered_layers, routed
+from training.brainstacks.stacks import training_stacks
 from training.brainstacks.data import Batch
 
 MODES = ("output", "input", "off")
@@ -55,6 +56,7 @@ def collect_rows(model, prompts: list[Batch], earlier: list[str], samples: int, 
     earlier domains' stacks on: side "output": [rows, d_out] of their summed deltas; side "input":
     [rows, d_in] of the projection's inputs."""
     layers = covered_layers(model, stack)
+    library = training_stacks(model)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     handles = []
 
@@ -64,7 +66,7 @@ def collect_rows(model, prompts: list[Batch], earlier: list[str], samples: int, 
             if side == "input":
                 rows[name].append(x.float())
             else:
-                delta = sum(stack(x) for d, stack in zip(module.stack_domains, module.stacks) if d in earlier)
+                delta = sum(stack(x) for d, stack in library.of(module) if d in earlier)
                 rows[name].append(delta.float())
         return capture
 
@@ -102,10 +104,11 @@ def claimed_bases(model, prompts: list[Batch], earlier: list[str], cfg: NullSpac
     generator = torch.Generator().manual_seed(cfg.seed)
     rows = collect_rows(model, prompts, earlier, cfg.samples, generator, cfg.mode, stack)
     out = {}
+    library = training_stacks(model)
     for name, layer in covered_layers(model, stack).items():
         width = layer.out_features if cfg.mode == "output" else layer.in_features
         k = directions(width, len(earlier), cfg)
         torch.manual_seed(cfg.seed)  # svd_lowrank draws a random sketch
         _, _, v = torch.svd_lowrank(rows[name], q=min(k + 8, min(rows[name].shape)), niter=4)
-        out[name] = v[:, :k].contiguous().to(next(layer.stacks[0].parameters()).dtype)
+        out[name] = v[:, :k].contiguous().to(library.of(layer)[0][1].lora_A.dtype)
     return out

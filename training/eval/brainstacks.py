@@ -48,7 +48,8 @@ import torch
 from tqdm import tqdm
 
 from server.chat.model import ChatModel
-from server.chat.moe_lora import batch_route, read_stack_metadata, routed
+from server.chat.moe_lora import batch_route, routed
+from server.chat.stack_files import read_stack_metadata
 from server.chat.router import MetaRouter
 from server.manifest import BuiltManifest
 from training.artifacts import machine
@@ -135,7 +136,7 @@ def evaluate_zoo(manifests: BuiltManifest, cfg: BrainstacksEval, device: str = "
     started = time.perf_counter()
     chat = load_zoo(manifests, device)
     stacked = stacked_zoo(manifests)
-    with chat.mounted():
+    with chat.mounted({}):
         report = evaluate_mounted(chat, cfg, stacked)
     report.update(stacked=stacked, base=chat.name, domains=list(chat.domains),
                   seconds=time.perf_counter() - started)

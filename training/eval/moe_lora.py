@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from server.chat.moe_lora import MoELoRAConfig, remove_last_stack, wrap_projections, wrapped_layers
+from server.chat.moe_lora import MoELoRAConfig, wrap_projections
+from training.brainstacks.stacks import remove_last_stack, training_stacks
 from server.manifest import BuiltManifest
 from training.brainstacks.data import batches
 from training.eval.exact_match import exact_match
@@ -50,7 +51,7 @@ def expert_shares(model, val) -> list[float]:
     for batch in val:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         break
-    shares = [layer.stacks[-1].last_routing.mean(0) for layer in wrapped_layers(model).values()]
+    shares = [stacks[-1][1].last_routing.mean(0) for stacks in training_stacks(model).per_layer.values() if stacks]
     return torch.stack(shares).mean(0).tolist()
 
 
@@ -70,8 +71,8 @@ def compare_domain(manifests: BuiltManifest, domain: str, cmp: MoEComparison) ->
         result, _ = train_round(model, tokenizer, domain, train, val, cfg, 0, base_loss, steps=cmp.steps)
         runs[name] = {"curve": result.curve, "final_loss": result.curve[-1][1], "best_loss": result.best_loss,
                       "seconds": result.seconds, "seconds_per_step": result.seconds / max(result.steps, 1),
-                      "parameters": sum(p.numel() for layer in wrapped_layers(model).values()
-                                        for p in layer.stacks[-1].parameters())}
+                      "parameters": sum(p.numel() for stacks in training_stacks(model).per_layer.values()
+                                        if stacks for p in stacks[-1][1].parameters())}
         if name == "moe":
             runs[name]["expert_shares"] = expert_shares(model, val)
         else:

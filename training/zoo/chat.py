@@ -18,12 +18,13 @@ from pathlib import Path
 
 from server.artifacts import write_atomically
 from server.chat.model import ChatModel
-from server.chat.moe_lora import load_stack, save_stack, stack_modules
+from server.chat.stack_files import save_stack
 from server.chat.router import save_router
 from server.manifest import Artifact, BuiltManifest, Domain
 from training.artifacts import machine, runs_folder
 from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
 from training.brainstacks.router_training import train_router
+from training.brainstacks.stacks import load_stack, stack_modules
 from training.data.world import examples, held_out
 from training.zoo.chat_base import PACKAGED_BASES, build_packaged_base
 from training.zoo.language import ZOO_LM, build_zoo_lm

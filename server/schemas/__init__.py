@@ -1,0 +1,2 @@
+"""Request, response and error bodies, by area: common (errors, strict requests, the model list),
+images, chat, openai."""
