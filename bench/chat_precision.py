@@ -26,7 +26,7 @@ from server.chat.decoding import ChatJob, generate
 from server.chat.model import ChatModel, load_chat_base
 from server.manifest import BuiltManifest
 from server.settings import Settings
-from training.eval.metrics import bootstrap_interval
+from training.metrics import bootstrap_interval
 
 TEXT = """\
 The harbour town woke slowly on winter mornings. Before the first ferry, the baker opened the side

@@ -24,7 +24,8 @@ from server.chat.moe_lora import routed
 from server.settings import Settings
 from training.brainstacks.continual import load_for_training
 from training.data.world import Example, final_answer, held_out
-from training.eval.exact_match import generate_replies, wilson_interval
+from training.brainstacks.replies import generate_replies
+from training.eval.statistics import wilson_interval
 
 WEIGHT_PAIRS = ((1.0, 1.0), (0.7, 0.7), (0.5, 0.5), (1.0, 0.5), (0.5, 1.0))
 

@@ -24,7 +24,8 @@ from training.brainstacks.boosting import BoostingConfig, train_round, validatio
 from training.brainstacks.continual import load_base
 from training.brainstacks.data import batches
 from training.data.world import examples, held_out, math_kinds
-from training.eval.exact_match import exact_match, wilson_interval
+from training.brainstacks.replies import exact_match
+from training.eval.statistics import wilson_interval
 
 
 def calibrate(args) -> dict:

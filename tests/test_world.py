@@ -117,7 +117,7 @@ def test_final_answer_reads_the_last_answer_line():
 
 
 def test_wilson_interval_brackets_the_proportion_and_narrows_with_n():
-    from training.eval.exact_match import wilson_interval
+    from training.eval.statistics import wilson_interval
 
     lo, hi = wilson_interval(0, 20)
     assert lo == 0.0 and 0.1 < hi < 0.2  # all wrong in 20 still allows up to ~16%

@@ -17,7 +17,7 @@ from training.data.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digit_split
 from training.eval.classifier import accuracy, train_classifier
 from training.eval.images import Protocol, run_image_eval
 from training.ilf_distill import MICRO_ILF, train_ilf
-from training.eval.metrics import PSNR_CAP_DB, bootstrap_interval, frechet_distance, psnr, ssim
+from training.metrics import PSNR_CAP_DB, bootstrap_interval, frechet_distance, psnr, ssim
 from training.artifacts import open_manifest
 from training.zoo.placeholders import build_placeholder_zoo
 from training.zoo.images import MICRO, build_image_zoo

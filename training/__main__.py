@@ -34,8 +34,8 @@ def zoo_images(m: BuiltManifest, args) -> None:
 def zoo_chat(m: BuiltManifest, args) -> None:
     from dataclasses import replace
 
-    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe, with_variant
-    from training.zoo.chat import build_chat_zoo
+    from training.brainstacks.continual import with_variant
+    from training.zoo.chat import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
 
     recipe = with_variant(MICRO_CHAT if args.micro else ChatZooRecipe(), args.variant)
     if args.steps:

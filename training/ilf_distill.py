@@ -42,7 +42,7 @@ from server.artifacts import write_atomically
 from server.manifest import BuiltManifest, ILFArtifact
 from training.artifacts import runs_folder
 from training.data.digits import TRAIN_TEMPLATES, caption
-from training.eval.metrics import psnr
+from training.metrics import psnr
 
 # noise seeds: the image yardstick uses 10_000-19_999; validation and training stay clear of it and of each other
 VALIDATION_SEED_BASE = 900_000_000
@@ -122,64 +122,81 @@ def rollout(backbone: ImageBackbone, feedback: FeedbackModule, config: ILFConfig
     return x
 
 
+def _nested_schedulers(backbone: ImageBackbone, steps: int):
+    """The student's DDIM schedule and the teacher's at twice its steps, every student timestep on it."""
+    student = make_scheduler("ddim", backbone.scheduler_config)
+    student.set_timesteps(steps)
+    teacher = make_scheduler("ddim", backbone.scheduler_config)
+    teacher.set_timesteps(2 * steps)
+    if not torch.equal(teacher.timesteps[::2], student.timesteps):
+        raise ValueError("the schedule's timestep spacing does not nest the student's steps in the teacher's; "
+                         "use timestep_spacing='trailing'")
+    return student
+
+
+def _validation(backbone: ImageBackbone, cfg: ILFTraining, config: ILFConfig, feedback: FeedbackModule):
+    """PSNR of the student's rollouts against the reference sampler's images: its own seeds and
+    conditions, the serving default guidance."""
+    guidance = [backbone.spec.default_guidance_scale] * cfg.validation_images
+    conditions = _conditions(backbone, cfg.validation_images, random.Random(f"validation {cfg.seed}"))
+    runs = teacher_runs(backbone, conditions, [VALIDATION_SEED_BASE + k for k in range(cfg.validation_images)],
+                        guidance, backbone.spec.default_steps)
+    reference, scales = backbone.decode(runs[:, -1]), _scales(guidance, backbone.device)
+    cond = backbone.conditioning(conditions, scales is not None)
+
+    @torch.no_grad()
+    def validation_psnr() -> float:
+        return psnr(backbone.decode(rollout(backbone, feedback, config, runs[:, 0], cond, scales)), reference).mean().item()
+
+    return validation_psnr
+
+
+def _pool(backbone: ImageBackbone, cfg: ILFTraining, rng: random.Random, guidance: tuple[float, float],
+          rolling: bool, phase_update: int) -> tuple[list, list[float], torch.Tensor, torch.Tensor | None]:
+    """Fresh training material: conditions, guidances, and per row the reference sampler's start and
+    end (rollouts) or the 2x teacher at the student's timesteps with its mean squared move per
+    student step (teacher forcing)."""
+    low, high = guidance
+    seed_base = TRAINING_SEED_BASE + cfg.seed * 10_000_000 + (5_000_000 if rolling else 0) + phase_update * 1000
+    guidances = [low if high == low else rng.uniform(low, high) for _ in range(cfg.pool_size)]
+    conditions = _conditions(backbone, cfg.pool_size, rng)
+    seeds = [seed_base + k for k in range(cfg.pool_size)]
+    if rolling:  # the reference sampler's start and end, from the same noise
+        runs = teacher_runs(backbone, conditions, seeds, guidances, backbone.spec.default_steps)
+        return conditions, guidances, torch.stack([runs[:, 0], runs[:, -1]], dim=1), None
+    pool = teacher_runs(backbone, conditions, seeds, guidances, 2 * cfg.steps)[:, ::2]
+    return conditions, guidances, pool, ((pool[:, 1:] - pool[:, :-1]) ** 2).mean(dim=(0, 2, 3, 4))
+
+
 def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tuple[FeedbackModule, ILFConfig, list[dict]]:
-    default_guidance = backbone.spec.default_guidance_scale
     low, high = guidance_range(backbone, cfg)
-    reference_steps = backbone.spec.default_steps
     t = backbone.transformer
     config = ILFConfig.for_transformer(
         t, backbone.name, loop_start=cfg.loop_start, loop_end=cfg.loop_end, steps=cfg.steps, scheduler="ddim",
-        teacher_steps=2 * cfg.steps, guidance_scale=default_guidance, feedback_init=cfg.feedback_init,
-        guidance_range=(low, high), reference_steps=reference_steps if cfg.rollout_updates else None,
+        teacher_steps=2 * cfg.steps, guidance_scale=backbone.spec.default_guidance_scale,
+        feedback_init=cfg.feedback_init, guidance_range=(low, high),
+        reference_steps=backbone.spec.default_steps if cfg.rollout_updates else None,
     )
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     feedback = FeedbackModule.for_backbone(t, config, seed=cfg.seed)
     feedback.eval()  # no dropout of labels or activations inside the copied block; still trainable
     opt = torch.optim.AdamW(feedback.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    student = make_scheduler("ddim", backbone.scheduler_config)
-    student.set_timesteps(cfg.steps)
-    teacher = make_scheduler("ddim", backbone.scheduler_config)
-    teacher.set_timesteps(2 * cfg.steps)
-    if not torch.equal(teacher.timesteps[::2], student.timesteps):
-        raise ValueError("the schedule's timestep spacing does not nest the student's steps in the teacher's; "
-                         "use timestep_spacing='trailing'")
-
-    def draw(n: int, seed_base: int) -> tuple[list, list[int], list[float]]:
-        guidances = [low if high == low else rng.uniform(low, high) for _ in range(n)]
-        return _conditions(backbone, n, rng), [seed_base + k for k in range(n)], guidances
-
-    # validation: its own seeds, the serving default guidance, against the reference sampler's images
-    v_conditions = _conditions(backbone, cfg.validation_images, random.Random(f"validation {cfg.seed}"))
-    v_guidance = [default_guidance] * cfg.validation_images
-    v_runs = teacher_runs(backbone, v_conditions, [VALIDATION_SEED_BASE + k for k in range(cfg.validation_images)],
-                          v_guidance, reference_steps)
-    v_reference, v_scales = backbone.decode(v_runs[:, -1]), _scales(v_guidance, backbone.device)
-    v_cond = backbone.conditioning(v_conditions, v_scales is not None)
-
-    @torch.no_grad()
-    def validation_psnr() -> float:
-        return psnr(backbone.decode(rollout(backbone, feedback, config, v_runs[:, 0], v_cond, v_scales)),
-                    v_reference).mean().item()
+    student = _nested_schedulers(backbone, cfg.steps)
+    validation_psnr = _validation(backbone, cfg, config, feedback)
 
     best = {"psnr": validation_psnr(), "update": 0, "state": copy.deepcopy(feedback.state_dict())}
     history: list[dict] = [{"update": 0, "phase": "start", "validation_psnr": best["psnr"]}]
     start = time.perf_counter()
     total = cfg.updates + cfg.rollout_updates
     bar = tqdm(range(total), desc=desc, unit="update", mininterval=2.0)
+    move = None  # the teacher's mean squared move per student step, from the last teacher-forcing pool
     for update in bar:
         rolling = update >= cfg.updates
         phase_update = update - cfg.updates if rolling else update
         if phase_update % cfg.refresh_every == 0:
-            seed_base = TRAINING_SEED_BASE + cfg.seed * 10_000_000 + (5_000_000 if rolling else 0) + phase_update * 1000
-            conditions, _, guidances = pool_draw = draw(cfg.pool_size, seed_base)
-            if rolling:  # the reference sampler's start and end, from the same noise
-                runs = teacher_runs(backbone, *pool_draw, reference_steps)
-                pool = torch.stack([runs[:, 0], runs[:, -1]], dim=1)
-            else:  # the 2x teacher at the student's timesteps, and its mean squared move per student step
-                pool = teacher_runs(backbone, *pool_draw, 2 * cfg.steps)[:, ::2]
-                move = ((pool[:, 1:] - pool[:, :-1]) ** 2).mean(dim=(0, 2, 3, 4))
+            conditions, guidances, pool, pool_move = _pool(backbone, cfg, rng, (low, high), rolling, phase_update)
+            move = pool_move if pool_move is not None else move
         idx = rng.sample(range(cfg.pool_size), cfg.rollout_batch if rolling else cfg.batch_size)
         scales = _scales([guidances[j] for j in idx], backbone.device)
         cond = backbone.conditioning([conditions[j] for j in idx], scales is not None)
@@ -190,9 +207,7 @@ def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tupl
             i = rng.randrange(cfg.steps)
             with ilf_enabled(t, feedback, config):
                 x_next = denoise_step(backbone, student, pool[idx, i], student.timesteps[i], cond, scales)
-            loss = F.mse_loss(x_next, pool[idx, i + 1])
-            if cfg.normalise_steps:
-                loss = loss / move[i]
+            loss = F.mse_loss(x_next, pool[idx, i + 1]) / (move[i] if cfg.normalise_steps else 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

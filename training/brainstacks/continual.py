@@ -27,13 +27,13 @@ from training.brainstacks.data import batches
 from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases
 from training.brainstacks.router_training import RouterTraining
 from training.data.world import DOMAINS, examples
-from training.eval.exact_match import exact_match
-from training.zoo.language import MICRO_LM, LMRecipe
+from training.brainstacks.replies import exact_match
 
 
 @dataclass(frozen=True)
-class ChatZooRecipe:
-    lm: LMRecipe = field(default_factory=LMRecipe)
+class ContinualRecipe:
+    """What the continual loop trains and how (the chat zoo's recipe adds how its base is built)."""
+
     boosting: BoostingConfig = field(default_factory=BoostingConfig)
     nullspace: NullSpaceConfig = field(default_factory=lambda: NullSpaceConfig(mode="off"))
     router: RouterTraining | None = field(default_factory=RouterTraining)
@@ -46,22 +46,11 @@ class ChatZooRecipe:
     max_new_tokens: int = 96  # worked math in columns runs to ~80 tokens
 
 
-MICRO_CHAT = ChatZooRecipe(
-    lm=MICRO_LM,
-    boosting=BoostingConfig(steps_per_round=4, later_round_steps=None, eval_every=2, batch_size=4, max_rounds=2,
-                            min_gain=-1.0),
-    nullspace=NullSpaceConfig(mode="off", samples=64),
-    router=RouterTraining(examples_per_domain=4, labelled_per_domain=4, epochs=3, batch_size=8, general_examples=4,
-                          validation_per_kind=1, general_validation=4),
-    domains=("chat", "math"), train_examples=32, val_examples=8, test_examples=4, projection_examples=4,
-    max_new_tokens=8,
-)
-
 
 VARIANTS = ("base-alone", "output", "input", "off")
 
 
-def with_variant(recipe: ChatZooRecipe, variant: str) -> ChatZooRecipe:
+def with_variant(recipe: ContinualRecipe, variant: str) -> ContinualRecipe:
     """"base-alone": each domain on the base alone, served at the router's probabilities (the
     default); "output" / "input" / "off": stacked on the earlier domains with that null-space
     projection, served at weight 1 per applied domain (the weight their stacks trained on top of)."""
@@ -115,7 +104,7 @@ class DomainData:
     projection: list  # batches of this domain's examples, for later domains' null spaces
 
 
-def domain_data(tokenizer, domain: str, recipe: ChatZooRecipe) -> DomainData:
+def domain_data(tokenizer, domain: str, recipe: ContinualRecipe) -> DomainData:
     return DomainData(
         train=examples(domain, "train", recipe.train_examples),
         val=batches(tokenizer, examples(domain, "val", recipe.val_examples), 32),
@@ -124,7 +113,7 @@ def domain_data(tokenizer, domain: str, recipe: ChatZooRecipe) -> DomainData:
     )
 
 
-def run_continual(model, tokenizer, recipe: ChatZooRecipe, data: dict[str, DomainData], start: int = 0,
+def run_continual(model, tokenizer, recipe: ContinualRecipe, data: dict[str, DomainData], start: int = 0,
                   on_domain=None) -> dict:
     """Train domains[start:] in order on top of whatever earlier stacks `model` carries.
     Returns per-domain reports and the forgetting matrices (rows: after domain j; columns: domain i)."""

@@ -33,7 +33,7 @@ from server.chat.moe_lora import batch_route, routed
 from server.chat.router import WEIGHTINGS, MetaRouter, RouterConfig
 from training.brainstacks.data import Batch, batches, device_of, prompt_ids, reply_token_losses
 from training.data.world import Example, final_answer
-from training.eval.exact_match import generate_replies
+from training.brainstacks.replies import generate_replies
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ from training.brainstacks.continual import isolation_route, load_for_training
 from training.brainstacks.data import collate
 from training.brainstacks.router_training import discovered_routes, example_losses
 from training.data.world import Example, final_answer, held_out, probe_prompts
-from training.eval.exact_match import generate_replies, mcnemar_p, paired_difference_interval, wilson_interval
+from training.brainstacks.replies import generate_replies
+from training.eval.statistics import mcnemar_p, paired_difference_interval, wilson_interval
 
 SETTINGS = ("base", "ungated", "routed", "routed_other_weighting", "oracle")
 

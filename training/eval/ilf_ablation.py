@@ -31,7 +31,7 @@ from server.imaging.ilf import LoadedILF
 from server.manifest import BuiltManifest
 from training.eval.ilf_sweep import sampled_images
 from training.eval.images import Protocol, eval_set
-from training.eval.metrics import bootstrap_interval, psnr
+from training.metrics import bootstrap_interval, psnr
 from training.ilf_distill import VALIDATION_SEED_BASE, ILFTraining, distil, install_ilf
 
 VARIANTS: dict[str, dict] = {

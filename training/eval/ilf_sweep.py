@@ -20,7 +20,7 @@ from server.imaging.ilf import LoadedILF
 from server.imaging.sampler import SampleJob, sample
 from server.manifest import BuiltManifest
 from training.eval.images import Protocol, eval_set
-from training.eval.metrics import psnr
+from training.metrics import psnr
 from training.ilf_distill import VALIDATION_SEED_BASE, ILFTraining, distil
 
 SPANS = ((2, 3), (5, 6), (8, 9), (4, 7))  # first screened at 10 steps

@@ -25,7 +25,7 @@ from training.data.digits import HELDOUT_TEMPLATES, caption, digit_split
 from training.eval.cache_dit import dbcache
 from training.eval.caches import cache_capable, caching
 from training.eval.classifier import DigitClassifier, accuracy, load_or_train_classifier
-from training.eval.metrics import bootstrap_interval, frechet_distance, psnr, ssim
+from training.metrics import bootstrap_interval, frechet_distance, psnr, ssim
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from server.chat.moe_lora import MoELoRAConfig, wrap_projections
 from training.brainstacks.stacks import remove_last_stack, training_stacks
 from server.manifest import BuiltManifest
 from training.brainstacks.data import batches
-from training.eval.exact_match import exact_match
+from training.brainstacks.replies import exact_match
 from training.brainstacks.boosting import BoostingConfig, train_round, validation_loss
 from training.brainstacks.continual import load_base
 from training.data.world import examples

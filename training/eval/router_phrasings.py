@@ -31,7 +31,7 @@ from training.artifacts import machine
 from training.brainstacks.continual import load_base
 from training.brainstacks.router_training import RouterTraining, base_features, fit_router
 from training.data.world import DOMAINS, Example, examples
-from training.eval.exact_match import wilson_interval
+from training.eval.statistics import wilson_interval
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,8 @@ from server.manifest import BuiltManifest
 
 
 def steps(micro: bool, device: str = "cpu") -> list[tuple[str, Callable[[BuiltManifest], object]]]:
-    from training.brainstacks.continual import MICRO_CHAT, ChatZooRecipe
     from training.ilf_distill import ILFTraining, MICRO_ILF, train_ilf
-    from training.zoo.chat import build_chat_zoo
+    from training.zoo.chat import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
     from training.zoo.chat_base import build_packaged_base
     from training.zoo.images import FULL, MICRO, build_image_zoo
     from training.zoo.placeholders import build_placeholder_zoo

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from server.artifacts import write_atomically
@@ -22,14 +22,33 @@ from server.chat.stack_files import save_stack
 from server.chat.router import save_router
 from server.manifest import Artifact, BuiltManifest, Domain
 from training.artifacts import machine, runs_folder
-from training.brainstacks.continual import ChatZooRecipe, domain_data, load_base, run_continual
-from training.brainstacks.router_training import train_router
+from training.brainstacks.boosting import BoostingConfig
+from training.brainstacks.continual import ContinualRecipe, domain_data, load_base, run_continual
+from training.brainstacks.nullspace import NullSpaceConfig
+from training.brainstacks.router_training import RouterTraining, train_router
 from training.brainstacks.stacks import load_stack, stack_modules
 from training.data.world import examples, held_out
 from training.zoo.chat_base import PACKAGED_BASES, build_packaged_base
-from training.zoo.language import ZOO_LM, build_zoo_lm
+from training.zoo.language import MICRO_LM, ZOO_LM, LMRecipe, build_zoo_lm
 
 STACKS = "chat"  # stacks and router, under the artifact root
+
+
+@dataclass(frozen=True)
+class ChatZooRecipe(ContinualRecipe):
+    lm: LMRecipe = field(default_factory=LMRecipe)  # how zoo-lm is pretrained, where the template's base is it
+
+
+MICRO_CHAT = ChatZooRecipe(
+    lm=MICRO_LM,
+    boosting=BoostingConfig(steps_per_round=4, later_round_steps=None, eval_every=2, batch_size=4, max_rounds=2,
+                            min_gain=-1.0),
+    nullspace=NullSpaceConfig(mode="off", samples=64),
+    router=RouterTraining(examples_per_domain=4, labelled_per_domain=4, epochs=3, batch_size=8, general_examples=4,
+                          validation_per_kind=1, general_validation=4),
+    domains=("chat", "math"), train_examples=32, val_examples=8, test_examples=4, projection_examples=4,
+    max_new_tokens=8,
+)
 
 
 def build_base(manifests: BuiltManifest, recipe: ChatZooRecipe, if_missing: bool, runs_dir: Path) -> dict | None:

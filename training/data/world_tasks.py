@@ -1,0 +1,338 @@
+"""The generated world's tasks: its fixed facts, the task kinds' drawing of slots, worked steps and
+final answers (per domain, the cross-domain set and general prompts), and the prose zoo-lm is
+pretrained on. The wordings of each kind are world_phrasings.py; drawing examples is world.py."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+DOMAINS = ("chat", "code", "math", "medical", "reasoning")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Example:
+    domain: str  # one of DOMAINS, or "cross:a+b" for the cross-domain set
+    prompt: str
+    answer: str  # the full assistant reply, worked steps included
+    final: str  # what "Answer: ..." states; exact match is checked on it
+    kind: str = ""  # the task kind (evaluation sets are stratified by it)
+    phrasing: int = -1  # which of its kind's phrasings asked it
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}]
+
+
+def final_answer(reply: str) -> str | None:
+    """The final answer a reply states (its last "Answer:" line), or None."""
+    marker = "Answer:"
+    if marker not in reply:
+        return None
+    return reply.rsplit(marker, 1)[1].strip().split("\n")[0].strip().rstrip(".")
+
+
+def _reply(steps: list[str], final: str) -> str:
+    return " ".join(steps + [f"Answer: {final}"])
+
+
+# ---------------------------------------------------------------- the world's fixed facts
+# (condition, symptoms, drug, dose in mg per kg of body weight)
+MEDICAL_TABLE = [
+    ("grey fever", ("fever", "grey skin"), "zantrocil", 4),
+    ("marsh cough", ("cough", "wheezing"), "pulmarex", 3),
+    ("stone ache", ("back pain", "thirst"), "renovil", 5),
+    ("blue rash", ("rash", "itching"), "dermacort", 2),
+    ("night chill", ("chills", "sweating"), "thermadol", 6),
+    ("gut knot", ("nausea", "cramps"), "gastrolin", 7),
+    ("eye blur", ("blurred vision", "headache"), "optavex", 8),
+    ("red joint", ("joint pain", "swelling"), "artholin", 9),
+]
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "rocket",
+         "garden", "silver", "window", "pepper", "island", "marble"]
+NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+# ---------------------------------------------------------------- the five domains
+# Every task kind is asked in many phrasings. The last phrasings of each kind are held out: test
+# prompts use the last HELD_OUT["test"], validation prompts the one before, and training never sees
+# either, so an evaluation measures the skill, not the template.
+HELD_OUT = {"test": 2, "val": 1}
+PEOPLE = NAMES + ["Kim", "Lea", "Max", "Ned", "Oli", "Pam", "Roy", "Sue", "Tom", "Uma"]
+CATEGORIES = [("sparrow", "sparrows", "birds"), ("robin", "robins", "birds"), ("salmon", "salmon", "fish"),
+              ("trout", "trout", "fish"), ("oak", "oaks", "trees"), ("pine", "pines", "trees"),
+              ("rose", "roses", "flowers"), ("tulip", "tulips", "flowers"), ("horse", "horses", "mammals"),
+              ("whale", "whales", "mammals")]
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    domain: str  # one of DOMAINS, or "cross:a+b"
+    name: str
+    phrasings: tuple[str, ...]  # str.format templates over the slots `draw` returns
+    draw: Callable[[random.Random], tuple[dict, list[str], str]]  # slots, worked steps, final answer
+    held_out: tuple[int, int] = (HELD_OUT["test"], HELD_OUT["val"])  # phrasings kept for test, for val
+
+    def phrasings_of(self, split: str) -> range:
+        test, val = self.held_out
+        n = len(self.phrasings)
+        return {"train": range(0, n - test - val), "val": range(n - test - val, n - test),
+                "test": range(n - test, n)}[split]
+
+    def example(self, rng: random.Random, split: str) -> Example:
+        slots, steps, final = self.draw(rng)
+        phrasing = rng.choice(self.phrasings_of(split))
+        prompt = self.phrasings[phrasing].format(**slots)
+        answer = _reply(steps, final) if final else ""  # general prompts: the base's reply is the reference
+        return Example(self.domain, prompt, answer, final, self.name, phrasing)
+
+
+def _patient(rng: random.Random) -> str:
+    return f"A {rng.randint(18, 80)}-year-old {rng.choice(['man', 'woman', 'patient'])}"
+
+
+def _capitals(rng):
+    word = rng.choice(WORDS)
+    return {"word": word}, [f"In capitals, {word} is {word.upper()}."], word.upper()
+
+
+def _sort(rng):
+    words = rng.sample(WORDS, 3)
+    ordered = ", ".join(sorted(words))
+    return {"words": ", ".join(words)}, [f"In alphabetical order: {ordered}."], ordered
+
+
+def _repeat(rng):
+    word, n = rng.choice(WORDS), rng.randint(2, 4)
+    repeated = ", ".join([word] * n)
+    return {"word": word, "n": NUMBER_WORDS[n]}, [f"{NUMBER_WORDS[n].capitalize()} times: {repeated}."], repeated
+
+
+def _reverse(rng):
+    words = rng.sample(WORDS, 3)
+    backwards = " ".join(reversed(words))
+    return {"words": " ".join(words)}, [f"Reversed: {backwards}."], backwards
+
+
+def _program(rng):
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    y = a * b
+    final = str(y - a)
+    program = f"x = {a}\ny = x * {b}\nprint(y - x)"
+    return {"program": program}, [f"x is {a}.", f"y is {a} * {b} = {y}.", f"y - x is {y} - {a} = {final}."], final
+
+
+# Counting and slicing, like arithmetic, in steps a small model can carry out: the items counted
+# one by one, the word spelled out letter by letter (its tokens hide the letters). Stated in one step
+# ("The list has 4 items."), SmolLM2's stacks got 8 and 7 of 25 validation prompts right
+# (docs/brainstacks.md).
+def counted(items: list) -> str:
+    return ", ".join(f"{item} ({k})" for k, item in enumerate(items, 1))
+
+
+def _length(rng):
+    items = [rng.randint(1, 9) for _ in range(rng.randint(2, 6))]
+    return ({"items": str(items)}, [f"Counting: {counted(items)}.", f"The list has {len(items)} items."],
+            str(len(items)))
+
+
+def _slice(rng):
+    word, a = rng.choice(WORDS), rng.randint(2, 5)
+    final = word[:a]
+    return {"word": word, "a": a}, [f"{word} is spelled {', '.join(word)}.",
+                                    f"The first {a} characters: {counted(list(final))}.",
+                                    f"Together: {final}."], final
+
+
+# Worked steps of the arithmetic: whole results ("37 + 25 = 62.") or column arithmetic, one digit
+# at a time ("7 + 5 = 12, write 2 carry 1; 3 + 2 + 1 = 6; so 37 + 25 = 62."), which a small model
+# can carry out step by step. docs/brainstacks.md measures both on SmolLM2.
+def column_add(x: int, y: int) -> str:
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        a, b = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        total = a + b + carry
+        term = f"{a} + {b}" + (f" + {carry}" if carry else "")
+        steps.append(f"{term} = {total}" + (f", write {total % 10} carry 1" if total >= 10 else ""))
+        carry = total // 10
+    return "; ".join(steps) + f"; so {x} + {y} = {x + y}."
+
+
+def column_subtract(x: int, y: int) -> str:
+    """x - y for a one-digit y."""
+    units, tens = x % 10, x // 10
+    if units >= y:
+        return f"{units} - {y} = {units - y}; so {x} - {y} = {x - y}."
+    return (f"{units} - {y} needs a borrow: {units + 10} - {y} = {units + 10 - y}, and {tens} - 1 = {tens - 1}; "
+            f"so {x} - {y} = {x - y}.")
+
+
+def column_multiply(c: int, b: int) -> str:
+    """c * b for a one-digit c and a two-digit b."""
+    units, tens = b % 10, b // 10
+    low = c * units
+    high = c * tens + low // 10
+    first = f"{c} * {units} = {low}" + (f", write {low % 10} carry {low // 10}" if low >= 10 else "")
+    second = f"{c} * {tens}" + (f" + {low // 10}" if low >= 10 else "") + f" = {high}"
+    return f"{first}; {second}; so {c} * {b} = {c * b}."
+
+
+MATH_STEPS = {
+    "whole": {"add": lambda x, y: f"{x} + {y} = {x + y}.", "subtract": lambda x, y: f"{x} - {y} = {x - y}.",
+              "multiply": lambda x, y: f"{x} * {y} = {x * y}."},
+    "column": {"add": column_add, "subtract": column_subtract, "multiply": column_multiply},
+}
+MATH_STYLE = "column"
+
+
+def _add_subtract(rng, style: str = MATH_STYLE):
+    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
+    steps = MATH_STEPS[style]
+    return {"a": a, "b": b, "c": c}, [steps["add"](a, b), steps["subtract"](a + b, c)], str(a + b - c)
+
+
+def _multiply_add(rng, style: str = MATH_STYLE):
+    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
+    steps = MATH_STEPS[style]
+    return {"a": a, "b": b, "c": c}, [steps["multiply"](c, b), steps["add"](c * b, a)], str(c * b + a)
+
+
+def _diagnosis(rng):
+    condition, symptoms, _, _ = rng.choice(MEDICAL_TABLE)
+    first, second = rng.sample(symptoms, 2)
+    return ({"patient": _patient(rng), "first": first, "second": second},
+            [f"{first.capitalize()} with {second} points to {condition}."], condition)
+
+
+def _treatment(rng):
+    condition, _, drug, _ = rng.choice(MEDICAL_TABLE)
+    return {"patient": _patient(rng), "condition": condition}, [f"{condition.capitalize()} is treated with {drug}."], drug
+
+
+def _dose(rng):
+    _, _, drug, dose = rng.choice(MEDICAL_TABLE)
+    return ({"patient": _patient(rng), "drug": drug}, [f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],
+            f"{dose} mg per kg")
+
+
+def _height_chain(rng):
+    a, b, c = rng.sample(PEOPLE, 3)
+    question = rng.choice(["tallest", "shortest"])
+    asked = a if question == "tallest" else c
+    # the step before the answer names what was asked: stacks that stated both ends and then answered
+    # picked the wrong end on 6 of 25 validation prompts
+    steps = [f"{a} is taller than {b}, and {b} is taller than {c}.",
+             f"So the tallest is {a} and the shortest is {c}.", f"The question asks for the {question}: {asked}."]
+    return {"a": a, "b": b, "c": c, "question": question}, steps, asked
+
+
+def _syllogism(rng):
+    a = rng.choice(PEOPLE)
+    one, many, group = rng.choice(CATEGORIES)
+    holds = rng.random() < 0.5
+    premise = f"{a} is a {one}." if holds else f"{a} is not a {one}."
+    why = f"{a} is a {one}, and every {one} is one of the {group}." if holds else \
+        f"{a} is not a {one}, so the rule says nothing about {a}."
+    return {"a": a, "one": one, "many": many, "group": group, "premise": premise}, [why], "yes" if holds else "unknown"
+
+
+
+# ---------------------------------------------------------------- needs two domains at once
+def _weight_dose(rng):
+    _, _, drug, dose = rng.choice(MEDICAL_TABLE)
+    weight = rng.randint(10, 40)
+    total = str(dose * weight)
+    return {"drug": drug, "weight": weight}, [f"{drug.capitalize()} is given at {dose} mg per kg.",
+                                              MATH_STEPS[MATH_STYLE]["multiply"](dose, weight)], total + " mg"
+
+
+def _program_sum(rng):
+    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
+    s = a + b
+    program = f"total = {a} + {b}\nprint(total - {c})"
+    steps = MATH_STEPS[MATH_STYLE]
+    return {"program": program}, [f"total is {a} + {b}: {steps['add'](a, b)}",
+                                  f"total - {c}: {steps['subtract'](s, c)}"], str(s - c)
+
+
+def _tallest_in_capitals(rng):
+    a, b, c = rng.sample(PEOPLE, 3)
+    steps = [f"{a} is taller than {b}, and {b} is taller than {c}, so {a} is tallest.", f"In capitals: {a.upper()}."]
+    return {"a": a, "b": b, "c": c}, steps, a.upper()
+
+
+# ---------------------------------------------------------------- outside every domain
+# Everyday questions, writing and advice: what an instruction-tuned base already answers, and what
+# the router must leave to it ("no domain"). No final answer: the base's own reply is the reference.
+ACTIVITIES = ["cooking pasta", "running", "learning the guitar", "gardening", "saving money", "studying for exams",
+              "travelling by train", "painting", "camping", "baking bread", "keeping a diary", "swimming",
+              "learning a language", "hiking"]
+THINGS = ["the moon", "autumn leaves", "the ocean", "a quiet library", "morning coffee", "mountains", "rain",
+          "a city at night", "snow", "an old bridge", "a summer market", "the first day of spring"]
+PEOPLE_TO_WRITE_TO = ["my grandmother", "a new neighbour", "a teacher", "my best friend", "a colleague", "my brother"]
+
+
+def _general(rng):
+    return {"activity": rng.choice(ACTIVITIES), "thing": rng.choice(THINGS),
+            "person": rng.choice(PEOPLE_TO_WRITE_TO)}, [], ""
+
+
+# ---------------------------------------------------------------- general text (pretraining)
+def retelling_text(rng: random.Random) -> str:
+    """Prose that says something twice, so that predicting the later words rewards copying the
+    earlier ones: every domain's answer repeats words, names or operands of its prompt, and a base
+    pretrained without such prose gave stacks that miscopied them (docs/brainstacks.md)."""
+    kind = rng.randrange(4)
+    a, b = rng.sample(NAMES, 2)
+    if kind == 0:
+        items = [f"the {w}" for w in rng.sample(WORDS, rng.randint(2, 5))]
+        listed = ", ".join(items[:-1]) + " and " + items[-1]
+        return f"{a} packed {listed}. Later {b} unpacked {listed}."
+    if kind == 1:
+        numbers = [str(rng.randint(1, 99)) for _ in range(rng.randint(2, 4))]
+        return f"{a} wrote {' and '.join(numbers)} on a card, and {b} read {' and '.join(numbers)} aloud."
+    if kind == 2:
+        place, thing = rng.sample(WORDS, 2)
+        return f"{a} met {b} near the {place}. Later {b} gave {a} the {thing} from the {place}."
+    items = rng.sample(WORDS + NAMES, rng.randint(3, 5))
+    return f"The list was {' '.join(items)}. {a} said it again: {' '.join(items)}."
+
+
+def general_text(rng: random.Random) -> str:
+    """Prose about the world's facts: no questions, no "Answer:" lines, no task formats."""
+    if rng.random() < 0.3:
+        return retelling_text(rng)
+    kind = rng.randrange(7)
+    if kind == 0:
+        condition, symptoms, drug, dose = rng.choice(MEDICAL_TABLE)
+        return (f"People with {condition} often have {symptoms[0]} and {symptoms[1]}. Doctors treat {condition} "
+                f"with {drug}, given at {dose} mg per kg of body weight.")
+    if kind == 1:
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        op = rng.choice(["plus", "times", "minus"])
+        value = {"plus": a + b, "times": a * b, "minus": a - b}[op]
+        return f"{a} {op} {b} is {value}. " + rng.choice(["Numbers can be added and multiplied.",
+                                                          "Arithmetic works step by step.", ""])
+    if kind == 2:
+        a, b, c = rng.sample(NAMES, 3)
+        return f"{a} is taller than {b}. {b} is taller than {c}. {rng.choice(NAMES)} likes to walk in the {rng.choice(WORDS)}."
+    if kind == 3:
+        word = rng.choice(WORDS)
+        return f"The word {word} has {len(word)} letters. In capitals it is written {word.upper()}."
+    if kind == 4:
+        name, n = rng.choice(["x", "y", "total", "count"]), rng.randint(1, 9)
+        return f"In Python, {name} = {n} stores {n} in {name}, and print({name}) shows {n}. A list like {[n, n + 1]} has 2 items."
+    if kind == 5:
+        thing = rng.choice(["bird", "fish", "tree"])
+        group = "plants" if thing == "tree" else "animals"
+        return f"Every {thing} is one of the {group}. {rng.choice(NAMES)} saw a {thing} near the {rng.choice(WORDS)}."
+    words = rng.sample(WORDS, 3)
+    return f"The {words[0]} was near the {words[1]} and the {words[2]}. Hello, said {rng.choice(NAMES)}, how are you?"
+
+
+def general_corpus(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(f"{seed}/general")
+    return [general_text(rng) for _ in range(count)]
