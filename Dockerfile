@@ -27,7 +27,7 @@ COPY training ./training
 RUN pip install --no-cache-dir --constraint constraints.txt .
 USER 10001:10001
 EXPOSE 8000
-# Ready means every manifest entry is loaded (placeholders count: they answer, flagged as such).
+# Ready means a model serves (/readyz: 200 once any does; placeholders count, flagged in every answer).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
 CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]

@@ -192,9 +192,18 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=None, help="only these systems (names as in the table)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/scale"))
     args = parser.parse_args()
+    runs, lone = measure(args)
+    result = summarise(args, runs, lone)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(result, indent=2))
+    print(report(result["rows"], result["ratios"]))
+    print(f"wrote {args.out / 'scale.json'}")
+
+
+def measure(args) -> tuple[dict[str, list[dict]], dict[str, list[float]]]:
+    """Every system's rounds (in alternating order) and its lone client's latencies."""
     extra = {} if args.batch_window_ms is None else {"image_batch_window_ms": args.batch_window_ms}
     body = {"model": args.model, "class_label": 3, "n": args.images_per_request}
-
     singles = [start_single(args.artifacts.resolve(), args.model, args.clients, extra) for _ in range(2)]
     try:
         urls = {"single server": singles[0][1], "2 single servers": " ".join(url for _, url in singles)}
@@ -232,7 +241,10 @@ def main() -> None:
             ray.shutdown()
         except Exception:  # noqa: BLE001 - the results are already in
             pass
+    return runs, lone
 
+
+def summarise(args, runs: dict[str, list[dict]], lone: dict[str, list[float]]) -> dict:
     rows = []
     for name, rounds in runs.items():
         throughputs = [r["images_per_second"] for r in rounds]
@@ -263,14 +275,9 @@ def main() -> None:
         "two_replicas_over_two_servers": ratio("ray, 2 replicas", "2 single servers"),
         "ray_added_lone_latency_seconds": one["lone_p50_seconds"] - single_row["lone_p50_seconds"],
     }
-    result = {"model": args.model, "clients": args.clients, "requests_per_round": args.requests,
-              "images_per_request": args.images_per_request, "rounds": args.rounds, "cpus": os.cpu_count(),
-              "rows": rows, "ratios": ratios, "target_two_over_one": 1.6,
-              "met": ratios["two_replicas_over_one"] >= 1.6}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=2))
-    print(report(rows, ratios))
-    print(f"wrote {args.out / 'scale.json'}")
+    return {"model": args.model, "clients": args.clients, "requests_per_round": args.requests,
+            "images_per_request": args.images_per_request, "rounds": args.rounds, "cpus": os.cpu_count(),
+            "rows": rows, "ratios": ratios, "target_two_over_one": 1.6, "met": ratios["two_replicas_over_one"] >= 1.6}
 
 
 def report(rows: list[dict], ratios: dict) -> str:

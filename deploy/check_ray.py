@@ -49,6 +49,34 @@ def start_prometheus(scratch: Path, front: str, port: int) -> subprocess.Popen:
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
 
 
+def send_traffic(http: httpx.Client, seconds: float = 120) -> None:
+    """Bounded traffic (rates need a few scrapes): image requests in both modes (the ILF speedup
+    panel) and a chat completion, round after round."""
+    with ThreadPoolExecutor(8) as pool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            list(pool.map(lambda s: http.post("/generate-image", json={
+                "model": IMAGE, "class_label": s % 10, "seed": s, "mode": ("ilf", "baseline")[s % 2]}), range(16)))
+            http.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct:auto", "max_tokens": 8,
+                                                    "messages": [{"role": "user", "content": "What is 2 + 3?"}]})
+
+
+def panel_report(query, targets: list[dict]) -> dict:
+    """Every dashboard query's series count, the empty ones, and the image replicas each per-replica
+    panel shows."""
+    report = {"targets": targets, "panels": {}, "empty": [], "per_replica": {}}
+    for panel in PANELS:
+        for q in panel.queries:
+            result = query(q.expr)
+            report["panels"][q.expr] = len(result)
+            if not result:
+                report["empty"].append(f"{panel.title}: {q.expr}")
+            if panel.title in PER_REPLICA and "images" in q.legend + panel.title:
+                shown = {r["metric"].get("replica") for r in result if r["metric"].get("deployment") == f"images-{IMAGE}"}
+                report["per_replica"][q.expr] = sorted(s for s in shown if s)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
@@ -93,26 +121,10 @@ def main() -> None:
         wait_for("Prometheus scraped every target", lambda: len(query('up{job="loopstack"} == 1')) == len(targets),
                  timeout=90, every=2)
         began = time.time()
-        with ThreadPoolExecutor(8) as pool:  # two minutes of bounded traffic: rates need a few scrapes
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                list(pool.map(lambda s: http.post("/generate-image", json={  # both modes: the ILF speedup panel
-                    "model": IMAGE, "class_label": s % 10, "seed": s, "mode": ("ilf", "baseline")[s % 2]}), range(16)))
-                http.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct:auto", "max_tokens": 8,
-                                                        "messages": [{"role": "user", "content": "What is 2 + 3?"}]})
+        send_traffic(http)
         time.sleep(12)
         image_replicas = {t["labels"]["replica"] for t in targets if t["labels"]["deployment"] == f"images-{IMAGE}"}
-        report = {"targets": targets, "panels": {}, "empty": [], "per_replica": {}}
-        for panel in PANELS:
-            for q in panel.queries:
-                result = query(q.expr)
-                report["panels"][q.expr] = len(result)
-                if not result:
-                    report["empty"].append(f"{panel.title}: {q.expr}")
-                if panel.title in PER_REPLICA and "images" in q.legend + panel.title:
-                    shown = {r["metric"].get("replica") for r in result
-                             if r["metric"].get("deployment") == f"images-{IMAGE}"}
-                    report["per_replica"][q.expr] = sorted(s for s in shown if s)
+        report = panel_report(query, targets)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.json").write_text(json.dumps(report, indent=2))
 

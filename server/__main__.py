@@ -18,14 +18,18 @@ from server.settings import Settings
 log = logging.getLogger("server")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--env-file", default=None, help="read LOOPSTACK_ settings from this file too")
     parser.add_argument("--build-zoo", action="store_true",
                         help="build the missing embedded zoo in the background (python -m training zoo all)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     settings = Settings(_env_file=args.env_file)
     configure_logging(settings.log_format)
     log.info("serving %s", settings.manifests().current())

@@ -43,10 +43,15 @@ def since_arrival(now: float | None = None) -> float | None:
 
 
 class Metrics:
+    """Every series Loopstack exports (docs/metrics.md is the contract), in one registry per app."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)  # the standard process_* series: memory, CPU seconds, open files
+        ProcessCollector(registry=self.registry)  # the standard process_* series: memory, CPU seconds, open files
+        for group in (self._http, self._engines, self._images, self._chat, self._artifacts, self._scale_out):
+            group(self.registry)
+
+    def _http(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "loopstack_requests", "HTTP responses by endpoint and status code (5xx included)", ["endpoint", "status"],
             registry=r,
@@ -59,6 +64,8 @@ class Metrics:
             "loopstack_queue_seconds", "Time a request waited for an engine's worker, by engine and response status",
             ["engine", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
+
+    def _engines(self, r: CollectorRegistry) -> None:
         self.engine_running = Gauge("loopstack_engine_running", "Jobs an engine's worker is running", ["engine"],
                                     registry=r)
         self.engine_waiting = Gauge("loopstack_engine_waiting", "Jobs waiting for an engine's worker", ["engine"],
@@ -70,6 +77,8 @@ class Metrics:
         self.engine_queue_limit = Gauge(
             "loopstack_engine_queue_limit", "Jobs that may wait before an engine answers 429", ["engine"], registry=r
         )
+
+    def _images(self, r: CollectorRegistry) -> None:
         self.image_seconds = Histogram(
             "loopstack_image_seconds", "Sampling time per image request", ["model", "mode"],
             buckets=LATENCY_BUCKETS, registry=r,
@@ -86,6 +95,8 @@ class Metrics:
         self.image_denoise_steps = Counter(
             "loopstack_image_denoise_steps", "Denoising steps run", ["model", "mode"], registry=r
         )
+
+    def _chat(self, r: CollectorRegistry) -> None:
         self.chat_ttft = Histogram(
             "loopstack_chat_time_to_first_token_seconds", "Time from the request's arrival to the first token",
             buckets=LATENCY_BUCKETS, registry=r,
@@ -115,6 +126,10 @@ class Metrics:
             "loopstack_chat_router_probability", "The meta-router's probability for each domain, per routed request",
             ["domain"], buckets=WEIGHT_BUCKETS, registry=r,
         )
+        for reason in ("stop", "length"):
+            self.chat_finished.labels(finish_reason=reason)
+
+    def _artifacts(self, r: CollectorRegistry) -> None:
         # one series per manifest entry ("digits-dit", "digits-dit/ilf", "zoo-lm/stacks/math", ...)
         self.artifact_reloads = Counter(
             "loopstack_artifact_reloads", "Artifact loads by manifest entry and result (loaded, refused)",
@@ -129,7 +144,9 @@ class Metrics:
             ["model"], registry=r,
         )
         self.artifact_refused.labels(model="manifest").set(0)
-        # scale-out (server/distributed): the front's calls whose replica stopped under them
+
+    def _scale_out(self, r: CollectorRegistry) -> None:
+        # the front's calls (server/distributed) whose replica stopped under them
         self.replica_retries = Counter(
             "loopstack_replica_retries", "Seeded requests sent again after the replica running them stopped",
             ["deployment"], registry=r,
@@ -138,8 +155,6 @@ class Metrics:
             "loopstack_replica_lost", "Requests answered 503 replica_lost (no seed, or every attempt lost)",
             ["deployment"], registry=r,
         )
-        for reason in ("stop", "length"):
-            self.chat_finished.labels(finish_reason=reason)
 
     def preset_endpoints(self, endpoints: list[str]) -> None:
         for endpoint in endpoints:

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.imaging import batching as image_batching

@@ -7,6 +7,8 @@ import httpx2
 import openai
 import pytest
 
+from tests.conftest import assert_error_shape
+
 
 class InProcessTransport(httpx2.BaseTransport):
     """OpenAI's client (on httpx2) sending to the app in-process, through Starlette's test client."""
@@ -120,3 +122,17 @@ def test_image_generation_refusals_name_their_field(oai, kwargs, status, param):
     with pytest.raises(openai.APIStatusError) as refused:
         oai.images.generate(**request)
     assert refused.value.status_code == status and refused.value.body["param"] == param
+
+
+def test_an_unknown_model_is_one_error_on_native_and_openai_routes(client):
+    """The served-model lookup is one module: every route names an unknown model the same way."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answers = [
+        client.post("/generate-image", json={"model": "no-such-model", "class_label": 1}),
+        client.post("/v1/images/generations", json={"model": "no-such-model", "prompt": "one"}),
+        client.post("/chat", json=chat | {"model": "no-such-model"}),
+        client.post("/v1/chat/completions", json=chat | {"model": "no-such-model"}),
+        client.post("/v1/chat/completions", json=chat | {"model": "tiny-lm+astrology"}),
+    ]
+    errors = [assert_error_shape(a, 404, "model") for a in answers]
+    assert {e["type"] for e in errors} == {"model_not_found"}

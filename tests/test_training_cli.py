@@ -40,7 +40,7 @@ def test_placeholder_zoo_writes_the_built_manifest_and_leaves_the_template_alone
     with TestClient(create_app(make_settings(root / "weights_manifest.yaml"), load_in_background=False)) as c:
         assert c.get("/readyz").status_code == 200
         cards = c.get("/v1/models").json()["data"]
-        assert {m["id"] for m in cards if m["route"] is None}  # route aliases aside == {"digits-dit", "digits-pixart", "smollm2-135m-instruct"}
+        assert {m["id"] for m in cards if m["route"] is None} == {"digits-dit", "digits-pixart", "smollm2-135m-instruct"}
         assert all(m["placeholder"] for m in cards)
         image = c.post("/generate-image", json={"model": "digits-pixart", "prompt": "a handwritten seven",
                                                "steps": 2})
@@ -51,11 +51,19 @@ def test_placeholder_zoo_writes_the_built_manifest_and_leaves_the_template_alone
         assert trace["domains_applied"] == {} and trace["reason"].startswith("no Brainstacks domains are loaded")
 
 
-@pytest.mark.parametrize("verb", [" ".join(words) for words in VERBS])
-def test_every_verb_parses_with_its_defaults(verb):
-    model = ["--model", "digits-dit"] if verb.startswith("ilf") else []
-    args = parser().parse_args(verb.split() + model)
-    assert callable(args.run)
+@pytest.mark.parametrize("words", list(VERBS), ids=" ".join)
+def test_every_verb_runs_its_own_function_with_its_flags_defaults(words):
+    _, run, flags = VERBS[words]
+    required = [f"--{names[0].lstrip('-')}" for names, options in flags if options.get("required")]
+    if required:
+        with pytest.raises(SystemExit):  # a required flag left out is refused
+            parser().parse_args(list(words))
+    args = parser().parse_args(list(words) + [a for flag in required for a in (flag, "digits-dit")])
+    assert args.run is run  # the verb dispatches to its own function, not another verb's
+    for names, options in flags:
+        if "default" in options or options.get("action") == "store_true":
+            dest = names[0].lstrip("-").replace("-", "_")
+            assert getattr(args, dest) == options.get("default", False), (words, dest)
 
 
 def test_zoo_all_records_each_step_and_resumes_after_an_interruption(tmp_path, monkeypatch):

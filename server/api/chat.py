@@ -21,7 +21,7 @@ router = APIRouter(tags=["chat"])
 @router.post("/chat", response_model=ChatResponse, responses={200: {"content": {"text/event-stream": {}}}})
 async def chat(req: ChatRequest, request: Request, response: Response, models: ModelSet = Depends(loaded_models),
                svc: Services = Depends(services)):
-    model = served_chat(models, svc.registry)
+    model = served_chat(models, svc.registry, req.model)
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
         pieces = serving.start_stream(req, model, models.generation, svc.chat, client_gone(request))

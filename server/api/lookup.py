@@ -15,11 +15,14 @@ from server.registry import ModelSet, Registry
 NOT_FOUND = "model_not_found"
 
 
-def served_chat(models: ModelSet, registry: Registry) -> ChatModel:
+def served_chat(models: ModelSet, registry: Registry, name: str | None = None) -> ChatModel:
+    """The chat model of the request's model set; `name`, when the request gives one, must be its name."""
     if models.chat is None:
         if reason := status.unavailable(registry, "chat"):
             raise ApiError(503, reason, "model")
         raise ApiError(404, "this server's manifest has no chat model", "model", NOT_FOUND)
+    if name is not None and name != models.chat.name:
+        raise ApiError(404, f"unknown chat model {name!r}; this server serves {models.chat.name!r}", "model", NOT_FOUND)
     return models.chat
 
 
