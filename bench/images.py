@@ -97,7 +97,7 @@ def main() -> None:
         card = next((c for c in client.get("/v1/models").json()["data"] if c["id"] == args.model), None)
         if card is None or card["status"] != "ready":
             raise SystemExit(f"{args.model} is not served from {args.artifacts}")
-        batcher = client.app.state.services.image_batcher
+        batcher = client.app.state.services.images.batcher
         default_batch = batcher.max_images
         modes = ["baseline"] + (["ilf"] if card["details"].get("ilf") else [])
         body = {"model": args.model, "class_label": 3}
