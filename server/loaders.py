@@ -21,7 +21,7 @@ from server.chat.router import load_router_for
 from server.chat.stacks import DomainStacks, load_domain_stacks
 from server.imaging.backbones import ImageBackbone, load_ilf_for, load_image_backbone
 from server.imaging.sampler import SampleJob, sample
-from server.manifest import ArtifactResolver, Manifest, Source
+from server.manifest import ArtifactResolver, Manifest, Source, ilf_key, router_key, stacks_key
 
 EntryKind = Literal["image", "ilf", "chat", "stacks", "router"]
 PlannedEntry = tuple[str, EntryKind, object, str | None]  # key, kind, its manifest spec, the entry it attaches to
@@ -144,13 +144,13 @@ def planned_groups(manifest: Manifest) -> list[list[PlannedEntry]]:
     for model in manifest.image:
         group: list[PlannedEntry] = [(model.name, "image", model.model_copy(update={"ilf": None}), None)]
         if model.ilf is not None:
-            group.append((f"{model.name}/ilf", "ilf", model.ilf, model.name))
+            group.append((ilf_key(model.name), "ilf", model.ilf, model.name))
         groups.append(group)
     if manifest.chat is not None:
         base = manifest.chat.base.name
         group = [(base, "chat", manifest.chat.base, None)]
-        group += [(f"{base}/stacks/{d.name}", "stacks", d, base) for d in manifest.chat.domains]
+        group += [(stacks_key(base, d.name), "stacks", d, base) for d in manifest.chat.domains]
         if manifest.chat.router is not None:
-            group.append((f"{base}/router", "router", manifest.chat.router, base))
+            group.append((router_key(base), "router", manifest.chat.router, base))
         groups.append(group)
     return groups

@@ -135,6 +135,10 @@ class Manifest(_Strict):
     version: Literal[1]
     image: list[ImageModel] = Field(default_factory=list)
     chat: ChatSection | None = None
+    # Entries this manifest leaves out on purpose (their keys: see `entry_keys`). A served entry
+    # missing from a manifest without being named here is taken for a cut manifest, which is refused
+    # whole; `BuiltManifest.write` names what a build drops.
+    removed: list[str] = Field(default_factory=list)
 
     @field_validator("image")
     @classmethod
@@ -143,6 +147,29 @@ class Manifest(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate image model names: {names}")
         return models
+
+
+def ilf_key(model: str) -> str:
+    return f"{model}/ilf"
+
+
+def stacks_key(base: str, domain: str) -> str:
+    return f"{base}/stacks/{domain}"
+
+
+def router_key(base: str) -> str:
+    return f"{base}/router"
+
+
+def entry_keys(manifest: Manifest) -> set[str]:
+    """Every entry the manifest makes, by the key the server reports it under: an image model's name
+    (and `<model>/ilf`), the chat base's name, `<base>/stacks/<domain>` and `<base>/router`."""
+    keys = {m.name for m in manifest.image} | {ilf_key(m.name) for m in manifest.image if m.ilf is not None}
+    if manifest.chat is not None:
+        base = manifest.chat.base.name
+        keys |= {base} | {stacks_key(base, d.name) for d in manifest.chat.domains}
+        keys |= {router_key(base)} if manifest.chat.router is not None else set()
+    return keys
 
 
 @dataclass(frozen=True)
@@ -161,7 +188,17 @@ class BuiltManifest:
         return load_manifest(self.current())
 
     def write(self, manifest: Manifest) -> None:
-        write_manifest(manifest, self.path)
+        """Write it (atomically), naming under `removed` every entry it drops from the manifest it
+        replaces (and those that one had dropped, so a server that missed a version still sees them)."""
+        removed = set(manifest.removed)
+        try:
+            previous = load_manifest(self.path) if self.path.exists() else None
+        except ManifestError:
+            previous = None
+        if previous is not None:
+            removed |= entry_keys(previous) | set(previous.removed)
+        removed -= entry_keys(manifest)
+        write_manifest(manifest.model_copy(update={"removed": sorted(removed)}), self.path)
 
     def resolver(self, allow_network: bool = False) -> ArtifactResolver:
         return ArtifactResolver(self.root, allow_network)
@@ -178,7 +215,9 @@ class BuiltManifest:
 def load_manifest(path: Path) -> Manifest:
     """Parse and validate a manifest file; ManifestError names the file and what is wrong."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"cannot read manifest {path}: not UTF-8 text (byte {exc.start})") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
     try:
@@ -192,7 +231,10 @@ def load_manifest(path: Path) -> Manifest:
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of either."""
-    text = yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    data = manifest.model_dump(mode="json", exclude_none=True)
+    if not data["removed"]:
+        del data["removed"]
+    text = yaml.safe_dump(data, sort_keys=False)
     atomic_write_bytes(Path(path), text.encode())
 
 

@@ -28,7 +28,7 @@ from server.artifacts import ArtifactError
 from server.chat.model import ChatModel
 from server.imaging.backbones import ImageBackbone
 from server.loaders import LOADERS, EntryKind, LoadContext, planned_groups
-from server.manifest import ManifestError, load_manifest
+from server.manifest import Manifest, ManifestError, load_manifest
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -134,21 +134,17 @@ class Registry:
             report = {"reason": reason, "manifest": path.name, "loaded": [], "refused": [], "unchanged": []}
             try:
                 manifest = load_manifest(path)
-                self.manifest_error = None
-                self.metrics.artifact_refused.labels(model="manifest").set(0)
+                groups = [group for group in planned_groups(manifest) if self.settings.serves(group[0][0], group[0][1])]
+                removed = self._removed(manifest, {key for group in groups for key, *_ in group})
             except ManifestError as exc:
-                self.manifest_error = str(exc)
-                self.metrics.artifact_reloads.labels(model="manifest", result="refused").inc()
-                self.metrics.artifact_refused.labels(model="manifest").set(1)
-                log.error("%s; every model keeps what it had", exc)
-                report["refused"].append({"entry": "manifest", "reason": str(exc)})
-                return report
-            groups = [group for group in planned_groups(manifest) if self.settings.serves(group[0][0], group[0][1])]
+                return self._refuse_manifest(str(exc), report)
+            self.manifest_error = None
+            self.metrics.artifact_refused.labels(model="manifest").set(0)
             context = LoadContext(self.settings.manifests().resolver(self.settings.allow_network),
                                   self.settings.torch_device(),
                                   tuple(spec.name for group in groups for _, kind, spec, _ in group if kind == "stacks"))
-            removed = set(self._entries) - {key for group in groups for key, *_ in group}
             for key in removed:  # gone from the manifest: no longer served
+                log.info("removed %s: the manifest no longer lists it", key)
                 del self._entries[key]
                 self.metrics.artifact_refused.labels(model=key).set(0)
             if removed:
@@ -165,6 +161,27 @@ class Registry:
                      len(report["loaded"]), len(report["refused"]), len(report["unchanged"]), self._generation)
             return report | {"generation": self._generation}
 
+    def _removed(self, manifest: Manifest, planned: set[str]) -> set[str]:
+        """The entries this manifest drops. A served one may go only when the manifest names it (or
+        the model it attaches to) under `removed`: otherwise the manifest was cut short (a copy or an
+        edit half done), and it is refused whole."""
+        gone = set(self._entries) - planned
+        unexplained = sorted(key for key in gone if self._entries[key].value is not None
+                             and key not in manifest.removed and self._entries[key].parent not in manifest.removed)
+        if unexplained:
+            raise ManifestError(f"{self.settings.manifests().current().name} leaves out {', '.join(unexplained)}, "
+                                f"which serve, without naming them under `removed`: a manifest cut short? "
+                                f"(to remove them on purpose, list them under `removed`)")
+        return gone
+
+    def _refuse_manifest(self, reason: str, report: dict) -> dict:
+        self.manifest_error = reason
+        self.metrics.artifact_reloads.labels(model="manifest", result="refused").inc()
+        self.metrics.artifact_refused.labels(model="manifest").set(1)
+        log.error("refused the manifest: %s; every model keeps what it had", self.display(reason))
+        report["refused"].append({"entry": "manifest", "reason": self.display(reason)})
+        return report
+
     def _update(self, key: str, spec, context: LoadContext, report: dict) -> bool:
         """Load this entry anew if it changed; True when a new version was loaded."""
         entry = self._entries[key]
@@ -173,6 +190,10 @@ class Registry:
         parent_generation = parent.generation if parent else None
         digest = _digest(spec, parent_generation)
         if entry.value is not None and entry.digest == digest and _unchanged(entry.files):
+            if entry.error is not None:  # refused since, and the manifest is back to what serves
+                log.info("%s: the manifest is back to the version that serves; its refusal is over", key)
+                entry.error = None
+                self.metrics.artifact_refused.labels(model=key).set(0)
             report["unchanged"].append(key)
             return False
         started = time.perf_counter()
