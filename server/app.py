@@ -12,12 +12,14 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.routing import Match
 from starlette.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.access import AccessControl
 from server.api import ROUTERS
+from server.api import admin as admin_api
 from server.api.dependencies import Services
 from server.chat.batching import ChatEngine
 from server.chat.serving import ChatService
@@ -33,7 +35,7 @@ from server.watch import watch_artifacts
 
 log = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 422, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 415, 422, 429, 503, 504)}
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:
@@ -41,7 +43,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     metrics = Metrics()
     image_engine = WorkerEngine("image", settings.image_queue_size, settings.retry_after_seconds, metrics)
     chat_engine = ChatEngine("chat", settings.chat_max_batch, settings.chat_queue_size, settings.retry_after_seconds,
-                             metrics, settings.chat_timeout_seconds)
+                             metrics, settings.chat_timeout_seconds, settings.chat_prefill_tokens)
     # new artifacts are warmed on the worker that will run them, between requests
     registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
     image_batcher = ImageBatcher(image_engine, settings.image_max_batch, settings.image_batch_window_ms / 1000, metrics)
@@ -61,6 +63,9 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if settings.rate_limit_per_minute:
+            log.info("rate limit: %d requests a minute per %s", settings.rate_limit_per_minute,
+                     "API key" if settings.api_key_list else "client address (no API keys are set)")
         for engine in svc.engines:
             engine.start()
         if load_in_background:
@@ -82,36 +87,69 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app = FastAPI(title="Loopstack", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.services = svc
     install_middleware(app, settings, metrics)
-    for router in ROUTERS:
-        app.include_router(router)
+    for router in ROUTERS:  # the admin routes answer 404 while off, and only show in the schema when on
+        app.include_router(router, include_in_schema=router is not admin_api.router or settings.admin_token is not None)
     metrics.preset_endpoints([route.path for router in ROUTERS for route in router.routes] + ["unmatched"])
     return app
 
 
 def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    """The error shape, bounds, request counting, access control and CORS every public app has (the
-    single server's and the scale-out front's)."""
+    """The error shape, bounds, access control, CORS and request counting every public app has (the
+    single server's and the scale-out front's). Each one added wraps the ones before it."""
     install_error_handlers(app)
     app.add_middleware(CatchUnhandled)  # first added: innermost
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        timing = RequestTiming(arrival=time.perf_counter())
-        CURRENT_REQUEST.set(timing)  # the endpoint's task inherits it (a copy of this context)
-        status = 500  # an exception past every handler: the server's error handler answers 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            metrics.count_response(route.path if route is not None else "unmatched", status, timing)
-
-    # added last, so outside the counter: the request id is set before anything logs
+    # outside the body limits: the request id is set before they (or anything inside) log
     app.add_middleware(AccessControl, api_keys=settings.api_key_list,
                        rate_limit_per_minute=settings.rate_limit_per_minute)
     if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Loopstack-Generation", "Retry-After"])
+    # added last, so outermost: every response is counted, whichever layer answered it
+    app.add_middleware(RequestCounter, metrics=metrics, routes=app.router)
+
+
+class RequestCounter:
+    """Counts every response by endpoint and status, and times it from arrival. The endpoint is the
+    route's path template: the one that ran, or for a request answered before routing (a 401, 413 or
+    429 of the middleware, a CORS preflight) the one its path matches; "unmatched" when none does."""
+
+    def __init__(self, app, metrics: Metrics, routes):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        timing = RequestTiming(arrival=time.perf_counter())
+        CURRENT_REQUEST.set(timing)  # the endpoint (and its tasks, in copies of this context) fill it in
+        status = 500  # an exception past every handler: the server answers 500
+
+        async def noted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted)
+        finally:
+            self.metrics.count_response(self._endpoint(scope), status, timing)
+
+    def _endpoint(self, scope) -> str:
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        matched = next((r for r in _flat(self.routes.routes) if r.matches(scope)[0] != Match.NONE), None)
+        return matched.path if matched is not None else "unmatched"
+
+
+def _flat(routes) -> list:
+    """The routes of an app whose routers were included (FastAPI keeps each one's own list)."""
+    out = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        out += _flat(inner) if inner is not None else [route] if hasattr(route, "path") else []
+    return out

@@ -79,7 +79,9 @@ def test_requests_spread_over_replicas_and_answer_as_one_server(cluster):
     assert events[-1] == "done" and set(events[:-1]) <= {"token"}, streamed.text
     assert_error_shape(image(url, steps=0), 422, "steps")
     assert_error_shape(image(url, model="no-such-model"), 404, "model")
-    assert_error_shape(httpx.post(f"{url}/chat", content=b"{not json", timeout=30), 422)
+    assert_error_shape(httpx.post(f"{url}/chat", content=b"{not json", timeout=30,
+                                  headers={"content-type": "application/json"}), 422)
+    assert_error_shape(httpx.post(f"{url}/chat", content=b'{"prompt": "hi"}', timeout=30), 415)  # no content type
     models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
     assert {"tiny-dit", "tiny-lm"} <= models and "tiny-pixart" not in models
     assert httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"].keys() >= {"/generate-image", "/chat"}

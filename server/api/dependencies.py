@@ -48,13 +48,37 @@ def loaded_models(svc: Services = Depends(services)) -> Iterator[ModelSet]:
         svc.registry.release(models)
 
 
+def bearer(request: Request) -> str | None:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return given if scheme.lower() == "bearer" and given else None
+
+
+def operator(request: Request, svc: Services = Depends(services)) -> bool:
+    """Whether the caller may see operator details (refusal reasons, the build's process): it holds
+    the admin token, or the server has no access control at all (no API keys, no admin token: a
+    server open to whoever reaches it, such as `make serve` on a laptop)."""
+    token = svc.settings.admin_token
+    if token is None:
+        return not svc.settings.api_key_list
+    given = bearer(request)
+    return given is not None and secrets.compare_digest(given.encode(), token.get_secret_value().encode())
+
+
+def json_body(request: Request) -> None:
+    """Routes that read a JSON body: any other content type is a 415, not a confusing 422."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"the body must be JSON, sent with Content-Type: application/json (got "
+                            f"{media or 'no content type'!r})")
+
+
 def admin(request: Request, svc: Services = Depends(services)) -> None:
     """`Authorization: Bearer <LOOPSTACK_ADMIN_TOKEN>`; without a token the admin routes answer 404."""
     token = svc.settings.admin_token
     if token is None:
         raise ApiError(404, "admin routes are off: set LOOPSTACK_ADMIN_TOKEN to turn them on")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    given = bearer(request)
+    if given is None:
         raise ApiError(401, "admin routes need Authorization: Bearer <LOOPSTACK_ADMIN_TOKEN>", type="unauthorized")
     if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise ApiError(403, "wrong admin token", type="forbidden")

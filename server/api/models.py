@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server import status
-from server.api.dependencies import Services, services
+from server.api.dependencies import Services, operator, services
 from server.api.lookup import alias_route, route_aliases
 from server.chat.model import ChatModel
 from server.imaging.backbones import ImageBackbone
@@ -14,8 +14,13 @@ from server.schemas.common import ModelCard, ModelList
 router = APIRouter(tags=["models"])
 
 
+PUBLIC_BUILD = ("state", "current", "steps", "started", "finished")  # the build's state without its process
+
+
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(svc: Services = Depends(services)) -> ModelList:
+async def list_models(svc: Services = Depends(services), details_for_operator: bool = Depends(operator)) -> ModelList:
+    """Every model and its state; why an entry was refused and the zoo build's process only for the
+    operator (`operator`: the admin token, or a server with no access control at all)."""
     models = svc.registry.current
     cards = []
     for model in status.models(svc.registry):
@@ -24,15 +29,19 @@ async def list_models(svc: Services = Depends(services)) -> ModelList:
             details = image_details(models.images[model.key])
         elif model.kind == "chat" and models is not None and models.chat is not None:
             details = chat_details(models.chat)
+        errors = model.errors if details_for_operator else [{"entry": e["entry"]} for e in model.errors]
         card = ModelCard(id=model.key, created=int(model.loaded_at or 0), kind=model.model_kind,
                          placeholder=model.placeholder, status=model.state, generation=model.generation,
-                         errors=model.errors, details=details)
+                         errors=errors, details=details)
         cards.append(card)
         if model.kind == "chat" and models is not None and models.chat is not None:
             card.domains = list(models.chat.domains)
             cards += [card.model_copy(update={"id": alias, "route": alias_route(alias, models.chat)})
                       for alias in route_aliases(models.chat)]
-    return ModelList(data=cards, build=status.build_state(svc.settings))
+    build = status.build_state(svc.settings)
+    if build is not None and not details_for_operator:
+        build = {key: value for key, value in build.items() if key in PUBLIC_BUILD}
+    return ModelList(data=cards, build=build)
 
 
 def image_details(b: ImageBackbone) -> dict:

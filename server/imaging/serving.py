@@ -74,7 +74,7 @@ async def run_job(backbone: ImageBackbone, job: SampleJob, seconds: float, servi
     starts): 499 and 504. It answers as soon as its batch has sampled it, and leaves the engine's queue."""
     estimate = service.costs.estimate(backbone, job)
     if estimate is not None and estimate > seconds:
-        raise ApiError(422, f"this request would take about {estimate:.0f} s at the measured speed of "
+        raise ApiError(422, f"this request would take about {estimate:.2g} s at the measured speed of "
                             f"{backbone.name}, over its deadline of {seconds:g} s; ask for fewer steps, "
                             f"images or pixels, or a longer timeout", "timeout")
     control = JobControl(time.perf_counter() + seconds, seconds)

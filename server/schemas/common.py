@@ -53,7 +53,8 @@ class ModelCard(BaseModel):
     placeholder: bool
     status: Literal["ready", "placeholder", "loading", "failed"]
     generation: int | None = Field(description="The model-set generation its serving version was loaded in.")
-    errors: list[dict] = Field(default_factory=list, description="Entries of this model that were refused, and why.")
+    errors: list[dict] = Field(default_factory=list, description=(
+        "Entries of this model that were refused; why (`reason`) for the operator only."))
     details: dict
 
 

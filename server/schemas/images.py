@@ -36,7 +36,7 @@ class ImageRequest(StrictRequest):
     )
     stream: bool = Field(False, description="Server-sent events: `progress` after each denoising step, then one "
                                             "`done` event with the JSON response (or an `error` event).")
-    timeout: float | None = Field(None, gt=0, description=(
+    timeout: float | None = Field(None, ge=0.01, description=(
         "Seconds the images may take, within the server's maximum (the default); a request whose "
         "measured cost exceeds it is refused up front (422), one that runs past it stops (504)."))
 
