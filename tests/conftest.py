@@ -94,6 +94,13 @@ ZOO_LM_TEMPLATE = REPO_TEMPLATE.parent / "training" / "zoo" / "zoo-lm.yaml"  # t
 @contextmanager
 def live_server(app, settings: Settings) -> Iterator[str]:
     """The app under uvicorn as `python -m server` runs it, on a free loopback port: its base URL."""
+    with running_server(app, settings) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_server(app, settings: Settings) -> Iterator[tuple[str, object]]:
+    """`live_server`'s base URL and its uvicorn server (`should_exit = True` begins its shutdown)."""
     import socket
     import threading
 
@@ -113,7 +120,7 @@ def live_server(app, settings: Settings) -> Iterator[str]:
                 break
             time.sleep(0.05)
         assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -110,3 +110,82 @@ def test_a_closed_image_stream_stops_the_sampling_at_its_next_step(manifest_path
     seen = asyncio.run(read_two_steps_then_close())
     assert [(p.step, p.steps) for p in seen] == [(1, 50), (2, 50)]
     assert 2 <= max(sampled) <= 5  # stopped a step or so after the close, not after 50
+
+
+def test_a_drain_ends_every_stream_with_its_final_or_its_error_event(manifest_path, monkeypatch, caplog):
+    """SIGTERM with an OpenAI stream, an image stream and two /chat streams in flight: within the
+    drain window the short one finishes (`done`), the long ones end with an `error` event
+    (`shutting_down`; OpenAI's then `[DONE]`), none is cut without a word, and the access log says
+    how each ended."""
+    import logging
+    import threading
+    import time
+
+    import httpx
+    from sse_starlette.sse import AppStatus
+
+    from server.app import create_app
+    from server.chat.decoding import DecodeBatch
+    from server.imaging import batching, sampler
+    from tests.conftest import make_settings, per_job, running_server
+
+    def slow_sample(backbone, job, progress=None):
+        def slow(done, total):
+            time.sleep(0.3)
+            progress(done, total)
+        return sampler.sample(backbone, job, progress=slow)
+
+    real_step = DecodeBatch.step
+
+    def slow_step(self):
+        time.sleep(0.1)
+        return real_step(self)
+
+    monkeypatch.setattr(batching, "sample_batch", per_job(slow_sample))
+    monkeypatch.setattr(DecodeBatch, "step", slow_step)
+    settings = make_settings(manifest_path, shutdown_drain_seconds=3, watch=False)
+    app = create_app(settings, load_in_background=False)
+    long_chat = {"prompt": "Tell me a story", "max_tokens": 200, "stream": True}
+    streams = {
+        "openai": ("/v1/chat/completions", {"model": "tiny-lm", "max_tokens": 200, "stream": True,
+                                            "messages": [{"role": "user", "content": "Tell me a story"}]}),
+        "image": ("/generate-image", {"model": "tiny-dit", "class_label": 1, "steps": 50, "mode": "baseline",
+                                      "stream": True}),
+        "chat": ("/chat", long_chat),
+        "short": ("/chat", {**long_chat, "max_tokens": 2}),
+    }
+    events, started = {}, {name: threading.Event() for name in streams}
+
+    def read(name, url):
+        path, body = streams[name]
+        with httpx.stream("POST", url + path, json=body, timeout=60) as response:
+            text = ""
+            for chunk in response.iter_text():
+                text += chunk
+                started[name].set()
+        events[name] = sse_events(type("Body", (), {"text": text})())
+
+    caplog.set_level(logging.INFO, logger="server.access")
+    try:
+        with running_server(app, settings) as (url, server):
+            chat = app.state.services.registry.current.chat
+            chat.model.generation_config.eos_token_id = None  # long answers: no end of turn comes early
+            chat.tokenizer.eos_token_id = None
+            readers = [threading.Thread(target=read, args=(name, url)) for name in streams]
+            for reader in readers:
+                reader.start()
+            assert all(started[name].wait(30) for name in streams)
+            AppStatus.should_exit = True  # what uvicorn's SIGTERM handler sets (sse-starlette watches it)
+            server.should_exit = True
+            for reader in readers:
+                reader.join(timeout=30)
+    finally:
+        AppStatus.should_exit = False
+    assert events["short"][-1][0] == "done"
+    for name in ("chat", "image"):
+        assert events[name][-1][0] == "error" and events[name][-1][1]["error"]["type"] == "shutting_down", name
+    assert events["openai"][-1] == ("message", "[DONE]")
+    assert events["openai"][-2][1]["error"]["type"] == "shutting_down"
+    endings = [r.getMessage() for r in caplog.records if r.name == "server.access"]
+    assert sum("stream with an error event (shutting_down)" in line for line in endings) == 3
+    assert sum("stream complete" in line for line in endings) == 1

@@ -6,16 +6,15 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
-from sse_starlette import EventSourceResponse
 
-from server.api.dependencies import Services, client_gone, loaded_models, services
+from server.api.dependencies import Services, client_gone, json_body, loaded_models, services
 from server.api.lookup import served_chat
-from server.api.streaming import ending_in_error_event, named_error
+from server.api.streaming import event_stream, named_error
 from server.chat import serving
 from server.registry import ModelSet
 from server.schemas.chat import ChatRequest, ChatResponse, ChatToken
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], dependencies=[Depends(json_body)])
 
 
 @router.post("/chat", response_model=ChatResponse, responses={200: {"content": {"text/event-stream": {}}}})
@@ -25,7 +24,7 @@ async def chat(req: ChatRequest, request: Request, response: Response, models: M
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
         pieces = serving.start_stream(req, model, models.generation, svc.chat, client_gone(request))
-        return EventSourceResponse(ending_in_error_event(native_events(pieces), named_error, "answer"), headers=headers)
+        return event_stream(native_events(pieces), named_error, "answer", svc.settings, headers)
     response.headers.update(headers)
     return await serving.answer(req, model, models.generation, svc.chat, client_gone(request))
 

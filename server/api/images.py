@@ -6,16 +6,15 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse
 
-from server.api.dependencies import Services, client_gone, loaded_models, services
+from server.api.dependencies import Services, client_gone, json_body, loaded_models, services
 from server.api.lookup import served_image
-from server.api.streaming import ending_in_error_event, named_error
+from server.api.streaming import event_stream, named_error
 from server.imaging import serving
 from server.registry import ModelSet
 from server.schemas.images import ImageProgress, ImageRequest, ImageResponse
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], dependencies=[Depends(json_body)])
 
 
 @router.post(
@@ -29,8 +28,8 @@ async def generate_image(req: ImageRequest, request: Request, models: ModelSet =
     backbone = served_image(req.model, models, svc.registry)
     if req.stream:
         events = await serving.start_stream(req, backbone, models.generation, svc.images)
-        return EventSourceResponse(ending_in_error_event(image_events(events), named_error, "sampling"),
-                                   headers={"X-Loopstack-Generation": str(models.generation)})
+        return event_stream(image_events(events), named_error, "sampling", svc.settings,
+                            {"X-Loopstack-Generation": str(models.generation)})
     as_png = req.response_format == "png" or "image/png" in request.headers.get("accept", "")
     return await serving.generate(req, backbone, models.generation, svc.images, as_png, client_gone(request))
 

@@ -13,11 +13,10 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
 
-from server.api.dependencies import Services, client_gone, loaded_models, services
+from server.api.dependencies import Services, client_gone, json_body, loaded_models, services
 from server.api.lookup import alias_route, served_chat, served_image
-from server.api.streaming import ending_in_error_event
+from server.api.streaming import event_stream
 from server.chat import serving
 from server.chat.model import ChatModel
 from server.errors import ApiError
@@ -31,7 +30,7 @@ from server.schemas.openai import (
     CompletionChoice, GeneratedImage, ImageGenerationRequest, ImagesResponse, LoopstackExtra,
 )
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], dependencies=[Depends(json_body)])
 
 
 def native_request(req: ChatCompletionRequest, chat: ChatModel) -> ChatRequest:
@@ -72,7 +71,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, respons
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=req.model, choices=[],
                                     system_fingerprint=fingerprint)
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return EventSourceResponse(chunks(pieces, chunk, usage), headers=headers)
+        return event_stream(chunks(pieces, chunk, usage), lambda body: {"data": body}, "answer", svc.settings, headers,
+                            last={"data": "[DONE]"})
     answer = await serving.answer(native, chat, models.generation, svc.chat, client_gone(request))
     response.headers.update(headers)
     return ChatCompletion(
@@ -87,25 +87,20 @@ def extra(answer: ChatResponse) -> LoopstackExtra:
 
 async def chunks(pieces: AsyncIterator, chunk: ChatCompletionChunk, include_usage: bool) -> AsyncIterator[dict]:
     """OpenAI's stream: the assistant's role, its content in pieces, a chunk with the finish reason
-    (and Loopstack's trace), with `include_usage` one more with the usage and no choices, then
-    [DONE]. A failure after the stream began is a chunk with an `error`, as OpenAI sends it."""
+    (and Loopstack's trace), with `include_usage` one more with the usage and no choices; then
+    [DONE] (`event_stream` sends it last, after an `error` chunk, as OpenAI sends one, if it failed)."""
 
     def data(**update) -> dict:
         return {"data": chunk.model_copy(update=update).model_dump_json(exclude_none=True)}
 
-    async def chunks_of_the_answer() -> AsyncIterator[dict]:
-        yield data(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
-        async for item in pieces:
-            if isinstance(item, str):
-                yield data(choices=[ChunkChoice(delta=ChunkDelta(content=item))])
-                continue
-            yield data(choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=item.finish_reason)], loopstack=extra(item))
-            if include_usage:
-                yield data(choices=[], usage=item.usage)
-
-    async for event in ending_in_error_event(chunks_of_the_answer(), lambda body: {"data": body}, "answer"):
-        yield event
-    yield {"data": "[DONE]"}
+    yield data(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+    async for item in pieces:
+        if isinstance(item, str):
+            yield data(choices=[ChunkChoice(delta=ChunkDelta(content=item))])
+            continue
+        yield data(choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=item.finish_reason)], loopstack=extra(item))
+        if include_usage:
+            yield data(choices=[], usage=item.usage)
 
 
 # ---------------------------------------------------------------- images
