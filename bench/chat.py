@@ -168,8 +168,8 @@ def decode_steps(chat: ChatModel, rows: int, steps: int = 8) -> float:
     batch = DecodeBatch(chat, rows)
     for prompt in (PROMPTS * rows)[:rows]:
         logits, cache = prefill(chat, chat.encode(messages(prompt)), {})
-        row = Decoding(chat, None, plan=RoutePlan({}, {}, "the base alone"), tokens=[int(logits.argmax())])
-        batch.join(row, cache)
+        row = Decoding(chat, None, plan=RoutePlan({}, {}, "the base alone"), tokens=[int(logits.argmax())], cache=cache)
+        batch.join(row)
     times = []
     for _ in range(steps + 2):
         started = time.perf_counter()

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_guidance_scale: float = Field(20.0, gt=0)
     max_prompt_chars: int = Field(2000, ge=1)
     max_chat_messages: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1, description=(
+        "A chat prompt longer than this, in tokens as the model's template renders it, is a 422"))
     max_new_tokens: int = Field(256, ge=1)
     default_max_tokens: int = Field(128, ge=1, description="max_tokens of a chat request that gives none.")
 
@@ -61,6 +63,8 @@ class Settings(BaseSettings):
     image_batch_window_ms: float = Field(5.0, ge=0, description="how long a batch's first request waits for "
                                                                "compatible ones to join")
     chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")
+    chat_prefill_tokens: int = Field(128, ge=1, description=(
+        "prompt tokens the chat engine reads between two decode steps, at most (long prompts in parts)"))
     chat_timeout_seconds: float = Field(300.0, gt=0, description="a chat answer not done by then gets 504")
     image_timeout_seconds: float = Field(300.0, gt=0, description="images not done by then stop (504); "
                                                                   "a request's own timeout may be shorter")

@@ -80,9 +80,9 @@ def alone_logits(chat, prompt, route, forced: list[int]) -> list[torch.Tensor]:
     """Teacher forcing, one request alone: the logits after the prompt and after each forced token."""
     batch = DecodeBatch(chat, 1)
     row = Decoding(chat, job(prompt, route))
-    logits, cache = prefill(chat, chat.encode(row.job.messages), route)
+    logits, row.cache = prefill(chat, chat.encode(row.job.messages), route)
     row.plan = plan_route(route, chat.domains, {d: 1 for d in chat.domains}, None, None)
-    batch.join(row, cache)
+    batch.join(row)
     out = [logits]
     for token in forced:
         fed(row, token)
@@ -108,9 +108,9 @@ def test_each_row_of_a_mixed_route_batch_matches_its_request_alone(manifest_path
             row = Decoding(chat, job(PROMPTS[k], ROUTES[k]))
             row.plan = plan_route(ROUTES[k], chat.domains, {d: 1 for d in chat.domains}, None, None)
             which[id(row)] = k
-            logits, cache = prefill(chat, chat.encode(row.job.messages), ROUTES[k])
+            logits, row.cache = prefill(chat, chat.encode(row.job.messages), ROUTES[k])
             worst = max(worst, (logits - alone[k][0]).abs().max().item())
-            batch.join(row, cache)
+            batch.join(row)
             position[k] = 0
         rows = [which[id(r)] for r in batch.rows]
         for row, k in zip(batch.rows, rows):
@@ -252,3 +252,64 @@ def test_sampling_at_a_vanishing_temperature_is_greedy_and_at_one_follows_the_so
     draws = [sample(logits, 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(2000)]
     shares = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
     torch.testing.assert_close(shares, torch.softmax(logits, 0), atol=0.03, rtol=0)
+
+
+def test_a_prompt_read_in_parts_gives_what_one_pass_gives(manifest_path, tmp_path):
+    """The prefill and the meta-router's read in parts (as the engine interleaves them with other
+    rows' steps) against one pass over the whole prompt."""
+    from server.chat.router import MetaRouter, RouterConfig
+
+    chat = chat_with_stacks(manifest_path, tmp_path, "none")
+    ids = chat.encode([{"role": "user", "content": " ".join(PROMPTS * 3)}])
+    whole, whole_cache = prefill(chat, ids, {"math": 1.0})
+    cache, start = None, 0
+    while start < ids.shape[1]:
+        end = min(start + 7, ids.shape[1])
+        logits, cache = prefill(chat, ids, {"math": 1.0}, cache, start, end)
+        start = end
+    assert cache.get_seq_length() == whole_cache.get_seq_length() == ids.shape[1] > 21
+    torch.testing.assert_close(logits, whole, atol=1e-5 * whole.abs().max().item(), rtol=0)
+    torch.manual_seed(0)
+    chat.router = MetaRouter(RouterConfig(domains=("chat", "math"), hidden_size=chat.model.config.hidden_size,
+                                          middle_layer=1)).eval()
+    one = chat.router_pass(ids)
+    one.advance()
+    parts = chat.router_pass(ids)
+    while parts.remaining:
+        parts.advance(5)
+    assert one.probabilities() == pytest.approx(parts.probabilities(), abs=1e-5)
+
+
+def test_a_long_prompt_does_not_hold_back_a_short_requests_first_token(manifest_path, tmp_path):
+    chat = chat_with_stacks(manifest_path, tmp_path, "none")
+    engine = started_engine(max_batch=4, prefill_tokens=8)
+    long_prompt = " ".join(PROMPTS * 8)  # hundreds of tokens: dozens of parts of 8
+    try:
+        async def long_then_short():
+            long = asyncio.ensure_future(engine.submit(chat, job(long_prompt, {"math": 1.0}, max_new_tokens=3)))
+            await asyncio.sleep(0)  # the long one is queued first
+            short = asyncio.ensure_future(engine.submit(chat, job("hi", {}, max_new_tokens=3)))
+            return await asyncio.gather(long, short)
+        long, short = run(long_then_short())
+    finally:
+        engine.shutdown()
+    assert long.prompt_tokens > 20 * 8 and short.token_times[0] < long.token_times[0]
+    alone = generate(chat, job(long_prompt, {"math": 1.0}, max_new_tokens=3), {"math": 1.0})  # one pass
+    assert (long.text, long.completion_tokens) == (alone.text, alone.completion_tokens)
+
+
+def test_a_row_that_read_a_long_prompt_hands_its_memory_back_when_it_leaves(manifest_path, tmp_path, monkeypatch):
+    from server.chat import batching
+
+    chat = chat_with_stacks(manifest_path, tmp_path, "none")
+    returned = []
+    monkeypatch.setattr(batching, "return_freed_memory", lambda: returned.append(1))
+    monkeypatch.setattr(batching, "LONG_PROMPT_TOKENS", 40)
+    engine = started_engine(max_batch=2)
+    try:
+        run(engine.submit(chat, job("hi", {}, max_new_tokens=3)))
+        assert returned == []  # a short prompt keeps what malloc holds
+        run(engine.submit(chat, job(" ".join(PROMPTS * 2), {}, max_new_tokens=3)))
+    finally:
+        engine.shutdown()
+    assert returned == [1]

@@ -176,6 +176,21 @@ def test_max_tokens_is_fitted_to_the_context_the_prompt_leaves(tiny_chat):
     assert refused.value.param == "max_tokens" and f"which leaves {room}" in str(refused.value)
 
 
+def test_a_prompt_over_the_token_bound_is_refused_whatever_its_characters(tiny_chat):
+    """Characters do not bound a prompt's cost: 57 KB of "7 7 7 ..." read as 8,047 tokens on SmolLM2."""
+    from server.chat.serving import plan_job
+    from server.errors import ApiError
+    from server.schemas.chat import ChatRequest
+    from server.settings import Settings
+
+    settings = Settings(_env_file=None, max_prompt_tokens=40)
+    request = ChatRequest(messages=[{"role": "user", "content": "7 " * 30}] * 2)  # 60 characters a message
+    with pytest.raises(ApiError) as refused:
+        plan_job(request, tiny_chat, settings)
+    assert refused.value.status == 422 and refused.value.param == "messages" and "at most 40" in str(refused.value)
+    assert plan_job(ChatRequest(prompt="7 " * 5), tiny_chat, settings).input_ids.shape[1] <= 40
+
+
 def test_context_and_template_refusals_are_422_over_http(client):
     body = {"prompt": "7 " * 900, "max_tokens": 4}  # within the 2000-character bound, beyond 512 tokens
     error = client.post("/chat", json=body)

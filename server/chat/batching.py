@@ -4,17 +4,22 @@ in one batch.
 No serving library composes a weighted mix of adapters per request (vLLM and LoRAX apply one LoRA
 per request; PEFT's X-LoRA runs the base twice), so this is written by hand. One thread owns the
 model (it `claim`s each model's stacked projections). Between decode steps it runs the calls the
-registry hands it (warm-ups), admits waiting requests (each planned, the meta-router run for
-"auto", and prefilled alone: its first token is sampled there, so its time to first token does not
-wait for a batch), then runs one decode step for every active request of a model set together
-(server/chat/decoding.py). A row leaves at the next step when it ends, when its client has gone, or
-when its deadline has passed. Rows of one model set (one generation of stacks and router) decode
+registry hands it (warm-ups), admits waiting requests into free slots, does up to
+`prefill_tokens` tokens of prompt work for the admitted rows (the meta-router's read for "auto",
+then the prefill, each row alone; the rows with the least left first, so a short prompt's first
+token never waits behind a long prompt, and a long prompt holds the others' next step for one part
+at most), then runs one decode step for every active request of a model set together
+(server/chat/decoding.py). A row's first token is sampled when its prompt is in, so its time to
+first token does not wait for a batch. A row leaves at the next step when it ends, when its client
+has gone, or when its deadline has passed; one that read a long prompt hands the memory it freed
+back to the system. Rows of one model set (one generation of stacks and router) decode
 together, with that set's stacks mounted; two generations never share a step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
 import time
@@ -31,6 +36,15 @@ from server.metrics import CURRENT_REQUEST, Metrics
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+LONG_PROMPT_TOKENS = 1024  # a row with a prompt this long gives its memory back when it leaves
+
+
+def return_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ClientGone(Exception):
@@ -104,9 +118,10 @@ class ChatEngine:
     registry warms artifacts on it between steps (`run`)."""
 
     def __init__(self, name: str, max_batch: int, max_waiting: int, retry_after: int, metrics: Metrics,
-                 timeout: float | None = None):
+                 timeout: float | None = None, prefill_tokens: int = 128):
         self.name = name
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens  # prompt tokens read between two decode steps, at most
         self.max_waiting = max_waiting
         self.service = ServiceRate(retry_after)  # how long a request holds a batch slot
         self.timeout = timeout
@@ -118,6 +133,7 @@ class ChatEngine:
         self._queue: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._batches: list[DecodeBatch] = []
+        self._prefilling: list[Sequence] = []  # admitted rows still reading their prompts, oldest first
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -128,7 +144,8 @@ class ChatEngine:
 
     @property
     def running(self) -> int:
-        return sum(len(b.rows) for b in self._batches)
+        """Rows holding a slot: reading their prompts, or decoding."""
+        return len(self._prefilling) + sum(len(b.rows) for b in self._batches)
 
     def start(self) -> None:
         with self._lock:
@@ -224,7 +241,7 @@ class ChatEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._calls or self._queue or self._batches):
+                while not (self._stopping or self._calls or self._queue or self._prefilling or self._batches):
                     self._lock.wait()
                 if self._stopping:
                     break
@@ -233,19 +250,20 @@ class ChatEngine:
                 self._call(fn, args, future)
             try:
                 self._admit()
+                self._prefill()
                 for batch in list(self._batches):
                     self._decode(batch)
             except Exception as exc:  # a bug of the engine's own: fail its rows, keep the engine alive
                 log.exception("chat engine step failed; its requests fail with it")
-                for row in [r for b in self._batches for r in b.rows]:
+                for row in self._prefilling + [r for b in self._batches for r in b.rows]:
                     if not row.future.done():
                         row.future.set_exception(exc)
-                self._batches = []
+                self._batches, self._prefilling = [], []
             self._batches = [b for b in self._batches if b.rows]
             with self._lock:
                 self._publish()
         error = RuntimeError("the server is shutting down")
-        for row in list(self._queue) + [r for b in self._batches for r in b.rows]:
+        for row in list(self._queue) + self._prefilling + [r for b in self._batches for r in b.rows]:
             if not row.future.done():
                 row.future.set_exception(error)
         for _, _, future in self._calls:
@@ -259,8 +277,8 @@ class ChatEngine:
             future.set_exception(exc)
 
     def _admit(self) -> None:
-        """Waiting requests join while batches have room: planned, prefilled alone, first token sampled.
-        Waiting requests whose client has gone or whose deadline has passed leave the queue first."""
+        """Waiting requests take the free slots, to read their prompts (`_prefill`). Waiting requests
+        whose client has gone or whose deadline has passed leave the queue first."""
         now = time.perf_counter()
         with self._lock:
             self._queue = deque(row for row in self._queue if not self._leaves(row, now))
@@ -276,22 +294,49 @@ class ChatEngine:
             if self._leaves(row, now):
                 continue
             try:
-                self._start(row)
+                stacked_projections(row.chat.model).claim()  # mounting from any other thread now raises
+                row.start()
+                self._prefilling.append(row)
             except Exception as exc:  # this request's failure (a refused prompt, a model error): its own 500
                 if not row.future.done():
                     row.future.set_exception(exc)
 
-    def _start(self, row: Sequence) -> None:
-        stacked_projections(row.chat.model).claim()  # mounting from any other thread now raises
-        cache = row.start()
-        if self._told(row):
-            return  # done after one token
-        capacity = self.max_batch if batchable(cache) else 1
+    def _prefill(self) -> None:
+        """Prompt work (the router's read, the prefill) of the rows still reading their prompts:
+        `prefill_tokens` tokens a loop at most, so that no prompt holds the batches' next step for
+        longer than that; the rows with the least left go first (a short prompt is not held behind
+        a long one). A row whose prompt is in joins a batch (or ends, after one token)."""
+        now = time.perf_counter()
+        for row in [row for row in self._prefilling if self._leaves(row, now)]:
+            self._prefilling.remove(row)
+            row.cache = row.routing = None  # what it read so far goes with it
+        budget = self.prefill_tokens
+        for row in sorted(self._prefilling, key=lambda r: r.remaining):
+            if budget <= 0:
+                break
+            try:
+                budget -= row.advance(budget)
+            except Exception as exc:  # this request's failure (a model error): its own 500
+                self._prefilling.remove(row)
+                row.cache = None
+                if not row.future.done():
+                    row.future.set_exception(exc)
+                continue
+            if row.finish_reason is not None or row.prefilled == row.prompt_tokens:
+                self._prefilling.remove(row)
+                self._join(row)
+
+    def _join(self, row: Sequence) -> None:
+        if self._told(row):  # done after one token
+            row.cache = None
+            self._release([row])
+            return
+        capacity = self.max_batch if batchable(row.cache) else 1
         batch = next((b for b in self._batches if b.chat is row.chat and b.room > 0), None) if capacity > 1 else None
         if batch is None:
             batch = DecodeBatch(row.chat, capacity)
             self._batches.append(batch)
-        batch.join(row, cache)
+        batch.join(row)
 
     def _told(self, row: Sequence) -> bool:
         """Tell the row's listener of its new token; True when the row has ended (its result is set)."""
@@ -314,10 +359,21 @@ class ChatEngine:
             return True
         return False
 
+    def _release(self, gone: list[Sequence]) -> None:
+        """After a long prompt's row has gone, give its freed memory back to the system: glibc keeps
+        freed heap in the process otherwise (the prompt's KV cache and the prefill's activations)."""
+        if any(row.prompt_tokens >= LONG_PROMPT_TOKENS for row in gone):
+            return_freed_memory()
+
+    def _keep(self, batch: DecodeBatch, indices: list[int]) -> None:
+        gone = [row for i, row in enumerate(batch.rows) if i not in set(indices)]
+        batch.keep(indices)
+        self._release(gone)
+
     def _decode(self, batch: DecodeBatch) -> None:
         """One decode step for every row of the batch; ended and departed rows leave it."""
         now = time.perf_counter()
-        batch.keep([i for i, row in enumerate(batch.rows) if not self._leaves(row, now)])
+        self._keep(batch, [i for i, row in enumerate(batch.rows) if not self._leaves(row, now)])
         if not batch.rows:
             return
         self._batch_rows.observe(len(batch.rows))
@@ -327,8 +383,8 @@ class ChatEngine:
             for row in batch.rows:
                 if not row.future.done():
                     row.future.set_exception(exc)
-            batch.keep([])
+            self._keep(batch, [])
             return
         for row, row_logits in zip(batch.rows, logits):
             row.append(row_logits)
-        batch.keep([i for i, row in enumerate(batch.rows) if not self._told(row)])
+        self._keep(batch, [i for i, row in enumerate(batch.rows) if not self._told(row)])

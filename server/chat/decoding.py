@@ -1,11 +1,13 @@
 """Decoding an answer, step by step, alone or in a batch of rows routed differently.
 
-An answer is planned (its route: the meta-router for "auto"), prefilled alone with its route (its
-first token sampled there), then decoded one token a step, each step one forward for every row of
-its batch (`DecodeBatch`), each row with its own domain weights (per-row weights over the stacks,
-`moe_lora.batch_route`: no weight merging), its own sampling settings and its own `StoppingRule`.
-The chat engine (batching.py) runs many answers this way; `generate` runs one alone, through the
-very same steps (the registry's warm-ups, tests and benchmarks).
+An answer's prompt is read by the meta-router (for "auto": its route), then prefilled alone with
+its route (its first token sampled there), both in parts of a few hundred tokens at most that the
+chat engine interleaves with other rows' decode steps (`Decoding.advance`: a long prompt never
+stalls the batch for longer than a part); then it is decoded one token a step, each step one
+forward for every row of its batch (`DecodeBatch`), each row with its own domain weights (per-row
+weights over the stacks, `moe_lora.batch_route`: no weight merging), its own sampling settings
+and its own `StoppingRule`. The chat engine (batching.py) runs many answers this way; `generate`
+runs one alone, through the very same steps (the registry's warm-ups, tests and benchmarks).
 
 The KV cache is transformers' DynamicCache with rows left-padded to a common length: a joining
 row's cache is spliced in, and padding columns no row needs are dropped when rows leave. Each row
@@ -27,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from server.chat.moe_lora import batch_route
-from server.chat.router import Route, RoutePlan
+from server.chat.router import Route, RoutePlan, RouterPass
 from server.chat.stopping import StoppingRule
 
 if TYPE_CHECKING:
@@ -90,22 +92,53 @@ class Decoding:
     generator: torch.Generator | None = None
     rule: StoppingRule | None = None
     finish_reason: str | None = None
+    input_ids: torch.Tensor | None = None  # the rendered prompt, until all of it is in the cache
+    cache: DynamicCache | None = None  # the prompt's KV cache as it fills; then the batch holds it
+    prefilled: int = 0  # prompt tokens in the cache
+    routing: RouterPass | None = None  # the meta-router's read of the prompt, while it runs ("auto")
 
-    def start(self, plan: RoutePlan | None = None) -> DynamicCache:
-        """Plan the route (unless given), prefill the prompt alone with it and take the first token;
-        the prompt's KV cache, to join a batch with."""
+    def start(self, plan: RoutePlan | None = None) -> None:
+        """Ready the answer: its prompt, stopping rule and sampler, and its route plan when given or
+        when no router needs to read the prompt (else the router's read comes first, in `advance`)."""
         chat, job = self.chat, self.job
         self.started = time.perf_counter()
-        self.plan = plan or chat.plan_route(job.route, job.messages)
-        self.route_seconds = time.perf_counter() - self.started
-        input_ids = job.input_ids if job.input_ids is not None else chat.encode(job.messages)
-        self.prompt_tokens = int(input_ids.shape[1])
+        self.input_ids = job.input_ids if job.input_ids is not None else chat.encode(job.messages)
+        self.prompt_tokens = int(self.input_ids.shape[1])
         self.rule = StoppingRule(chat.end_of_turn_ids, job.stop, job.max_new_tokens, chat.decode)
         if job.temperature > 0:
             self.generator = torch.Generator().manual_seed(job.seed)
-        logits, cache = prefill(chat, input_ids, self.plan.weights)
-        self.append(logits)
-        return cache
+        if plan is not None:
+            self.plan = plan
+        elif chat.asks_router(job.route):
+            self.routing = chat.router_pass(self.input_ids)
+        else:
+            self.plan = chat.plan_route(job.route, job.messages)
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens still to go through the model: the router's read and the prefill."""
+        return (self.routing.remaining if self.routing is not None else 0) + self.prompt_tokens - self.prefilled
+
+    def advance(self, budget: int | None = None) -> int:
+        """Up to `budget` tokens of the prompt's work (all of it: None), the router's read first; the
+        tokens done. Once the whole prompt is in the cache, its first token is sampled."""
+        spent = 0
+        if self.routing is not None:
+            spent = self.routing.advance(budget)
+            if self.routing.remaining:
+                return spent
+            job = self.job
+            self.plan = self.chat.plan_route(job.route, job.messages, self.routing.probabilities())
+            self.route_seconds, self.routing = self.routing.seconds, None
+            if budget is not None and budget <= spent:
+                return spent
+        end = self.prompt_tokens if budget is None else min(self.prompt_tokens, self.prefilled + budget - spent)
+        logits, self.cache = prefill(self.chat, self.input_ids, self.plan.weights, self.cache, self.prefilled, end)
+        spent, self.prefilled = spent + end - self.prefilled, end
+        if end == self.prompt_tokens:
+            self.input_ids = None
+            self.append(logits)
+        return spent
 
     def append(self, logits: torch.Tensor) -> bool:
         """Sample the next token from its logits; True when the answer has ended."""
@@ -131,14 +164,18 @@ def batchable(cache) -> bool:
 
 
 @torch.no_grad()
-def prefill(chat: ChatModel, input_ids: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, DynamicCache]:
-    """One prompt alone through the model with its route: its last logits and its KV cache."""
-    input_ids = input_ids.to(chat.device)
+def prefill(chat: ChatModel, input_ids: torch.Tensor, weights: dict[str, float], cache: DynamicCache | None = None,
+            start: int = 0, end: int | None = None) -> tuple[torch.Tensor, DynamicCache]:
+    """A prompt's tokens [start, end) (all of them by default) through the model with its route, after
+    the `start` tokens already in `cache`: the last logits and the KV cache."""
+    end = input_ids.shape[1] if end is None else end
+    part = input_ids[:, start:end].to(chat.device)
     with chat.mounted(weights):
         # logits of the last position only, as generate() asks: the LM head over the whole prompt
         # would cost a fifth of the prefill
-        out = chat.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         cache=DynamicCache(config=chat.model.config), use_cache=True, logits_to_keep=1)
+        out = chat.model(input_ids=part, attention_mask=torch.ones(1, end, dtype=torch.long, device=chat.device),
+                         cache=cache if cache is not None else DynamicCache(config=chat.model.config),
+                         use_cache=True, logits_to_keep=1)
     return out.logits[0, -1], out.cache
 
 
@@ -161,7 +198,9 @@ class DecodeBatch:
     def room(self) -> int:
         return self.capacity - len(self.rows)
 
-    def join(self, row: Decoding, cache: DynamicCache) -> None:
+    def join(self, row: Decoding) -> None:
+        """A row whose prompt is prefilled joins, with its cache (the batch holds it from now on)."""
+        cache, row.cache = row.cache, None
         length = cache.get_seq_length()
         mask = torch.ones(1, length, dtype=torch.long, device=self.chat.device)
         if self.cache is None:
@@ -220,10 +259,11 @@ def generate(chat: ChatModel, job: ChatJob, weights: dict[str, float] | None = N
     """One answer decoded alone with these per-domain stack weights ({} or None: the base alone),
     through the chat engine's own prefill, steps, sampling and stopping rule: a batch of one."""
     row = Decoding(chat, job)
-    cache = row.start(RoutePlan(dict(weights or {}), {}, "weights given by the caller"))
+    row.start(RoutePlan(dict(weights or {}), {}, "weights given by the caller"))
+    row.advance()
     if row.finish_reason is None:
         batch = DecodeBatch(chat, 1)
-        batch.join(row, cache)
+        batch.join(row)
         while not row.append(batch.step()[0]):
             pass
     return row.result()

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from server.artifacts import ArtifactError, own_memory
 from server.chat.moe_lora import Weights, stacked_projections, wrap_projections, wrapped_layers
 from server.chat.nf4 import disable_cpu_weight_packing, nf4_config
-from server.chat.router import MetaRouter, RoutePlan, load_router_for, plan_route
+from server.chat.router import MetaRouter, RoutePlan, RouterPass, load_router_for, plan_route
 from server.chat.stacks import DomainStacks, ServedStacks, load_domain_stacks
 from server.manifest import ArtifactResolver, ChatBase, ChatSection
 
@@ -61,18 +61,28 @@ class ChatModel:
         """Tokens of prompt plus answer the model was trained to attend over."""
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 
-    def plan_route(self, route, messages: list[dict[str, str]]) -> RoutePlan:
-        """The weights a request's route applies (the meta-router asked for "auto"), and why."""
-        asks_router = route == "auto" and self.router is not None and bool(self.domains)
-        probabilities = self.router_probabilities(messages) if asks_router else None
+    def asks_router(self, route) -> bool:
+        """Whether this route needs the meta-router's read of the prompt."""
+        return route == "auto" and self.router is not None and bool(self.domains)
+
+    def plan_route(self, route, messages: list[dict[str, str]], probabilities: dict[str, float] | None = None
+                   ) -> RoutePlan:
+        """The weights a request's route applies, and why (for "auto": the meta-router's
+        `probabilities` for this prompt, read now unless given)."""
+        if probabilities is None and self.asks_router(route):
+            probabilities = self.router_probabilities(messages)
         counts = {domain: stacks.count for domain, stacks in self.stacks.items()}
         return plan_route(route, self.domains, counts, self.router, probabilities)
 
+    def router_pass(self, input_ids: torch.Tensor) -> RouterPass:
+        """The meta-router's read of a prompt, to run in parts (`RouterPass.advance`)."""
+        return RouterPass(self.router, self.model, input_ids.to(self.device))
+
     def router_probabilities(self, messages: list[dict[str, str]]) -> dict[str, float]:
         """The meta-router's sigmoid per domain, from the frozen base's hidden states (stacks off)."""
-        input_ids = self.encode(messages).to(self.device)
-        probabilities = self.router.probabilities(self.model, input_ids, torch.ones_like(input_ids))[0]
-        return dict(zip(self.router.config.domains, probabilities.tolist()))
+        reading = self.router_pass(self.encode(messages))
+        reading.advance()
+        return reading.probabilities()
 
     @property
     def served_stacks(self) -> ServedStacks:

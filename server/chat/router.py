@@ -15,12 +15,15 @@ bottom. Its training (outcome discovery, BCE) is training/brainstacks/router_tra
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
+from transformers import DynamicCache
+
 from server.artifacts import ArtifactError, load_with_config, save_with_config
 from server.chat.moe_lora import routed
 
@@ -120,6 +123,49 @@ class MetaRouter(nn.Module):
         weights = {d: 1.0 if c.weighting == "gate" else round(p / top if c.weighting == "top" else p, 6)
                    for d, p in applied.items()}
         return weights, gated
+
+
+class RouterPass:
+    """The meta-router's read of one prompt, in parts that the chat engine interleaves with other
+    requests' decode steps: the frozen base (stacks off) over the prompt chunk by chunk with a KV
+    cache, the router's mixed hidden states kept, the probabilities once every token is read. The
+    same numbers as one pass over the whole prompt, up to float rounding (the same bits in one part)."""
+
+    def __init__(self, router: MetaRouter, model: nn.Module, input_ids: torch.Tensor):
+        self.router, self.model, self.input_ids = router, model, input_ids
+        self.read = 0
+        self.seconds = 0.0  # the passes' own time
+        self._cache = None
+        self._states: list[torch.Tensor] = []
+
+    @property
+    def remaining(self) -> int:
+        return self.input_ids.shape[1] - self.read
+
+    @torch.no_grad()
+    def advance(self, budget: int | None = None) -> int:
+        """Read up to `budget` more tokens (the rest: None); the tokens read."""
+        started = time.perf_counter()
+        end = self.input_ids.shape[1] if budget is None else min(self.input_ids.shape[1], self.read + budget)
+        ids = self.input_ids[:, self.read:end]
+        mask = torch.ones(1, end, dtype=torch.long, device=ids.device)
+        with routed(self.model, {}):  # the decoder alone: the LM head's logits would be a fifth of the cost, unused
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=True,
+                                        cache=self._cache or DynamicCache(config=self.model.config))
+        self._cache = out.cache
+        self._states.append(self.router.features(out.hidden_states))
+        done, self.read = end - self.read, end
+        if not self.remaining:
+            self._cache = None  # the router has what it reads: the base's cache goes
+        self.seconds += time.perf_counter() - started
+        return done
+
+    @torch.no_grad()
+    def probabilities(self) -> dict[str, float]:
+        states = torch.cat(self._states, dim=1)
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        values = torch.sigmoid(self.router(states, mask))[0]
+        return dict(zip(self.router.config.domains, values.tolist()))
 
 
 def save_router(path, router: MetaRouter, extra: dict | None = None) -> None:

@@ -115,12 +115,15 @@ def render(chat: ChatModel, messages: list[dict[str, str]], param: str) -> torch
 
 
 def fit_to_context(chat: ChatModel, prompt_tokens: int, req: ChatRequest, settings: Settings) -> int:
-    """max_tokens within what the model's context leaves after the prompt: an explicit value that
-    does not fit is refused, the default is cut to fit."""
+    """The prompt within the operator's bound in tokens, and max_tokens within what the model's
+    context leaves after it: an explicit value that does not fit is refused, the default is cut to fit."""
+    param = "prompt" if req.prompt is not None else "messages"
+    if prompt_tokens > settings.max_prompt_tokens:
+        raise ApiError(422, f"{param}: the prompt is {prompt_tokens} tokens as {chat.name!r} reads it; at most "
+                            f"{settings.max_prompt_tokens}", param)
     context = chat.context_length
     room = context - prompt_tokens
     if room < 1:
-        param = "prompt" if req.prompt is not None else "messages"
         raise ApiError(422, f"{param}: the prompt is {prompt_tokens} tokens; {chat.name!r} has a context of "
                             f"{context} tokens, prompt and answer together", param)
     if req.max_tokens is None:
