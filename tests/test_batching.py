@@ -219,7 +219,7 @@ def test_min_tokens_holds_off_the_end_of_turn_as_transformers_min_new_tokens_doe
 
 
 def test_a_stream_closed_early_takes_its_row_out_of_the_batch(manifest_path, tmp_path):
-    from server.chat.batching import stream_listener
+    from server.chat.streamed import stream_listener
 
     chat = chat_with_stacks(manifest_path, tmp_path, "none")
     chat.model.generation_config.eos_token_id = None  # no end of turn: only the closed stream ends it

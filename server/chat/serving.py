@@ -16,7 +16,8 @@ from typing import AsyncIterator, Awaitable, Callable
 import torch
 from jinja2 import TemplateError
 
-from server.chat.batching import ChatEngine, ClientGone, DeadlineExceeded, stream_listener
+from server.chat.batching import ChatEngine, ClientGone, DeadlineExceeded
+from server.chat.streamed import stream_listener
 from server.chat.decoding import ChatJob, ChatResult
 from server.chat.model import ChatModel
 from server.errors import ApiError
