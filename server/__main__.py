@@ -4,7 +4,9 @@ zoo in a background process meanwhile (each artifact is hot-loaded as it lands).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import signal
 import subprocess
 import sys
 
@@ -28,6 +30,16 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_with_parent() -> None:
+    """In the build's process, before it runs: SIGTERM it when the server's process ends, however it
+    ends (uvicorn re-raises the SIGTERM it drained on, which ends the server before any `finally`).
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere the `finally` below is what stops the build."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
     args = parser().parse_args()
     settings = Settings(_env_file=args.env_file)
@@ -36,7 +48,7 @@ def main() -> None:
     build = None
     if args.build_zoo:
         # a process of its own: training never runs inside the server (which never imports it)
-        build = subprocess.Popen([sys.executable, "-m", "training", "zoo", "all"])
+        build = subprocess.Popen([sys.executable, "-m", "training", "zoo", "all"], preexec_fn=stop_with_parent)
         log.info("building the missing embedded zoo in the background (pid %d); progress in /v1/models", build.pid)
     try:
         uvicorn.Server(uvicorn_config(create_app(settings), settings, args.host, args.port, log_level="info")).run()

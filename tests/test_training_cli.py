@@ -90,3 +90,48 @@ def test_zoo_all_records_each_step_and_resumes_after_an_interruption(tmp_path, m
     state = build.build_zoo(manifests)  # the real steps skip what is built; these count their calls
     assert state["state"] == "done" and ran == ["placeholders", "image models", "chat zoo"] * 2
     assert all(s["seconds"] is not None for s in state["steps"])
+
+
+def test_a_sigterm_to_the_server_stops_its_background_build(tmp_path):
+    """`python -m server --build-zoo` builds in a process of its own; the server ending, however it
+    ends (here a SIGTERM, as `docker stop` sends), ends the build too (uvicorn re-raises the signal
+    after its drain, so no `finally` of the server's runs)."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"LOOPSTACK_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "LOOPSTACK_WATCH": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--build-zoo"], env=env,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        build = None
+        for line in server.stderr:
+            if match := re.search(r"in the background \(pid (\d+)\)", line):
+                build = int(match[1])
+                break
+        assert build is not None
+        time.sleep(2)  # the build is under way
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+    def running(pid: int) -> bool:
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while running(build) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not running(build)
