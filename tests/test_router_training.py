@@ -15,7 +15,7 @@ from tests.conftest import built
 from training.brainstacks.continual import load_base
 from training.brainstacks.router_training import greedy_selection
 from training.brainstacks.stacks import add_stack, freeze
-from training.data.world import examples, held_out
+from training.data.world import examples, held_out, kinds_of
 
 
 def test_greedy_selection_follows_the_outcome_rule():
@@ -114,12 +114,16 @@ def test_general_prompts_teach_the_router_to_leave_the_base_alone(manifest_path,
     # the outcome every math answer discovered: its own domain (the stacks are not what this tests)
     monkeypatch.setattr(router_training, "discovered_routes", lambda m, t, items, *a, **k: [("math",)] * len(items))
     config = chat.model.config
-    math_validation, general_validation = held_out("math", "val", 3), held_out("general", "val", 8)
+    # the kinds this test was written on: two-step arithmetic and the everyday family
+    math_kinds = [k for k in kinds_of("math") if k.name in ("add-subtract", "multiply-add")]
+    everyday = kinds_of("general")[:1]
+    math_validation = held_out("math", "val", 3, kinds=math_kinds)
+    general_validation = held_out("general", "val", 8, kinds=everyday)
     validation = math_validation + general_validation
     router, report = train_router(
-        chat.model, chat.tokenizer, examples("math", "train", 24), domains,
+        chat.model, chat.tokenizer, examples("math", "train", 24, kinds=math_kinds), domains,
         RouterTraining(epochs=40, batch_size=8, lr=1e-2), middle_layer=1, hidden_size=config.hidden_size,
-        general=examples("general", "train", 24), validation=validation)
+        general=examples("general", "train", 24, kinds=everyday), validation=validation)
     assert report["general_prompts"] == 24 and router.config.floor_domain is None
     # the gate threshold: the best-scoring candidate on the validation prompts (ties: the lowest)
     table = report["gate_threshold_validation"]
@@ -139,8 +143,8 @@ def test_general_prompts_teach_the_router_to_leave_the_base_alone(manifest_path,
         ids = [chat.encode(e.messages()) for e in items]
         return [router.probabilities(chat.model, i, torch.ones_like(i))[0, 1].item() for i in ids]
 
-    held_out_general = math_probability(held_out("general", "test", 8))
-    held_out_math = math_probability(held_out("math", "test", 4))
+    held_out_general = math_probability(held_out("general", "test", 8, kinds=everyday))
+    held_out_math = math_probability(held_out("math", "test", 4, kinds=math_kinds))
     assert max(held_out_general) < min(held_out_math)  # on phrasings neither set was trained on
 
 
@@ -158,18 +162,20 @@ def test_labelled_examples_teach_their_own_domain_without_discovery(manifest_pat
     monkeypatch.setattr(router_training, "discovered_routes", nothing_discovered)
     config = chat.model.config
 
+    math_kinds = [k for k in kinds_of("math") if k.name in ("add-subtract", "multiply-add")]  # as written
+
     def math_probability(labelled):
         torch.manual_seed(0)
         router, report = train_router(
-            chat.model, chat.tokenizer, examples("math", "train", 8), ("chat", "math"),
+            chat.model, chat.tokenizer, examples("math", "train", 8, kinds=math_kinds), ("chat", "math"),
             RouterTraining(epochs=40, batch_size=8, lr=1e-2), middle_layer=1, hidden_size=config.hidden_size,
-            general=examples("general", "train", 24), labelled=labelled)
+            general=examples("general", "train", 24, kinds=kinds_of("general")[:1]), labelled=labelled)
         assert report["labelled_prompts"] == len(labelled)
-        ids = [chat.encode(e.messages()) for e in held_out("math", "test", 4)]
+        ids = [chat.encode(e.messages()) for e in held_out("math", "test", 4, kinds=math_kinds)]
         return min(router.probabilities(chat.model, i, torch.ones_like(i))[0, 1].item() for i in ids)
 
     # discovered targets alone put math at 0.2 (the label's share); labelled math prompts at 1
-    assert math_probability([]) < 0.5 < math_probability(examples("math", "train", 24, seed=3))
+    assert math_probability([]) < 0.5 < math_probability(examples("math", "train", 24, seed=3, kinds=math_kinds))
     assert calls == [8, 8]
 
 

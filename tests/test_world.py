@@ -1,12 +1,14 @@
-"""The generated multi-domain world: seeded, held out by phrasing, every final answer checkable."""
+"""The generated multi-domain world: seeded, held out by phrasing and by form, every final answer
+checkable, every answer as many steps as its question asks."""
 
+import re
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 
 from training.data.world import (CROSS_KINDS, DOMAINS, KINDS, PROBE_PHRASINGS, examples, final_answer, general_corpus,
-                                 held_out, kinds_of, probe_prompts)
+                                 held_out, held_out_forms, kinds_of, probe_prompts)
 
 
 def test_every_domain_and_the_cross_set_have_checkable_final_answers():
@@ -37,7 +39,7 @@ def test_more_training_phrasings_leave_the_held_out_prompts_unchanged():
     # Regression guard: the world grows by training phrasings inserted before the held-out ones, and
     # evaluations stay comparable only if validation and test prompts are then the same, prompt for prompt.
     for domain in DOMAINS:
-        grown = [replace(k, phrasings=(*k.phrasings[:-3], f"New phrasing {i}.", *k.phrasings[-3:]))
+        grown = [k if k.held_out_form else replace(k, phrasings=(*k.phrasings[:-3], f"New phrasing {i}.", *k.phrasings[-3:]))
                  for i, k in enumerate(KINDS[domain])]
         for split in ("val", "test"):
             asked = [(e.kind, e.prompt, e.answer) for e in held_out(domain, split, 20, kinds=grown)]
@@ -125,3 +127,61 @@ def test_wilson_interval_brackets_the_proportion_and_narrows_with_n():
     assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
     assert (wilson_interval(300, 600)[1] - wilson_interval(300, 600)[0]) < (hi - lo) / 2
     assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)  # the textbook value
+
+
+def test_every_domain_holds_one_form_out_of_training_whole():
+    for domain in DOMAINS:
+        unseen = held_out_forms(domain)
+        assert len(unseen) == 1, (domain, unseen)
+        # no gradient and no choice made on validation (best step, gate, router) sees the form
+        assert not {e.kind for e in examples(domain, "train", 3000)} & unseen
+        assert not {e.kind for e in examples(domain, "val", 300)} & unseen
+        asked = {e.kind for e in held_out(domain, "test", 5)}
+        assert unseen <= asked and len(asked) == len(kinds_of(domain))
+    assert held_out_forms("math") == {"subtract-add"} and held_out_forms("reasoning") == {"height-mixed"}
+
+
+def test_answers_have_the_steps_the_question_asks_and_no_more():
+    """Regression guard: one operation is one step (the math stack once added a second one to every
+    answer), a chain one step per operation; a comparison stated the other way round is restated."""
+    from training.eval.brainstacks import steps_of
+
+    expected = {"add": 1, "subtract": 1, "multiply": 1, "in-words": 2, "add-subtract": 2, "multiply-add": 2,
+                "add-subtract-add": 3, "subtract-add": 2}
+    for e in held_out("math", "test", 20):
+        assert steps_of(e.answer) == expected[e.kind], e
+        assert e.answer.count(" = ") >= expected[e.kind]
+    for e in held_out("reasoning", "test", 20):
+        if e.kind in ("height-shorter", "height-mixed"):
+            assert ", so " in e.answer and "taller than" in e.answer
+        if e.kind == "height-pair":
+            assert steps_of(e.answer) == 2 and f"The question asks who is " in e.answer
+
+
+def test_column_arithmetic_and_numbers_in_words_are_right():
+    import random
+
+    from training.data.world_math import column_add, column_multiply, column_subtract, in_words
+
+    rng = random.Random(0)
+    for _ in range(300):
+        x, y, c = rng.randint(10, 99), rng.randint(2, 99), rng.randint(2, 9)
+        assert column_add(x, y).endswith(f"so {x} + {y} = {x + y}.")
+        if y < x:
+            worked = column_subtract(x, y)
+            assert worked.endswith(f"so {x} - {y} = {x - y}.")
+            for left, right, result in re.findall(r"(\d+) - (\d+) = (-?\d+)", worked):  # every column step is right
+                assert int(left) - int(right) == int(result), worked
+        assert column_multiply(c, x).endswith(f"so {c} * {x} = {c * x}.")
+    assert [in_words(n) for n in (7, 13, 20, 23, 99)] == ["seven", "thirteen", "twenty", "twenty-three", "ninety-nine"]
+    assert column_subtract(45, 38) == "5 - 8 needs a borrow: 15 - 8 = 7; 3 - 3 = 0; so 45 - 38 = 7."
+    assert column_subtract(84, 8) == "4 - 8 needs a borrow: 14 - 8 = 6, and 8 - 1 = 7; so 84 - 8 = 76."
+
+
+def test_everyday_prompts_come_in_families_held_out_by_phrasing():
+    families = {k.name for k in kinds_of("general")}
+    assert {"everyday", "greetings", "health-talk", "numbers-talk", "words-talk", "tech-talk"} <= families
+    train = {(e.kind, e.phrasing) for e in examples("general", "train", 3000)}
+    test = {(e.kind, e.phrasing) for e in held_out("general", "test", 30)}
+    assert not train & test and {kind for kind, _ in test} == families
+    assert all(e.answer == "" and e.final == "" for e in held_out("general", "test", 5))

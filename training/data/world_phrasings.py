@@ -4,14 +4,20 @@ router alone."""
 
 from __future__ import annotations
 
+from training.data.world_math import _program_sum, _weight_dose, math_kinds
 from training.data.world_tasks import (
-    TaskKind, _add_subtract, _capitals, _diagnosis, _dose, _general, _height_chain, _length, _multiply_add, _program,
-    _program_sum, _repeat, _reverse, _slice, _sort, _syllogism, _tallest_in_capitals, _treatment, _weight_dose,
+    TaskKind, _capitals, _capitals_phrase, _diagnosis, _dose, _dose_for_condition, _height_chain, _height_mixed,
+    _height_pair, _height_shorter, _length, _length_words, _program, _repeat, _reverse, _slice, _sort, _syllogism,
+    _tallest_in_capitals, _treatment,
 )
+
+HELD_OUT_FORM = {"held_out_form": True}  # never trained on nor validated on: every phrasing a test phrasing
 
 
 def _kinds(domain: str, table: dict) -> list[TaskKind]:
-    return [TaskKind(domain, name, tuple(phrasings), draw) for name, (draw, phrasings) in table.items()]
+    """A domain's kinds from {name: (draw, phrasings[, options])}; options: HELD_OUT_FORM."""
+    return [TaskKind(domain, name, tuple(spec[1]), spec[0], **(spec[2] if len(spec) > 2 else {}))
+            for name, spec in table.items()]
 
 
 KINDS: dict[str, list[TaskKind]] = {
@@ -69,6 +75,11 @@ KINDS: dict[str, list[TaskKind]] = {
             "Could you flip the order of {words}?",
             "Give the words {words} in the opposite order.",
             "Say these words last to first: {words}.", "What are these words in reverse order? {words}"]),
+        # a form held out of training as a whole: two words (training writes one)
+        "capitals-phrase": (_capitals_phrase, [
+            "Write '{phrase}' in capital letters.", "Give me '{phrase}' in all caps.", "Put '{phrase}' into capitals.",
+            "What is '{phrase}' in uppercase?", "Convert '{phrase}' to upper case.",
+            "How do you write '{phrase}' in capital letters?"], HELD_OUT_FORM),
     }),
     "code": _kinds("code", {
         "program": (_program, [
@@ -106,39 +117,13 @@ KINDS: dict[str, list[TaskKind]] = {
             "Slice '{word}'[:{a}]: what string results?", "What substring is '{word}'[:{a}]?",
             "Tell me the value of '{word}'[:{a}].",
             "What is printed by print('{word}'[:{a}])?", "What do you get from '{word}'[:{a}] in Python?"]),
+        # a form held out of training as a whole: a list of strings (training counts numbers)
+        "length-words": (_length_words, [
+            "What does len({items}) return in Python?", "In Python, what is len({items})?",
+            "How many items does the Python list {items} have?", "Evaluate len({items}) in Python.",
+            "If x = {items}, what is len(x)?", "What is the length of the list {items} in Python?"], HELD_OUT_FORM),
     }),
-    "math": _kinds("math", {
-        "add-subtract": (_add_subtract, [
-            "Compute {a} + {b} - {c}.", "What is {a} plus {b} minus {c}?", "Add {a} and {b}, then subtract {c}.",
-            "Calculate {a} + {b} - {c}.", "{a} + {b} - {c} = ?", "Work out {a} + {b} - {c}.",
-            "A jar holds {a} marbles. {b} are added and {c} are taken out. How many marbles are in the jar?",
-            "Find the value of {a} + {b} - {c}.",
-            "Solve {a} + {b} - {c}.", "Evaluate {a} + {b} - {c}.", "{a} plus {b} minus {c} is what?",
-            "Take {a}, add {b} and subtract {c}.",
-            "A shelf has {a} books. {b} more are put on it and {c} are removed. How many books are on the shelf?",
-            "Tom had {a} stickers, got {b} more and gave away {c}. How many stickers does he have now?",
-            "What is the result of {a} + {b} - {c}?", "Sum {a} and {b}, then take {c} away.",
-            "What is {a} + {b} - {c} equal to?", "How many is {a} plus {b} take away {c}?",
-            "Can you work out {a} + {b} - {c}?",
-            "Start at {a}, add {b}, then take away {c}. What do you get?",
-            "What do you get from {a} + {b} - {c}?",
-            "I have {a} apples, buy {b} more and eat {c}. How many apples are left?"]),
-        "multiply-add": (_multiply_add, [
-            "Compute {c} * {b} + {a}.", "What is {c} times {b} plus {a}?", "Multiply {c} by {b}, then add {a}.",
-            "Calculate {c} * {b} + {a}.", "{c} * {b} + {a} = ?", "Work out {c} times {b}, plus {a}.",
-            "{c} bags hold {b} apples each, and there are {a} more apples. How many apples are there in all?",
-            "Find the value of {c} * {b} + {a}.",
-            "Solve {c} * {b} + {a}.", "{c} times {b} plus {a} is what?", "Take {c} times {b}, then add {a}.",
-            "A farmer has {c} rows of {b} plants and {a} more plants. How many plants are there?",
-            "{c} packs of {b} cards plus {a} single cards: how many cards is that?",
-            "What is the result of {c} * {b} + {a}?", "Find {c} multiplied by {b}, plus {a}.",
-            "A school has {c} classes of {b} pupils and {a} teachers. How many people are there?",
-            "What is {c} * {b} + {a} equal to?", "How many is {c} times {b} and then {a} more?",
-            "Can you work out {c} * {b} + {a}?",
-            "Evaluate {c} * {b} + {a}.",
-            "What do you get from {c} * {b} + {a}?",
-            "There are {c} boxes of {b} pens and {a} loose pens. How many pens are there in total?"]),
-    }),
+    "math": math_kinds(),
     "medical": _kinds("medical", {
         "diagnosis": (_diagnosis, [
             "{patient} has {first} and {second}. What is the likely condition?",
@@ -181,6 +166,14 @@ KINDS: dict[str, list[TaskKind]] = {
             "What is the correct dose of {drug}?",
             "At what dose is {drug} prescribed?",
             "What is the usual dose for {drug}?", "{patient} needs {drug}. How much per kg?"]),
+        # a form held out of training as a whole: two lookups in a row
+        "dose-for-condition": (_dose_for_condition, [
+            "{patient} has {condition}. What is the dose of the drug that treats it?",
+            "What dose of the drug for {condition} is given?",
+            "How much of the medicine for {condition} is given per kg of body weight?",
+            "{patient} has {condition}. How many mg per kg of its drug should be given?",
+            "Which dose is used for the drug that treats {condition}?",
+            "What is the dose of the treatment for {condition}?"], HELD_OUT_FORM),
     }),
     "reasoning": _kinds("reasoning", {
         "height-chain": (_height_chain, [
@@ -225,6 +218,42 @@ KINDS: dict[str, list[TaskKind]] = {
             "Given: all {many} are {group}. {premise} Can we say {a} is one of the {group}?",
             "Every {one} is one of the {group}. {premise} Answer yes or unknown: is {a} one of the {group}?",
             "Premise one: all {many} are {group}. Premise two: {premise} Is {a} one of the {group}?"]),
+        "height-shorter": (_height_shorter, [
+            "{c} is shorter than {b}. {b} is shorter than {a}. Who is the {question}?",
+            "{c} is shorter than {b}, and {b} is shorter than {a}. Who is {question}?",
+            "If {c} is shorter than {b} and {b} is shorter than {a}, who is the {question}?",
+            "Three friends: {c} is shorter than {b}; {b} is shorter than {a}. Which one is the {question}?",
+            "Given that {c} is shorter than {b} and {b} is shorter than {a}, name the {question}.",
+            "Height puzzle: {c} is shorter than {b}, {b} is shorter than {a}. Who is {question}?",
+            "{c} is shorter than {b}. Also, {b} is shorter than {a}. Who is the {question} of the three?",
+            "Who is the {question}, if {c} is shorter than {b} and {b} is shorter than {a}?",
+            "We measured the kids at the party: {c} came out shorter than {b}, and {b} shorter than {a}. "
+            "Which of them is the {question}?",
+            "Tell me the {question}: {c} is shorter than {b} and {b} is shorter than {a}.",
+            # held out
+            "Of {a}, {b} and {c}: {c} is shorter than {b}, {b} is shorter than {a}. Who is the {question}?",
+            "It is known that {c} is shorter than {b} and that {b} is shorter than {a}. Who is {question}?",
+            "Which person is the {question} if {c} is shorter than {b} and {b} is shorter than {a}?"]),
+        "height-pair": (_height_pair, [
+            "{first} is {relation} {second}. Who is {question}?", "If {first} is {relation} {second}, who is {question}?",
+            "{first} is {relation} {second}. Which of the two is {question}?",
+            "Given that {first} is {relation} {second}, name the {question} one.",
+            "Who is {question}: {first} is {relation} {second}?", "{first} is {relation} {second}. Who's {question}?",
+            "Two friends stood back to back and {first} turned out {relation} {second}. So who is {question}?",
+            "Tell me who is {question}, if {first} is {relation} {second}.",
+            "We know {first} is {relation} {second}. Which one is {question}?",
+            # held out
+            "Between {first} and {second}, {first} is {relation} {second}. Who is {question}?",
+            "Since {first} is {relation} {second}, which of them is {question}?",
+            "{first} is {relation} {second}: which is the {question} of the pair?"]),
+        # a form held out of training as a whole: a chain stated one fact each way
+        "height-mixed": (_height_mixed, [
+            "{a} is taller than {b}. {c} is shorter than {b}. Who is the {question}?",
+            "If {a} is taller than {b} and {c} is shorter than {b}, who is the {question}?",
+            "{a} is taller than {b}, and {c} is shorter than {b}. Who is {question}?",
+            "Given that {a} is taller than {b} and {c} is shorter than {b}, name the {question}.",
+            "Height puzzle: {a} is taller than {b}; {c} is shorter than {b}. Who is the {question}?",
+            "Who is the {question}, if {a} is taller than {b} and {c} is shorter than {b}?"], HELD_OUT_FORM),
     }),
 }
 
@@ -248,55 +277,3 @@ CROSS_KINDS = [
         "{a} is taller than {b}; {b} is taller than {c}. Write the tallest person's name in capital letters."),
         _tallest_in_capitals),
 ]
-
-
-GENERAL_KINDS = [TaskKind("general", "everyday", (
-    "Give me three tips for {activity}.", "What should I know before I start {activity}?",
-    "How can I get better at {activity}?", "Write a short poem about {thing}.",
-    "Write two sentences describing {thing}.", "Tell me an interesting fact about {thing}.",
-    "What is a good gift for {person} who likes {activity}?", "Why do people enjoy {activity}?",
-    "Describe {thing} to a child.", "Write a friendly message to {person} about {thing}.",
-    "What are the benefits of {activity}?", "Suggest a weekend plan that includes {activity}.",
-    "What is the hardest part of {activity}?", "Write a short paragraph about {thing}.",
-    "How much time should I spend on {activity} each week?", "Write a tweet about {thing}.",
-    "Describe {thing} in three words.", "Why do people find {thing} beautiful?",
-    "Write a birthday message to {person}.", "How do I convince {person} to try {activity}?",
-    "What is a common myth about {activity}?", "Write a short song about {thing}.",
-    "Plan a relaxing evening with {person}.", "Is {activity} expensive?", "How do I make {activity} more fun?",
-    "Write an invitation to {person} to join me for {activity}.", "What are some safety tips for {activity}?",
-    "Give me a quote about {thing}.",
-    # held out: the router never trains on these phrasings; its gate threshold is chosen on the
-    # first four (validation), the evaluation asks the last eight (test)
-    "What do I need to get started with {activity}?", "Write a limerick about {thing}.",
-    "Recommend a book or a film about {thing}.", "How do I stay motivated with {activity}?",
-    "What mistakes do beginners make when {activity}?", "Write a haiku about {thing}.",
-    "How would you explain {activity} to {person}?", "Write a short thank-you note to {person}.",
-    "What is the best time of year for {activity}?", "Tell me a short story about {thing}.",
-    "Is {activity} a good hobby for {person}?", "Give me a reason to try {activity} this week.",
-), _general, held_out=(8, 4))]
-
-
-# Wording unlike every phrasing above, for a check of the router alone (`probe_prompts`): never
-# trained on, never used to choose anything; two a task kind, four general.
-PROBE_PHRASINGS = {
-    "capitals": ("What does {word} become when every letter is made uppercase?", "I need {word} in uppercase letters for a sign."),
-    "sort": ("In what order do {words} go alphabetically?", "I am filing {words}. Give them in alphabetical order."),
-    "repeat": ("I want the word {word} {n} times, commas between each one.",
-               "Could I get {word} {n} times, each followed by a comma except the last?"),
-    "reverse": ("Tell me {words} with the order of the words flipped.", "Which order do the words {words} have when reversed?"),
-    "program": ("What does Python show for this?\n{program}", "I ran this:\n{program}\nWhat did it print?"),
-    "length": ("How many elements does Python count in {items}?", "I have the list {items}. What does len give?"),
-    "slice": ("Which string comes out of '{word}'[:{a}]?", "I sliced '{word}' with [:{a}]. What is left?"),
-    "add-subtract": ("How much is {a} + {b} - {c}?", "I start with {a}, gain {b} and lose {c}. Where do I end up?"),
-    "multiply-add": ("How much is {c} * {b} + {a}?",
-                     "I buy {c} crates of {b} eggs and have {a} eggs already. How many eggs do I have?"),
-    "diagnosis": ("How would you diagnose {first} with {second}?", "I have {first} and {second}. What could it be?"),
-    "treatment": ("Tell me which drug is for {condition}.", "I was told I have {condition}. What medicine do I take?"),
-    "dose": ("Tell me how many mg per kg of {drug} are given.", "I need to know the dose of {drug}."),
-    "height-chain": ("Tell me who is {question}: {a} is taller than {b} and {b} is taller than {c}.",
-                     "How can you tell who is {question} when {a} is taller than {b} and {b} is taller than {c}?"),
-    "syllogism": ("Every {one} is one of the {group}, they say. {premise} So is {a} one of the {group}?",
-                  "How can we tell whether {a} is one of the {group}? Every {one} is one of the {group}. {premise}"),
-    "everyday": ("Can you describe {thing} in a sentence?", "What should {person} bring for {activity}?",
-                 "Give me a motivational line about {activity}.", "How do I explain {thing} to {person}?"),
-}

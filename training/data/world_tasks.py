@@ -1,6 +1,7 @@
 """The generated world's tasks: its fixed facts, the task kinds' drawing of slots, worked steps and
-final answers (per domain, the cross-domain set and general prompts), and the prose zoo-lm is
-pretrained on. The wordings of each kind are world_phrasings.py; drawing examples is world.py."""
+final answers (chat, code, medical and reasoning; the arithmetic is world_math.py), and the prose
+zoo-lm is pretrained on. The wordings of each kind are world_phrasings.py (everyday prompts:
+world_everyday.py); drawing examples is world.py."""
 
 from __future__ import annotations
 
@@ -74,12 +75,16 @@ class TaskKind:
     phrasings: tuple[str, ...]  # str.format templates over the slots `draw` returns
     draw: Callable[[random.Random], tuple[dict, list[str], str]]  # slots, worked steps, final answer
     held_out: tuple[int, int] = (HELD_OUT["test"], HELD_OUT["val"])  # phrasings kept for test, for val
+    # a form held out as a whole: asked in test only, so no gradient and no choice made on
+    # validation (best step, gate threshold, router) has seen it
+    held_out_form: bool = False
 
     def phrasings_of(self, split: str) -> range:
         test, val = self.held_out
         n = len(self.phrasings)
-        return {"train": range(0, n - test - val), "val": range(n - test - val, n - test),
-                "test": range(n - test, n)}[split]
+        if self.held_out_form:
+            return range(n) if split == "test" else range(0)
+        return {"train": range(0, n - test - val), "val": range(n - test - val, n - test), "test": range(n - test, n)}[split]
 
     def example(self, rng: random.Random, split: str) -> Example:
         slots, steps, final = self.draw(rng)
@@ -146,60 +151,6 @@ def _slice(rng):
                                     f"Together: {final}."], final
 
 
-# Worked steps of the arithmetic: whole results ("37 + 25 = 62.") or column arithmetic, one digit
-# at a time ("7 + 5 = 12, write 2 carry 1; 3 + 2 + 1 = 6; so 37 + 25 = 62."), which a small model
-# can carry out step by step. docs/brainstacks.md measures both on SmolLM2.
-def column_add(x: int, y: int) -> str:
-    xs, ys = str(x)[::-1], str(y)[::-1]
-    steps, carry = [], 0
-    for i in range(max(len(xs), len(ys))):
-        a, b = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
-        total = a + b + carry
-        term = f"{a} + {b}" + (f" + {carry}" if carry else "")
-        steps.append(f"{term} = {total}" + (f", write {total % 10} carry 1" if total >= 10 else ""))
-        carry = total // 10
-    return "; ".join(steps) + f"; so {x} + {y} = {x + y}."
-
-
-def column_subtract(x: int, y: int) -> str:
-    """x - y for a one-digit y."""
-    units, tens = x % 10, x // 10
-    if units >= y:
-        return f"{units} - {y} = {units - y}; so {x} - {y} = {x - y}."
-    return (f"{units} - {y} needs a borrow: {units + 10} - {y} = {units + 10 - y}, and {tens} - 1 = {tens - 1}; "
-            f"so {x} - {y} = {x - y}.")
-
-
-def column_multiply(c: int, b: int) -> str:
-    """c * b for a one-digit c and a two-digit b."""
-    units, tens = b % 10, b // 10
-    low = c * units
-    high = c * tens + low // 10
-    first = f"{c} * {units} = {low}" + (f", write {low % 10} carry {low // 10}" if low >= 10 else "")
-    second = f"{c} * {tens}" + (f" + {low // 10}" if low >= 10 else "") + f" = {high}"
-    return f"{first}; {second}; so {c} * {b} = {c * b}."
-
-
-MATH_STEPS = {
-    "whole": {"add": lambda x, y: f"{x} + {y} = {x + y}.", "subtract": lambda x, y: f"{x} - {y} = {x - y}.",
-              "multiply": lambda x, y: f"{x} * {y} = {x * y}."},
-    "column": {"add": column_add, "subtract": column_subtract, "multiply": column_multiply},
-}
-MATH_STYLE = "column"
-
-
-def _add_subtract(rng, style: str = MATH_STYLE):
-    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-    steps = MATH_STEPS[style]
-    return {"a": a, "b": b, "c": c}, [steps["add"](a, b), steps["subtract"](a + b, c)], str(a + b - c)
-
-
-def _multiply_add(rng, style: str = MATH_STYLE):
-    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-    steps = MATH_STEPS[style]
-    return {"a": a, "b": b, "c": c}, [steps["multiply"](c, b), steps["add"](c * b, a)], str(c * b + a)
-
-
 def _diagnosis(rng):
     condition, symptoms, _, _ = rng.choice(MEDICAL_TABLE)
     first, second = rng.sample(symptoms, 2)
@@ -239,25 +190,65 @@ def _syllogism(rng):
     return {"a": a, "one": one, "many": many, "group": group, "premise": premise}, [why], "yes" if holds else "unknown"
 
 
+def _order_steps(a: str, b: str, c: str, question: str) -> list[str]:
+    """The tallest and shortest of a chain a > b > c, then the end the question asks for."""
+    asked = {"tallest": a, "shortest": c}[question]
+    return [f"So the tallest is {a} and the shortest is {c}.", f"The question asks for the {question}: {asked}."]
+
+
+def _height_shorter(rng):
+    """The chain stated with "shorter than": each fact restated the taller way first."""
+    a, b, c = rng.sample(PEOPLE, 3)
+    question = rng.choice(["tallest", "shortest"])
+    steps = [f"{c} is shorter than {b}, so {b} is taller than {c}.", f"{b} is shorter than {a}, so {a} is taller than {b}."]
+    return {"a": a, "b": b, "c": c, "question": question}, steps + _order_steps(a, b, c, question), \
+        {"tallest": a, "shortest": c}[question]
+
+
+def _height_pair(rng):
+    """One comparison, either way round, either end asked: one step, then the answer."""
+    a, b = rng.sample(PEOPLE, 2)
+    taller_stated = rng.random() < 0.5
+    question = rng.choice(["taller", "shorter"])
+    fact = f"{a} is taller than {b}." if taller_stated else f"{b} is shorter than {a}, so {a} is taller than {b}."
+    asked = a if question == "taller" else b
+    relation = "taller than" if taller_stated else "shorter than"
+    first, second = (a, b) if taller_stated else (b, a)
+    return ({"first": first, "second": second, "relation": relation, "question": question},
+            [fact, f"The question asks who is {question}: {asked}."], asked)
+
+
+def _height_mixed(rng):
+    """A chain stated one fact each way (a form held out of training)."""
+    a, b, c = rng.sample(PEOPLE, 3)
+    question = rng.choice(["tallest", "shortest"])
+    steps = [f"{a} is taller than {b}.", f"{c} is shorter than {b}, so {b} is taller than {c}."]
+    return {"a": a, "b": b, "c": c, "question": question}, steps + _order_steps(a, b, c, question), \
+        {"tallest": a, "shortest": c}[question]
+
+
+def _capitals_phrase(rng):
+    """Two words in capitals (a form held out of training: training writes one word)."""
+    phrase = " ".join(rng.sample(WORDS, 2))
+    return {"phrase": phrase}, [f"In capitals, {phrase} is {phrase.upper()}."], phrase.upper()
+
+
+def _length_words(rng):
+    """len() of a list of strings (a form held out of training: training counts numbers)."""
+    items = [f"'{w}'" for w in rng.sample(WORDS, rng.randint(2, 5))]
+    return ({"items": "[" + ", ".join(items) + "]"}, [f"Counting: {counted(items)}.", f"The list has {len(items)} items."],
+            str(len(items)))
+
+
+def _dose_for_condition(rng):
+    """Two lookups in a row, condition to drug to dose (a form held out of training)."""
+    condition, _, drug, dose = rng.choice(MEDICAL_TABLE)
+    return ({"patient": _patient(rng), "condition": condition},
+            [f"{condition.capitalize()} is treated with {drug}.", f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],
+            f"{dose} mg per kg")
+
 
 # ---------------------------------------------------------------- needs two domains at once
-def _weight_dose(rng):
-    _, _, drug, dose = rng.choice(MEDICAL_TABLE)
-    weight = rng.randint(10, 40)
-    total = str(dose * weight)
-    return {"drug": drug, "weight": weight}, [f"{drug.capitalize()} is given at {dose} mg per kg.",
-                                              MATH_STEPS[MATH_STYLE]["multiply"](dose, weight)], total + " mg"
-
-
-def _program_sum(rng):
-    a, b, c = rng.randint(10, 60), rng.randint(10, 40), rng.randint(2, 9)
-    s = a + b
-    program = f"total = {a} + {b}\nprint(total - {c})"
-    steps = MATH_STEPS[MATH_STYLE]
-    return {"program": program}, [f"total is {a} + {b}: {steps['add'](a, b)}",
-                                  f"total - {c}: {steps['subtract'](s, c)}"], str(s - c)
-
-
 def _tallest_in_capitals(rng):
     a, b, c = rng.sample(PEOPLE, 3)
     steps = [f"{a} is taller than {b}, and {b} is taller than {c}, so {a} is tallest.", f"In capitals: {a.upper()}."]
