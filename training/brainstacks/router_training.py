@@ -51,7 +51,9 @@ class RouterTraining:
     lr: float = 2e-3
     batch_size: int = 32
     seed: int = 0
-    general_examples: int = 240  # prompts outside every domain, target: no domain
+    # prompts outside every domain, target: no domain; 80 of each of the six everyday families (240 of
+    # the first alone left a French greeting to the chat domain and a thermometer to the medical table)
+    general_examples: int = 480
     # The paper keeps the chat domain on for every prompt (a floor). An instruction-tuned base already
     # chats, so no floor: a general prompt gets the base alone.
     floor_domain: str | None = None

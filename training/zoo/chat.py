@@ -139,7 +139,7 @@ def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecip
     labelled = [e for d in recipe.domains for e in examples(d, "train", recipe.router.labelled_per_domain, seed=3)]
     general = examples("general", "train", recipe.router.general_examples, seed=2)
     validation = ([e for d in recipe.domains for e in held_out(d, "val", recipe.router.validation_per_kind)]
-                  + held_out("general", "val", recipe.router.general_validation))
+                  + examples("general", "val", recipe.router.general_validation))  # the families taking turns
     config = chat.model.config
     router, report = train_router(chat.model, chat.tokenizer, items, recipe.domains, recipe.router,
                                   middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size,
