@@ -24,7 +24,7 @@ from training.brainstacks.boosting import validation_loss
 from training.brainstacks.data import collate
 from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases, collect_deltas, collect_rows
 from training.brainstacks.replies import generate_replies
-from training.data.world import examples, kinds_of
+from training.data.world import PROBE_PHRASINGS, examples, held_out, kinds_of
 from training.zoo.chat import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
 
 
@@ -222,9 +222,22 @@ def test_brainstacks_eval_reports_every_setting_and_compares_zoos(tmp_path, caps
         for s in SETTINGS:
             low, high = row[s]["interval"]
             assert 0 <= low <= row[s]["exact_match"] <= high <= 1
-    assert zoo["general"]["n"] == 3 and 0 <= zoo["general"]["same_as_base"] <= 1
+    assert zoo["general"]["n"] == len(held_out("general", "test", 3)) and 0 <= zoo["general"]["same_as_base"] <= 1
+    assert set(zoo["general"]["families"]) == {k.name for k in kinds_of("general")}
+    assert zoo["general"]["misrouted"]["n"] <= zoo["general"]["n"]
+    for name in ("chat", "math"):  # held-out forms and phrasings apart, and the steps beyond the question
+        forms = zoo["settings"][name]["by_form"]["routed"]
+        assert forms["held_out_forms"]["n"] == 1 and forms["held_out_phrasings"]["n"] == len(kinds_of(name)) - 1
+        extra = zoo["settings"][name]["extra_step"]
+        assert 0 <= extra["exact_match"] <= 1
+        assert extra["by_form"]["held_out_forms"]["n"] + extra["by_form"]["held_out_phrasings"]["n"] == extra["n"]
+        by_kind = zoo["settings"][name]["by_kind"]
+        assert set(by_kind) == {k.name for k in kinds_of(name)}
+        assert sum(v["correct"] for v in by_kind.values()) == zoo["settings"][name]["routed"]["correct"]
+    assert zoo["settings"]["math"]["single_operation"]["n"] == 3
     probes = zoo["router"]["probe_phrasings"]  # two prompts of each probe phrasing, every kind
-    assert {d: p["n"] for d, p in probes.items()} == {"chat": 16, "math": 8, "general": 8}
+    assert {d: p["n"] for d, p in probes.items()} == {
+        d: 2 * sum(len(PROBE_PHRASINGS[k.name]) for k in kinds_of(d)) for d in ("chat", "math", "general")}
     for domain, p in probes.items():
         assert set(p["kinds"]) == {k.name for k in kinds_of(domain)}
         assert p["correct"] == round(sum(p["kinds"].values()) * p["n"] / len(p["kinds"]))

@@ -43,7 +43,7 @@ class ContinualRecipe:
     val_examples: int = 32
     test_examples: int = 16  # the build's own check after each domain; `eval brainstacks` measures properly
     projection_examples: int = 24  # per earlier domain, for the null space
-    max_new_tokens: int = 96  # worked math in columns runs to ~80 tokens
+    max_new_tokens: int = 144  # three operations worked in columns run to ~130 tokens
 
 
 

@@ -1,7 +1,11 @@
 """`python -m training eval brainstacks`: what a chat zoo's stacks and router add to its base.
 
-Every number is measured on held-out phrasings (templates no training step saw), on distinct
-prompts stratified by task kind, with 95% intervals and the distinct-prompt count:
+Every number is measured on held-out phrasings (templates no training step saw) and, in every
+domain, on one form held out as a whole (a kind of question no training or validation prompt has:
+world.held_out_forms), on distinct prompts stratified by task kind, with 95% intervals and the
+distinct-prompt count; base and routed exact match are also reported on the two apart, beside the
+share of routed replies that work more steps than the question asks (`extra_step`) and, for math,
+exact match on the single-operation kinds:
 
 (a) Exact match per domain and on the cross-domain set for five settings: the base alone, ungated
     (every stack at 1), routed (the meta-router's route as served: its domains at their
@@ -15,8 +19,9 @@ prompts stratified by task kind, with 95% intervals and the distinct-prompt coun
     the router's own, chosen on validation prompts when it was trained.
     Beside exact match (the reply's "Answer:" line), "answer in reply" counts the expected answer
     anywhere in the reply: the base, which never uses that line, is judged on its content too.
-(b) General prompts (outside every domain): how often the routed greedy answer equals the base's,
-    and how often the router picks no domain at all.
+(b) General prompts (outside every domain, six families of everyday talk, held-out phrasings): how
+    often the routed greedy answer equals the base's, how often the router picks no domain at all,
+    and what a prompt sent to a domain costs (its reply against the base's).
 (c) Forgetting under the route served: each domain's exact match when it was frozen (the stacks
     that were on when it finished), against its exact match after each later domain under the
     router's route restricted to the domains that existed then; paired per prompt (McNemar), and
@@ -56,11 +61,12 @@ from training.artifacts import machine
 from training.brainstacks.continual import isolation_route, load_for_training
 from training.brainstacks.data import collate
 from training.brainstacks.router_training import discovered_routes, example_losses
-from training.data.world import Example, final_answer, held_out, probe_prompts
+from training.data.world import Example, final_answer, held_out, held_out_forms, probe_prompts
 from training.brainstacks.replies import generate_replies
+from training.eval.brainstacks_report import SETTINGS, comparison_table, format_report, save_chart
 from training.eval.statistics import mcnemar_p, paired_difference_interval, wilson_interval
 
-SETTINGS = ("base", "ungated", "routed", "routed_other_weighting", "oracle")
+SINGLE_OPERATIONS = ("add", "subtract", "multiply")  # the math kinds that ask one operation
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class BrainstacksEval:
     general_prompts: int = 64
     margin: float = 0.01  # outcome discovery's rule, as the router was trained
     batch_size: int = 32
-    max_new_tokens: int = 128  # a cap: each set generates its longest expected reply plus 16 tokens
+    max_new_tokens: int = 160  # a cap: each set generates its longest expected reply plus 16 tokens (math: 129 + 16)
     general_tokens: int = 48  # greedy tokens compared on general prompts
     probe_per_phrasing: int = 10  # router-only check on PROBE_PHRASINGS
     oracle_per_kind: int = 5
@@ -89,6 +95,27 @@ def answer_in(reply: str, final: str) -> bool:
     """Lenient: the expected answer appears in the reply as a whole word, in whatever format. The base
     model never ends on the world's "Answer:" line, so exact match alone would credit it nothing."""
     return re.search(rf"(?<!\w){re.escape(final.lower())}(?!\w)", reply.lower()) is not None
+
+
+def steps_of(reply: str) -> int:
+    """The worked steps of a reply: its sentences before its last "Answer:" line (the world's answers
+    are steps that each end in a full stop, then "Answer: ...")."""
+    work = reply.rsplit("Answer:", 1)[0] if "Answer:" in reply else reply
+    return len([s for s in re.split(r"(?<=\.)\s+", work.strip()) if s.strip()])
+
+
+def extra_step(reply: str, example: Example) -> bool:
+    """The reply works more steps than the question asks for (the reference's steps)."""
+    return steps_of(reply) > steps_of(example.answer)
+
+
+def by_form(items: list[Example], correct: list[bool], domain: str) -> dict:
+    """Exact match on the forms held out of training as a whole, and on the held-out phrasings of
+    the forms training had."""
+    unseen = held_out_forms(domain)
+    return {"held_out_forms": proportion([c for e, c in zip(items, correct) if e.kind in unseen]),
+            "held_out_phrasings": proportion([c for e, c in zip(items, correct) if e.kind not in unseen]),
+            "forms_held_out": sorted(unseen)}
 
 
 def reply_budget(tokenizer, items: list[Example], cap: int) -> int:
@@ -177,6 +204,15 @@ def evaluate_mounted(chat: ChatModel, cfg: BrainstacksEval, stacked: bool) -> di
                             "answer_in_reply": sum(found) / len(found)}
             correct_by[setting], replies_by[setting] = correct, replies
         row["oracle"]["routed_on_the_same_prompts"] = proportion(correct_by["routed"][:len(oracle_items)])
+        if name != "cross":
+            row["by_form"] = {s: by_form(items, correct_by[s], name) for s in ("base", "routed")}
+            extra = [extra_step(r, e) for r, e in zip(replies_by["routed"], items)]
+            row["extra_step"] = {**proportion(extra), "by_form": by_form(items, extra, name)}
+            row["by_kind"] = {kind: proportion([c for c, e in zip(correct_by["routed"], items) if e.kind == kind])
+                              for kind in dict.fromkeys(e.kind for e in items)}  # routed
+        if name == "math":
+            single = [(c, e) for c, e in zip(correct_by["routed"], items) if e.kind in SINGLE_OPERATIONS]
+            row["single_operation"] = proportion([c for c, _ in single])
         row["distinct_prompts"] = len({e.prompt for e in items})
         row["kinds"] = dict(Counter(e.kind for e in items))
         row["examples"] = [{"prompt": e.prompt, "expected": e.final, "route": sorted(route),
@@ -225,16 +261,25 @@ def router_on_probes(chat: ChatModel, per_phrasing: int) -> dict:
 
 
 def general_prompts(chat: ChatModel, cfg: BrainstacksEval, cache: dict) -> dict:
-    """Prompts outside every domain: does the routed model answer exactly as the base does?"""
+    """Everyday prompts, outside every domain, on held-out phrasings of every family: does the routed
+    model answer exactly as the base does? And what a prompt sent to a domain costs: its reply
+    against the base's, and whether a domain's format ("Answer: ...") took it over."""
     items = held_out("general", "test", cfg.general_prompts)
     routes = [chat.router.route(torch.tensor(list(chat.router_probabilities(e.messages()).values())))[0]
               for e in items]
     _, base = run_routes(chat, items, [{}] * len(items), cfg, cache, max_new_tokens=cfg.general_tokens)
     _, served = run_routes(chat, items, routes, cfg, cache, max_new_tokens=cfg.general_tokens)
     same = [a == b for a, b in zip(base, served)]
+    misrouted = [(e, r, b, s) for e, r, b, s in zip(items, routes, base, served) if r]
+    families = {kind: [k for e, k in zip(items, same) if e.kind == kind] for kind in dict.fromkeys(e.kind for e in items)}
     return {**{k: v for k, v in proportion(same).items() if k != "exact_match"}, "same_as_base": sum(same) / len(same),
             "no_domain": sum(not r for r in routes) / len(routes), "distinct_prompts": len({e.prompt for e in items}),
+            "families": {kind: sum(v) / len(v) for kind, v in families.items()},
             "applied": Counter("+".join(sorted(r)) or "none" for r in routes).most_common(),
+            "misrouted": {"n": len(misrouted), "changed": sum(b != s for _, _, b, s in misrouted),
+                          "took_a_domains_format": sum("Answer:" in s and "Answer:" not in b for _, _, b, s in misrouted),
+                          "examples": [{"prompt": e.prompt, "route": sorted(r), "base": b, "routed": s}
+                                       for e, r, b, s in misrouted[:6]]},
             "examples": [{"prompt": e.prompt, "base": b, "routed": s} for e, b, s in list(zip(items, base, served))[:4]]}
 
 
@@ -271,98 +316,6 @@ def paired(before: list[bool], after: list[bool]) -> dict:
     return {"n": n, "before": sum(before) / n, "after": sum(after) / n, "change": (gained - lost) / n,
             "change_interval": list(paired_difference_interval(lost, gained, n)), "lost": lost, "gained": gained,
             "p_value": mcnemar_p(lost, gained)}
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{report['base']}, stacks {'on earlier domains' if report['stacked'] else 'on the base alone'}"
-             f" ({report['seconds'] / 60:.1f} min, {report['replies_generated']} replies generated)",
-             "exact match on held-out phrasings [95% interval], n = distinct prompts"]
-    lines.append(f"{'set':<10}{'n':>5}" + "".join(f"{s:>24}" for s in SETTINGS))
-    for name, row in report["settings"].items():
-        cells = "".join(f"{row[s]['exact_match']:>8.2f} [{row[s]['interval'][0]:.2f},{row[s]['interval'][1]:.2f}]"
-                        .rjust(24) for s in SETTINGS)
-        lines.append(f"{name:<10}{row['distinct_prompts']:>5}{cells}")
-    lines.append(f"{'':<15}" + "".join(f"{'loss ' + format(row_loss, '.3f'):>24}" for row_loss in
-                                      (sum(r[s]['loss'] for r in report['settings'].values()) / len(report['settings'])
-                                       for s in SETTINGS)) + "  (mean answer loss)")
-    lines.append("oracle prompts (the first of each kind): " + ", ".join(
-        f"{name} n={row['oracle']['n']} oracle {row['oracle']['exact_match']:.2f} routed "
-        f"{row['oracle']['routed_on_the_same_prompts']['exact_match']:.2f}" for name, row in report["settings"].items()))
-    router = report["router"]
-    lines.append(f"routed: the router's {router['weighting']} weighting, gate threshold {router['gate_threshold']}; "
-                 f"routed_other_weighting: {router['other_weighting']} weighting")
-    lines.append(f"ungated and routed at {router['other_weighting']} weighting ran on the first prompts of each kind: " + ", ".join(
-        f"{name} n={row['ungated']['n']}" for name, row in report["settings"].items()))
-    lines.append("answer in reply (any format): " + ", ".join(
-        f"{name} base {row['base']['answer_in_reply']:.2f} routed {row['routed']['answer_in_reply']:.2f}"
-        for name, row in report["settings"].items()))
-    g = report["general"]
-    lines.append(f"general prompts (n={g['n']}): routed answer == base answer {g['same_as_base']:.2f} "
-                 f"[{g['interval'][0]:.2f},{g['interval'][1]:.2f}]; router picked no domain {g['no_domain']:.2f}")
-    lines.append("router top-1 on single-domain prompts: " + ", ".join(f"{d} {a:.2f}" for d, a in router["top1"].items()))
-    lines.append(f"cross-domain prompts routed to >= 2 domains (no floor): {router['cross_two_or_more_domains']:.2f}")
-    lines.append("router on probe phrasings (own domain alone; general: none): " + ", ".join(
-        f"{d} {r['as_wanted']:.2f} [{r['interval'][0]:.2f},{r['interval'][1]:.2f}] n={r['n']}"
-        for d, r in router["probe_phrasings"].items()))
-    lines.append(f"  router applied: {router['cross_applied_combinations'][:6]}")
-    lines.append(f"  outcome discovery found best: {router['cross_discovered_combinations'][:6]}")
-    f = report["forgetting"]
-    lines.append("forgetting under the served route: exact match at freeze -> after a later domain (paired)")
-    for row in f["rows"]:
-        lines.append(f"  after {row['after_domain']:<10} {row['domain']:<10} n={row['n']:<4} {row['before']:.2f} -> "
-                     f"{row['after']:.2f}  change {row['change']:+.3f} "
-                     f"[{row['change_interval'][0]:+.3f},{row['change_interval'][1]:+.3f}]  p={row['p_value']:.3f}")
-    p = f["pooled_after_last"]
-    lines.append(f"  pooled after the last domain: n={p['n']} {p['before']:.3f} -> {p['after']:.3f}, change "
-                 f"{p['change']:+.3f} [{p['change_interval'][0]:+.3f},{p['change_interval'][1]:+.3f}], "
-                 f"McNemar p={p['p_value']:.3f}")
-    return "\n".join(lines)
-
-
-def comparison_table(reports: dict[str, dict]) -> str:
-    """Zoos side by side: routed exact match per set, general prompts kept, pooled forgetting."""
-    names = list(reports)
-    sets = list(next(iter(reports.values()))["settings"])
-    lines = ["routed exact match by zoo (the same held-out prompts)", f"{'set':<14}" + "".join(f"{n:>22}" for n in names)]
-    for s in sets + ["base"]:
-        label, key = (s, "routed") if s != "base" else ("mean base", "base")
-        cells = []
-        for n in names:
-            rows = reports[n]["settings"]
-            value = (rows[s]["routed"]["exact_match"] if s != "base"
-                     else sum(r[key]["exact_match"] for r in rows.values()) / len(rows))
-            cells.append(f"{value:>22.2f}")
-        lines.append(f"{label:<14}" + "".join(cells))
-    lines.append(f"{'general same':<14}" + "".join(f"{reports[n]['general']['same_as_base']:>22.2f}" for n in names))
-    lines.append(f"{'forgetting':<14}" + "".join(
-        f"{reports[n]['forgetting']['pooled_after_last']['change']:>+15.3f} p={reports[n]['forgetting']['pooled_after_last']['p_value']:.2f}"
-        for n in names))
-    return "\n".join(lines)
-
-
-def save_chart(path: Path, reports: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(reports), figsize=(6.5 * len(reports), 3.8), squeeze=False)
-    for ax, (name, report) in zip(axes[0], reports.items()):
-        sets = list(report["settings"])
-        width = 0.16
-        for k, setting in enumerate(SETTINGS):
-            values = [report["settings"][s][setting]["exact_match"] for s in sets]
-            errors = [[v - report["settings"][s][setting]["interval"][0] for v, s in zip(values, sets)],
-                      [report["settings"][s][setting]["interval"][1] - v for v, s in zip(values, sets)]]
-            ax.bar([x + (k - 2) * width for x in range(len(sets))], values, width, yerr=errors, capsize=2,
-                   label=setting)
-        ax.set_xticks(range(len(sets)), sets, fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{name}: exact match, held-out phrasings", fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_brainstacks_eval(manifests: BuiltManifest, out_dir: Path, cfg: BrainstacksEval = BrainstacksEval(),
