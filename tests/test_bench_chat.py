@@ -89,3 +89,28 @@ def test_cross_domain_bench_composes_two_domains_every_way(manifest_path):
 
     graded = score(["6 * 7 = 42. Answer: 42", "Answer: 7"], [replace(asked[0], final="42"), replace(asked[1], final="8")])
     assert graded["correct"] == 1 and graded["exact_match"] == 0.5
+
+
+def test_outside_prompts_ask_auto_against_the_base_alone(tmp_path):
+    from bench.outside_prompts import measure, table
+    from training.brainstacks.continual import load_for_training
+    from training.zoo.chat import MICRO_CHAT, build_chat_zoo
+
+    from tests.conftest import ZOO_LM_TEMPLATE
+    from training.artifacts import open_manifest
+
+    manifests = open_manifest(tmp_path / "zoo", ZOO_LM_TEMPLATE)
+    build_chat_zoo(manifests, MICRO_CHAT, runs_dir=tmp_path / "runs")  # chat and math
+    chat = load_for_training(manifests.read().chat, manifests, "cpu")
+    asked = {"math": [("What is 2 plus 3?", "5"), ("Add 4 and 4.", "8")], "code": [("len([1])?", "1")]}
+    with chat.mounted({}):
+        report = measure(chat, asked, ["Hello!", "Tell me a joke."], max_new_tokens=4, everyday_tokens=4)
+    assert list(report["domains"]) == ["math"]  # code has no stacks in this zoo: not asked
+    row = report["domains"]["math"]
+    assert row["auto"]["n"] == row["base"]["n"] == 2 and len(row["replies"]) == 2
+    for reply in row["replies"]:  # each under its own route; the base's is the stacks-off reply
+        assert set(reply["route"]) <= {"chat", "math"}
+    kept = report["everyday"]["kept"]
+    # regression guard: a prompt the router leaves alone gets the base's own reply (the same cached generation)
+    assert kept["n"] == 2 and kept["correct"] + len(report["everyday"]["sent_to_a_domain"]) >= 2
+    assert "everyday prompts keeping" in table(report)
