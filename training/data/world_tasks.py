@@ -169,15 +169,25 @@ def _dose(rng):
             f"{dose} mg per kg")
 
 
-def _height_chain(rng):
-    a, b, c = rng.sample(PEOPLE, 3)
-    question = rng.choice(["tallest", "shortest"])
-    asked = a if question == "tallest" else c
+def _order_steps(a: str, b: str, c: str, question: str) -> list[str]:
+    """The tallest and shortest of a chain a > b > c, then the end the question asks for."""
     # the step before the answer names what was asked: stacks that stated both ends and then answered
     # picked the wrong end on 6 of 25 validation prompts
-    steps = [f"{a} is taller than {b}, and {b} is taller than {c}.",
-             f"So the tallest is {a} and the shortest is {c}.", f"The question asks for the {question}: {asked}."]
-    return {"a": a, "b": b, "c": c, "question": question}, steps, asked
+    asked = {"tallest": a, "shortest": c}[question]
+    return [f"So the tallest is {a} and the shortest is {c}.", f"The question asks for the {question}: {asked}."]
+
+
+def _chain(rng, stated):
+    """A height chain a > b > c, its facts as `stated(a, b, c)` gives them, then the tallest and the
+    shortest, then the end the question asks for."""
+    a, b, c = rng.sample(PEOPLE, 3)
+    question = rng.choice(["tallest", "shortest"])
+    return {"a": a, "b": b, "c": c, "question": question}, stated(a, b, c) + _order_steps(a, b, c, question), \
+        {"tallest": a, "shortest": c}[question]
+
+
+def _height_chain(rng):
+    return _chain(rng, lambda a, b, c: [f"{a} is taller than {b}, and {b} is taller than {c}."])
 
 
 def _syllogism(rng):
@@ -190,19 +200,10 @@ def _syllogism(rng):
     return {"a": a, "one": one, "many": many, "group": group, "premise": premise}, [why], "yes" if holds else "unknown"
 
 
-def _order_steps(a: str, b: str, c: str, question: str) -> list[str]:
-    """The tallest and shortest of a chain a > b > c, then the end the question asks for."""
-    asked = {"tallest": a, "shortest": c}[question]
-    return [f"So the tallest is {a} and the shortest is {c}.", f"The question asks for the {question}: {asked}."]
-
-
 def _height_shorter(rng):
     """The chain stated with "shorter than": each fact restated the taller way first."""
-    a, b, c = rng.sample(PEOPLE, 3)
-    question = rng.choice(["tallest", "shortest"])
-    steps = [f"{c} is shorter than {b}, so {b} is taller than {c}.", f"{b} is shorter than {a}, so {a} is taller than {b}."]
-    return {"a": a, "b": b, "c": c, "question": question}, steps + _order_steps(a, b, c, question), \
-        {"tallest": a, "shortest": c}[question]
+    return _chain(rng, lambda a, b, c: [f"{c} is shorter than {b}, so {b} is taller than {c}.",
+                                        f"{b} is shorter than {a}, so {a} is taller than {b}."])
 
 
 def _height_pair(rng):
@@ -220,11 +221,7 @@ def _height_pair(rng):
 
 def _height_mixed(rng):
     """A chain stated one fact each way (a form held out of training)."""
-    a, b, c = rng.sample(PEOPLE, 3)
-    question = rng.choice(["tallest", "shortest"])
-    steps = [f"{a} is taller than {b}.", f"{c} is shorter than {b}, so {b} is taller than {c}."]
-    return {"a": a, "b": b, "c": c, "question": question}, steps + _order_steps(a, b, c, question), \
-        {"tallest": a, "shortest": c}[question]
+    return _chain(rng, lambda a, b, c: [f"{a} is taller than {b}.", f"{c} is shorter than {b}, so {b} is taller than {c}."])
 
 
 def _capitals_phrase(rng):
