@@ -21,8 +21,7 @@ import torch
 from server.settings import Settings
 from training.brainstacks.continual import load_for_training
 from training.data.world import Example, final_answer
-from training.eval.brainstacks import BrainstacksEval, answer_in, run_routes
-from training.eval.statistics import wilson_interval
+from training.eval.brainstacks import BrainstacksEval, answer_in, proportion, run_routes
 
 DOMAIN_PROMPTS = {
     "math": [("What is 23 plus 19?", "42"), ("What's 45 minus 17?", "28"), ("Calculate 12 times 7.", "84"),
@@ -81,11 +80,6 @@ EVERYDAY_PROMPTS = [
     "What words rhyme with cat?", "How do I change a flat tyre?"]
 
 
-def proportion(hits: list[bool]) -> dict:
-    return {"share": sum(hits) / max(len(hits), 1), "interval": list(wilson_interval(sum(hits), len(hits))),
-            "correct": sum(hits), "n": len(hits)}
-
-
 def served_routes(chat, items: list[Example]) -> list[dict]:
     routes = []
     for e in items:
@@ -126,8 +120,8 @@ def table(report: dict) -> str:
     lines = [f"{'domain':<11}{'auto exact':>12}{'95%':>15}{'base exact':>12}{'base in reply':>15}{'own route':>11}{'n':>4}"]
     for domain, row in report["domains"].items():
         lo, hi = row["auto"]["interval"]
-        lines.append(f"{domain:<11}{row['auto']['share']:>12.2f}{f'[{lo:.2f}, {hi:.2f}]':>15}{row['base']['share']:>12.2f}"
-                     f"{row['base_answer_in_reply']['share']:>15.2f}{row['own_domain_alone']['share']:>11.2f}"
+        lines.append(f"{domain:<11}{row['auto']['exact_match']:>12.2f}{f'[{lo:.2f}, {hi:.2f}]':>15}{row['base']['exact_match']:>12.2f}"
+                     f"{row['base_answer_in_reply']['exact_match']:>15.2f}{row['own_domain_alone']['exact_match']:>11.2f}"
                      f"{row['auto']['n']:>4}")
     kept = report["everyday"]["kept"]
     lines.append(f"everyday prompts keeping the base's answer: {kept['correct']}/{kept['n']}; sent to a domain: "
