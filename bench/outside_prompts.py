@@ -88,7 +88,7 @@ def served_routes(chat, items: list[Example]) -> list[dict]:
     return routes
 
 
-def measure(chat, domain_prompts: dict, everyday: list[str], max_new_tokens: int = 160,
+def measure(chat, domain_prompts: dict, everyday: list[str], max_new_tokens: int = 176,
             everyday_tokens: int = 48) -> dict:
     cfg, cache = BrainstacksEval(max_new_tokens=max_new_tokens), {}
     report = {"domains": {}}

@@ -166,7 +166,7 @@ def test_column_arithmetic_and_numbers_in_words_are_right():
     rng = random.Random(0)
     for _ in range(300):
         x, y, c = rng.randint(10, 99), rng.randint(2, 99), rng.randint(2, 9)
-        assert column_add(x, y).endswith(f"so {x} + {y} = {x + y}.")
+        assert column_add(x, y).startswith(f"{x} + {y}: ") and column_add(x, y).endswith(f"so {x} + {y} = {x + y}.")
         if y < x:
             worked = column_subtract(x, y)
             assert worked.endswith(f"so {x} - {y} = {x - y}.")
@@ -174,8 +174,8 @@ def test_column_arithmetic_and_numbers_in_words_are_right():
                 assert int(left) - int(right) == int(result), worked
         assert column_multiply(c, x).endswith(f"so {c} * {x} = {c * x}.")
     assert [in_words(n) for n in (7, 13, 20, 23, 99)] == ["seven", "thirteen", "twenty", "twenty-three", "ninety-nine"]
-    assert column_subtract(45, 38) == "5 - 8 needs a borrow: 15 - 8 = 7; 3 - 3 = 0; so 45 - 38 = 7."
-    assert column_subtract(84, 8) == "4 - 8 needs a borrow: 14 - 8 = 6, and 8 - 1 = 7; so 84 - 8 = 76."
+    assert column_subtract(45, 38) == "45 - 38: 5 - 8 needs a borrow: 15 - 8 = 7; 3 - 3 = 0; so 45 - 38 = 7."
+    assert column_subtract(84, 8) == "84 - 8: 4 - 8 needs a borrow: 14 - 8 = 6, and 8 - 1 = 7; so 84 - 8 = 76."
 
 
 def test_everyday_prompts_come_in_families_held_out_by_phrasing():

@@ -40,7 +40,7 @@ def zoo_chat(m: BuiltManifest, args) -> None:
     recipe = with_variant(MICRO_CHAT if args.micro else ChatZooRecipe(), args.variant)
     if args.steps:
         recipe = replace(recipe, boosting=replace(recipe.boosting, steps_per_round=args.steps,
-                                                  later_round_steps=max(1, args.steps // 3)))
+                                                  later_round_steps=max(1, args.steps // 3), domain_steps=()))
     build_chat_zoo(m, recipe, if_missing=args.if_missing, device=args.device)
 
 

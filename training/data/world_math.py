@@ -24,8 +24,11 @@ def in_words(n: int) -> str:
 
 
 # Worked steps of the arithmetic: whole results ("37 + 25 = 62.") or column arithmetic, one digit
-# at a time ("7 + 5 = 12, write 2 carry 1; 3 + 2 + 1 = 6; so 37 + 25 = 62."), which a small model
-# can carry out step by step. docs/brainstacks.md measures both on SmolLM2.
+# at a time ("37 + 25: 7 + 5 = 12, write 2 carry 1; 3 + 2 + 1 = 6; so 37 + 25 = 62."), which a small
+# model can carry out step by step. docs/brainstacks.md measures both on SmolLM2. A column step first
+# states its operation with the operands in order: questions name them in either order ("subtract
+# 54 from 71"), and a model that reads the digits straight off the question took them from the wrong
+# number in most of its one-operation mistakes.
 def column_add(x: int, y: int) -> str:
     xs, ys = str(x)[::-1], str(y)[::-1]
     steps, carry = [], 0
@@ -35,24 +38,25 @@ def column_add(x: int, y: int) -> str:
         term = f"{a} + {b}" + (f" + {carry}" if carry else "")
         steps.append(f"{term} = {total}" + (f", write {total % 10} carry 1" if total >= 10 else ""))
         carry = total // 10
-    return "; ".join(steps) + f"; so {x} + {y} = {x + y}."
+    return f"{x} + {y}: " + "; ".join(steps) + f"; so {x} + {y} = {x + y}."
 
 
 def column_subtract(x: int, y: int) -> str:
     """x - y for a two-digit x and a y under it (one digit: the units alone, as before)."""
     units, tens = x % 10, x // 10
+    stated = f"{x} - {y}: "
     if y < 10:
         if units >= y:
-            return f"{units} - {y} = {units - y}; so {x} - {y} = {x - y}."
-        return (f"{units} - {y} needs a borrow: {units + 10} - {y} = {units + 10 - y}, and {tens} - 1 = {tens - 1}; "
-                f"so {x} - {y} = {x - y}.")
+            return f"{stated}{units} - {y} = {units - y}; so {x} - {y} = {x - y}."
+        return (f"{stated}{units} - {y} needs a borrow: {units + 10} - {y} = {units + 10 - y}, and {tens} - 1 = "
+                f"{tens - 1}; so {x} - {y} = {x - y}.")
     y_units, y_tens = y % 10, y // 10
     if units >= y_units:
         first, tens_left = f"{units} - {y_units} = {units - y_units}", tens
     else:
         first, tens_left = (f"{units} - {y_units} needs a borrow: {units + 10} - {y_units} = {units + 10 - y_units}",
                             tens - 1)
-    return f"{first}; {tens_left} - {y_tens} = {tens_left - y_tens}; so {x} - {y} = {x - y}."
+    return f"{stated}{first}; {tens_left} - {y_tens} = {tens_left - y_tens}; so {x} - {y} = {x - y}."
 
 
 def column_multiply(c: int, b: int) -> str:
@@ -62,7 +66,7 @@ def column_multiply(c: int, b: int) -> str:
     high = c * tens + low // 10
     first = f"{c} * {units} = {low}" + (f", write {low % 10} carry {low // 10}" if low >= 10 else "")
     second = f"{c} * {tens}" + (f" + {low // 10}" if low >= 10 else "") + f" = {high}"
-    return f"{first}; {second}; so {c} * {b} = {c * b}."
+    return f"{c} * {b}: {first}; {second}; so {c} * {b} = {c * b}."
 
 
 MATH_STEPS = {
