@@ -1,7 +1,7 @@
 """How each kind of manifest entry is listed, loaded and warmed: one loader per kind, in a table.
 
 A manifest makes entries (`planned_groups`): an image model's backbone and its ILF module, the chat
-base, each domain's stacks and the meta-router, grouped by the model they make up. The registry
+base, each domain's stacks, each PEFT adapter and the meta-router, grouped by the model they make up. The registry
 (server/registry.py) loads any of them the same way: the files it reads (checked for changes while
 it loads, and watched afterwards), `load` (verified: checksums, safetensors only, shapes and base
 model), and `warm`, one small call through the new artifact on the engine that will run it, so that
@@ -15,15 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
+from server.chat.adapters import LoraAdapter, load_adapter
 from server.chat.decoding import ChatJob, generate
 from server.chat.model import ChatModel, load_chat_base
 from server.chat.router import load_router_for
 from server.chat.stacks import DomainStacks, load_domain_stacks
 from server.imaging.backbones import ImageBackbone, load_ilf_for, load_image_backbone
 from server.imaging.sampler import SampleJob, sample
-from server.manifest import ArtifactResolver, Manifest, Source, ilf_key, router_key, stacks_key
+from server.manifest import ArtifactResolver, Manifest, Source, adapter_key, ilf_key, router_key, stacks_key
 
-EntryKind = Literal["image", "ilf", "chat", "stacks", "router"]
+EntryKind = Literal["image", "ilf", "chat", "stacks", "router", "adapter"]
 PlannedEntry = tuple[str, EntryKind, object, str | None]  # key, kind, its manifest spec, the entry it attaches to
 
 HELLO = ChatJob([{"role": "user", "content": "Hello"}], 1, 0.0, 1.0, 0)  # a chat warm-up: one greedy token
@@ -132,9 +133,24 @@ class RouterLoader:
         return lambda: chat.router_probabilities(HELLO.messages)
 
 
+class AdapterLoader:
+    engine = "chat"
+
+    def files(self, spec, resolver: ArtifactResolver) -> list[Path]:
+        return source_files(spec.source, resolver)
+
+    def load(self, spec, parent: ChatModel, context: LoadContext) -> LoraAdapter:
+        folder = context.resolver.source(spec.source)
+        return load_adapter(folder, spec.name, parent.model, parent.name, spec.source.path)
+
+    def warm(self, value: LoraAdapter, parent: ChatModel) -> Callable[[], object]:
+        chat = replace(parent, domains=(), stacks={}, adapters={value.name: value})
+        return lambda: generate(chat, HELLO, {value.name: 1.0})
+
+
 LOADERS: dict[EntryKind, Loader] = {
     "image": ImageBackboneLoader(), "ilf": ILFLoader(), "chat": ChatBaseLoader(),
-    "stacks": DomainStacksLoader(), "router": RouterLoader(),
+    "stacks": DomainStacksLoader(), "router": RouterLoader(), "adapter": AdapterLoader(),
 }
 
 
@@ -150,6 +166,7 @@ def planned_groups(manifest: Manifest) -> list[list[PlannedEntry]]:
         base = manifest.chat.base.name
         group = [(base, "chat", manifest.chat.base, None)]
         group += [(stacks_key(base, d.name), "stacks", d, base) for d in manifest.chat.domains]
+        group += [(adapter_key(base, a.name), "adapter", a, base) for a in manifest.chat.adapters]
         if manifest.chat.router is not None:
             group.append((router_key(base), "router", manifest.chat.router, base))
         groups.append(group)

@@ -114,10 +114,28 @@ class Domain(_Strict):
     stacks: list[Artifact] = Field(default_factory=list)
 
 
+class Adapter(_Strict):
+    """A PEFT LoRA adapter: a folder with adapter_config.json and adapter_model.safetensors."""
+
+    name: Name
+    source: Source
+
+
 class ChatSection(_Strict):
     base: ChatBase
     domains: list[Domain] = Field(default_factory=list)
     router: Artifact | None = None
+    adapters: list[Adapter] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_namespace(self) -> "ChatSection":
+        """Domains and adapters are the names of one route: each name once."""
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate adapter names: {names}")
+        if taken := sorted(set(names) & {d.name for d in self.domains}):
+            raise ValueError(f"adapter {taken[0]!r} has the name of a domain: a route names each once")
+        return self
 
     @field_validator("domains")
     @classmethod
@@ -161,14 +179,20 @@ def router_key(base: str) -> str:
     return f"{base}/router"
 
 
+def adapter_key(base: str, adapter: str) -> str:
+    return f"{base}/adapters/{adapter}"
+
+
 def entry_keys(manifest: Manifest) -> set[str]:
     """Every entry the manifest makes, by the key the server reports it under: an image model's name
-    (and `<model>/ilf`), the chat base's name, `<base>/stacks/<domain>` and `<base>/router`."""
+    (and `<model>/ilf`), the chat base's name, `<base>/stacks/<domain>`, `<base>/router` and
+    `<base>/adapters/<name>`."""
     keys = {m.name for m in manifest.image} | {ilf_key(m.name) for m in manifest.image if m.ilf is not None}
     if manifest.chat is not None:
         base = manifest.chat.base.name
         keys |= {base} | {stacks_key(base, d.name) for d in manifest.chat.domains}
         keys |= {router_key(base)} if manifest.chat.router is not None else set()
+        keys |= {adapter_key(base, a.name) for a in manifest.chat.adapters}
     return keys
 
 

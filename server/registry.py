@@ -268,8 +268,9 @@ class Registry:
                    if e.parent == base.key and e.value is not None and e.parent_generation == base.generation]
         router = next((e.value for e in current if e.kind == "router"), None)
         stacks = {e.spec.name: e.value for e in current if e.kind == "stacks"}
+        adapters = {e.spec.name: e.value for e in current if e.kind == "adapter"}
         domains = tuple(e.spec.name for e in self._entries.values() if e.kind == "stacks")
-        return replace(base.value, domains=domains, stacks=stacks, router=router)
+        return replace(base.value, domains=domains, stacks=stacks, router=router, adapters=adapters)
 
 
 def _stats(files: list[Path] | dict) -> dict[Path, tuple[int, int]]:

@@ -37,8 +37,8 @@ def served_image(name: str, models: ModelSet, registry: Registry) -> ImageBackbo
 
 def route_aliases(chat: ChatModel) -> list[str]:
     """The model ids GET /v1/models lists for a chat model: the router's and the base alone's, and
-    each domain on its own (any +-joined set of served domains is accepted too)."""
-    return [f"{chat.name}:auto", f"{chat.name}:none"] + [f"{chat.name}+{d}" for d in chat.domains]
+    each domain and adapter on its own (any +-joined set of them is accepted too)."""
+    return [f"{chat.name}:auto", f"{chat.name}:none"] + [f"{chat.name}+{d}" for d in chat.route_names]
 
 
 def alias_route(model: str, chat: ChatModel) -> Route | None:
@@ -49,9 +49,10 @@ def alias_route(model: str, chat: ChatModel) -> Route | None:
         return model.rsplit(":", 1)[1]
     if model.startswith(f"{chat.name}+"):
         domains = model[len(chat.name) + 1:].split("+")
-        if unknown := [d for d in domains if d not in chat.domains]:
-            raise ApiError(404, f"model {model!r}: {chat.name!r} has no domain {unknown[0]!r}; "
-                                f"served domains: {list(chat.domains)}", "model", NOT_FOUND)
+        if unknown := [d for d in domains if d not in chat.route_names]:
+            raise ApiError(404, f"model {model!r}: {chat.name!r} has no domain or adapter {unknown[0]!r}; "
+                                f"served domains: {list(chat.domains)}, adapters: {list(chat.adapters)}",
+                           "model", NOT_FOUND)
         return {d: 1.0 for d in domains}
     raise ApiError(404, f"unknown model {model!r}; this server's chat model is {chat.name!r} "
                         f"(route aliases: GET /v1/models)", "model", NOT_FOUND)

@@ -36,6 +36,7 @@ async def list_models(svc: Services = Depends(services), details_for_operator: b
         cards.append(card)
         if model.kind == "chat" and models is not None and models.chat is not None:
             card.domains = list(models.chat.domains)
+            card.adapters = list(models.chat.adapters)
             cards += [card.model_copy(update={"id": alias, "route": alias_route(alias, models.chat)})
                       for alias in route_aliases(models.chat)]
     build = status.build_state(svc.settings)
@@ -55,4 +56,5 @@ def image_details(b: ImageBackbone) -> dict:
 def chat_details(chat: ChatModel) -> dict:
     return {"quantization": chat.precision, "device": chat.device, "context_length": chat.context_length,
             "domains": list(chat.domains),
-            "stacks": {d: s.count for d, s in chat.stacks.items()}, "router": chat.router is not None}
+            "stacks": {d: s.count for d, s in chat.stacks.items()}, "router": chat.router is not None,
+            "adapters": {name: a.describe() for name, a in chat.adapters.items()}}

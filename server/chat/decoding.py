@@ -221,7 +221,7 @@ class DecodeBatch:
         if self._route is None:
             routes = [row.plan.weights for row in self.rows]
             same = all(r == routes[0] for r in routes)
-            self._route = routes[0] if same else batch_route(routes, self.chat.domains, self.chat.device)
+            self._route = routes[0] if same else batch_route(routes, self.chat.route_names, self.chat.device)
         return self._route
 
     @torch.no_grad()

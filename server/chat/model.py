@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.artifacts import ArtifactError, own_memory
+from server.chat.adapters import LoraAdapter
 from server.chat.moe_lora import Weights, stacked_projections, wrap_projections, wrapped_layers
 from server.chat.nf4 import disable_cpu_weight_packing, nf4_config
 from server.chat.router import MetaRouter, RoutePlan, RouterPass, load_router_for, plan_route
@@ -35,6 +36,7 @@ class ChatModel:
     domains: tuple[str, ...] = ()  # the manifest's, in curriculum order
     stacks: dict[str, DomainStacks] = field(default_factory=dict)  # held outside the base's modules
     router: MetaRouter | None = None
+    adapters: dict[str, LoraAdapter] = field(default_factory=dict)  # PEFT LoRA adapters, routed by name
     # Fast tokenizers refuse concurrent use ("Already borrowed"): requests count tokens on the
     # event loop while the worker decodes.
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -61,6 +63,11 @@ class ChatModel:
         """Tokens of prompt plus answer the model was trained to attend over."""
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
 
+    @property
+    def route_names(self) -> tuple[str, ...]:
+        """Every name a route may give a weight: the domains, in curriculum order, then the adapters."""
+        return self.domains + tuple(a for a in self.adapters if a not in self.domains)
+
     def asks_router(self, route) -> bool:
         """Whether this route needs the meta-router's read of the prompt."""
         return route == "auto" and self.router is not None and bool(self.domains)
@@ -71,8 +78,8 @@ class ChatModel:
         `probabilities` for this prompt, read now unless given)."""
         if probabilities is None and self.asks_router(route):
             probabilities = self.router_probabilities(messages)
-        counts = {domain: stacks.count for domain, stacks in self.stacks.items()}
-        return plan_route(route, self.domains, counts, self.router, probabilities)
+        counts = {domain: stacks.count for domain, stacks in self.stacks.items()} | {a: 1 for a in self.adapters}
+        return plan_route(route, self.domains, counts, self.router, probabilities, tuple(self.adapters))
 
     def router_pass(self, input_ids: torch.Tensor) -> RouterPass:
         """The meta-router's read of a prompt, to run in parts (`RouterPass.advance`)."""
@@ -88,9 +95,10 @@ class ChatModel:
     def served_stacks(self) -> ServedStacks:
         """This model set's stacks as its requests mount them (built once per set of stacks)."""
         mounted = [self.stacks[d] for d in self.domains if d in self.stacks]
-        key = tuple(id(d) for d in mounted)
+        adapters = list(self.adapters.values())
+        key = tuple(id(d) for d in mounted + adapters)
         if self._served is None or self._served[0] != key:
-            self._served = (key, ServedStacks(wrapped_layers(self.model), mounted))
+            self._served = (key, ServedStacks(wrapped_layers(self.model), mounted, adapters))
         return self._served[1]
 
     def mounted(self, route: Weights):

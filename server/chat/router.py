@@ -207,9 +207,19 @@ class RoutePlan:
 
 
 def plan_route(route: Route, domains: tuple[str, ...], stacks: dict[str, int], router: MetaRouter | None,
-               probabilities: dict[str, float] | None) -> RoutePlan:
-    """The weights a request's route applies, and why every other domain stays off. `probabilities`
-    are the router's for this prompt (needed for "auto" when a router is loaded)."""
+               probabilities: dict[str, float] | None, adapters: tuple[str, ...] = ()) -> RoutePlan:
+    """The weights a request's route applies, and why every other domain and adapter stays off.
+    `probabilities` are the router's for this prompt (needed for "auto" when a router is loaded)."""
+    plan = _plan_domains(route, domains + tuple(a for a in adapters if a not in domains), stacks, router, probabilities)
+    for adapter in adapters:
+        if route == "auto" and adapter in plan.gated_off and router is not None and adapter not in router.config.domains:
+            plan.gated_off[adapter] = ("an adapter the meta-router was not trained on: 'auto' leaves it off until "
+                                       "the router is refit; name it in the route to apply it")
+    return plan
+
+
+def _plan_domains(route: Route, domains: tuple[str, ...], stacks: dict[str, int], router: MetaRouter | None,
+                  probabilities: dict[str, float] | None) -> RoutePlan:
     if route == "none":
         return RoutePlan({}, {d: "route 'none'" for d in domains}, "route 'none': the base model alone was requested")
     if route == "auto":

@@ -96,8 +96,9 @@ def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
     max_tokens = fit_to_context(chat, int(input_ids.shape[1]), req, settings)
     if isinstance(req.route, dict):
         for domain, weight in req.route.items():
-            if domain not in chat.domains:
-                raise ApiError(422, f"route: unknown domain {domain!r}; served domains: {list(chat.domains)}", "route")
+            if domain not in chat.route_names:
+                raise ApiError(422, f"route: unknown domain or adapter {domain!r}; served: domains "
+                                    f"{list(chat.domains)}, adapters {list(chat.adapters)}", "route")
             if not 0.0 <= weight <= 2.0:
                 raise ApiError(422, f"route: weight of {domain!r} must be in [0, 2]", "route")
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)

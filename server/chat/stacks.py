@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from server.artifacts import ArtifactError
+from server.chat.adapters import LoraAdapter, add_adapters
 from server.chat.moe_lora import FusedFrozenStacks, MoELoRA, Weights, StackedMoELoRALinear, route_key, wrapped_layers
 from server.chat.stack_files import read_stack, read_stack_metadata
 
@@ -67,10 +68,16 @@ class ServedStacks:
     """A model set's frozen stacks on the base's wrapped projections (what `StackedProjections`
     mounts for its requests), their fused copies and each route's plan."""
 
-    def __init__(self, layers: dict[str, StackedMoELoRALinear], domains: list[DomainStacks]):
+    def __init__(self, layers: dict[str, StackedMoELoRALinear], domains: list[DomainStacks],
+                 adapters: list[LoraAdapter] = ()):
         self.domains = tuple(domains)
+        self.adapters = tuple(adapters)
         self._fused: dict[tuple, FusedFrozenStacks] = {}
         self._layers: dict[StackedMoELoRALinear, LayerStacks] = {}
+        self._loras = {layer: [(a.name, a.per_layer[name]) for a in adapters if name in a.per_layer]
+                       for name, layer in layers.items()}
+        self._loras = {layer: loras for layer, loras in self._loras.items() if loras}
+        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # an adapter's rows per route
         for name, layer in layers.items():
             stacks = [s for d in domains for s in d.per_layer.get(name, [])]
             if stacks:
@@ -86,6 +93,9 @@ class ServedStacks:
                         member.group = group
 
     def add(self, layer: StackedMoELoRALinear, x: torch.Tensor, out: torch.Tensor, route: Weights) -> torch.Tensor:
+        loras = self._loras.get(layer)
+        if loras and route:  # adapters are on only by name (route None: every stack at 1, no adapter)
+            out = add_adapters(out, x, loras, route, self._rows_of)
         mine = self._layers.get(layer)
         if mine is None:
             return out
@@ -94,6 +104,17 @@ class ServedStacks:
             return out if delta is None else out + delta.to(out.dtype)
         fused, weights = self.plan(mine, [mine], route, x.device)
         return out if fused is None else out + fused(x, weights).to(out.dtype)
+
+    def _rows_of(self, name: str, weights: torch.Tensor) -> torch.Tensor | None:
+        """The rows a per-row weight turns an adapter on for (None: no row), found once per route: a
+        route's tensors live as long as its rows decode together."""
+        key = (name, id(weights))
+        if key not in self._rows:
+            if len(self._rows) >= 256:
+                self._rows.clear()
+            rows = weights.nonzero().flatten()
+            self._rows[key] = (weights, rows if rows.numel() else None)  # holds the tensor: its id stays its own
+        return self._rows[key][1]
 
     def plan(self, owner: LayerStacks, members: list[LayerStacks], route: Weights, device: torch.device) -> Plan:
         """This route's pass through `members` (one projection, or a shared-input group), built at its

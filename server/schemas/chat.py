@@ -33,7 +33,8 @@ class ChatRequest(StrictRequest):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     route: Literal["auto", "none"] | dict[str, float] = Field(
-        "auto", description='"auto" lets the router choose, "none" is the base alone, or {domain: weight}.'
+        "auto", description='"auto" lets the router choose, "none" is the base alone, or {name: weight} over '
+                            'the domains and PEFT adapters GET /v1/models lists.'
     )
     stream: bool = Field(False, description="Server-sent events: `token` events with text as it is decoded, "
                                             "then one `done` event with the whole response (or an `error` event).")
@@ -66,8 +67,8 @@ class Usage(BaseModel):
 
 class RouteTrace(BaseModel):
     route_requested: str | dict[str, float]
-    domains_applied: dict[str, float] = Field(description="Domain -> weight applied to its stacks.")
-    gated_off: dict[str, str] = Field(description="Domain -> why it was not applied.")
+    domains_applied: dict[str, float] = Field(description="Domain or adapter -> the weight applied to it.")
+    gated_off: dict[str, str] = Field(description="Domain or adapter -> why it was not applied.")
     router_probabilities: dict[str, float] | None = Field(description="The router's output, when it ran.")
     reason: str
     queue_seconds: float

@@ -50,6 +50,7 @@ class ModelCard(BaseModel):
     route: str | dict[str, float] | None = Field(
         None, description="A chat route alias: the route this id asks for (POST /v1/chat/completions).")
     domains: list[str] | None = Field(None, description="A chat model's Brainstacks domains.")
+    adapters: list[str] | None = Field(None, description="A chat model's PEFT LoRA adapters (route names like domains).")
     placeholder: bool
     status: Literal["ready", "placeholder", "loading", "failed"]
     generation: int | None = Field(description="The model-set generation its serving version was loaded in.")

@@ -39,7 +39,7 @@ class ChatCompletionRequest(StrictRequest):
     the field), not ignored: several choices, penalties, logit biases, log probabilities, tools."""
     model: str = Field(min_length=1, max_length=200, description=(
         "The chat model, or a route alias of it from GET /v1/models: `<model>:auto` (the router), "
-        "`<model>:none` (the base alone), `<model>+<domain>[+<domain>...]` (those domains at weight 1)."))
+        "`<model>:none` (the base alone), `<model>+<domain or adapter>[+...]` (those at weight 1)."))
     messages: list[CompletionMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens when both are given.")
