@@ -18,8 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.access import AccessControl
-from server.api import ROUTERS
-from server.api import admin as admin_api
+from server.api import ADMIN_ROUTERS, ROUTERS
 from server.api.dependencies import Services
 from server.chat.batching import ChatEngine
 from server.chat.serving import ChatService
@@ -88,7 +87,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     app.state.services = svc
     install_middleware(app, settings, metrics)
     for router in ROUTERS:  # the admin routes answer 404 while off, and only show in the schema when on
-        app.include_router(router, include_in_schema=router is not admin_api.router or settings.admin_token is not None)
+        app.include_router(router, include_in_schema=router not in ADMIN_ROUTERS or settings.admin_token is not None)
     metrics.preset_endpoints([route.path for router in ROUTERS for route in router.routes] + ["unmatched"])
     return app
 

@@ -12,9 +12,11 @@ sha256 that is checked before anything is loaded. Every refusal names the file a
 
 from __future__ import annotations
 
+import fcntl
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -223,6 +225,19 @@ class BuiltManifest:
             removed |= entry_keys(previous) | set(previous.removed)
         removed -= entry_keys(manifest)
         write_manifest(manifest.model_copy(update={"removed": sorted(removed)}), self.path)
+
+    @contextmanager
+    def updating(self) -> Iterator[Manifest]:
+        """The current manifest, for a change written back with `write` inside the block: one writer
+        at a time across processes (a lock file beside the built manifest), so that a server
+        recording an adapter and a build recording a stack do not lose each other's entry."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self.read()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def resolver(self, allow_network: bool = False) -> ArtifactResolver:
         return ArtifactResolver(self.root, allow_network)

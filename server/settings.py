@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     manifest: Path | None = Field(
         None, description="The built manifest (checksums of what was built); default: <artifact_root>/weights_manifest.yaml."
     )
+    adapter_root: Path | None = Field(
+        None, description="Folder whose PEFT adapters POST /v1/load_lora_adapter may load (lora_path is relative "
+                          "to it, and nothing outside it loads); inside the artifact root. Default: <artifact_root>/adapters.")
     allow_network: bool = Field(
         False, description="Let hub ids in the manifest download. Off by default: nothing is fetched."
     )
@@ -98,6 +101,9 @@ class Settings(BaseSettings):
     def manifests(self) -> BuiltManifest:
         root = self.artifact_root.resolve()
         return BuiltManifest(self.template, self.manifest or root / "weights_manifest.yaml", root)
+
+    def adapters_folder(self) -> Path:
+        return (self.adapter_root or self.artifact_root / "adapters").resolve()
 
     def torch_device(self) -> str:
         if self.device != "auto":

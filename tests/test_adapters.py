@@ -258,3 +258,112 @@ def test_auto_leaves_off_an_adapter_the_router_was_not_trained_on_and_says_so():
     assert plan.weights == {"math": pytest.approx(0.9)} and "not trained on" in plan.gated_off["shouty"]
     explicit = plan_route({"shouty": 0.5, "math": 1.0}, ("math",), {"math": 1, "shouty": 1}, Router(), None, ("shouty",))
     assert explicit.weights == {"math": 1.0, "shouty": 0.5}
+
+
+@pytest.fixture
+def run_time_root(zoo_dir, manifest_path, tmp_path_factory) -> Path:
+    """The tiny zoo with no adapter in its manifest, and three PEFT folders in its adapter root."""
+    root = tmp_path_factory.mktemp("run-time")
+    shutil.copytree(zoo_dir / "artifacts", root / "artifacts")
+    for name, config in {"shouty": ADAPTERS["r16-all"], "quiet": ADAPTERS["r4-attention"],
+                         "dora": dict(r=4, target_modules=["q_proj"], use_dora=True)}.items():
+        shutil.move(peft_adapter(root / "artifacts", name, **config, base="lm"), root / "adapters" / name)
+    (root / "adapters" / "pickled").mkdir()
+    shutil.copy(root / "adapters" / "quiet" / "adapter_config.json", root / "adapters" / "pickled")
+    (root / "adapters" / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
+    write_manifest(load_manifest(manifest_path), root / "weights_manifest.yaml")
+    return root
+
+
+ADMIN = {"Authorization": "Bearer let-me-in"}
+
+
+def test_adapters_load_and_unload_at_run_time_with_vllm_s_routes(run_time_root):
+    manifest = run_time_root / "weights_manifest.yaml"
+    settings = make_settings(manifest, admin_token="let-me-in", watch=False)
+    request = {"prompt": "Hello there", "max_tokens": 6}
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        base = c.post("/chat", json=request | {"route": "none"}).json()["text"]
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"}).status_code == 401
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"},
+                      headers={"Authorization": "Bearer nope"}).status_code == 403
+        loaded = c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"}, headers=ADMIN)
+        assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'shouty' added successfully."
+        routed = c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()
+        assert routed["trace"]["domains_applied"] == {"shouty": 1.0} and routed["text"] != base
+        taken = c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "quiet"}, headers=ADMIN)
+        assert taken.status_code == 409 and taken.json()["error"]["type"] == "conflict"
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "math", "lora_path": "quiet"}, headers=ADMIN).status_code == 409
+        for path, reason in {"dora": "DoRA", "pickled": "pickle", "../artifacts/lm": "inside the adapter root",
+                             "nowhere": "no adapter folder"}.items():
+            refused = c.post("/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": path}, headers=ADMIN)
+            assert refused.status_code == 422 and reason in refused.json()["error"]["message"], (path, refused.text)
+        assert [a.name for a in load_manifest(manifest).chat.adapters] == ["shouty"]  # a refused one is not recorded
+        # in place: the new version serves; a refused new version leaves the old one serving
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "quiet", "load_inplace": True},
+                      headers=ADMIN).status_code == 200
+        quiet = c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()["text"]
+        assert quiet != routed["text"]
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "dora", "load_inplace": True},
+                      headers=ADMIN).status_code == 422
+        assert c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()["text"] == quiet
+        assert [a.source.path for a in load_manifest(manifest).chat.adapters] == ["adapters/quiet"]
+    with TestClient(create_app(settings, load_in_background=False)) as c:  # a restart serves what was loaded
+        assert c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()["text"] == quiet
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "nothing"}, headers=ADMIN).status_code == 404
+        unloaded = c.post("/v1/unload_lora_adapter", json={"lora_name": "shouty"}, headers=ADMIN)
+        assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'shouty' removed successfully."
+        assert c.post("/chat", json=request | {"route": {"shouty": 1.0}}).status_code == 422
+        assert load_manifest(manifest).chat.adapters == []
+    off = make_settings(manifest, watch=False)  # no admin token: the routes are off, as the admin routes are
+    with TestClient(create_app(off, load_in_background=False)) as c:
+        response = c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"})
+        assert response.status_code == 404 and "LOOPSTACK_ADMIN_TOKEN" in response.json()["error"]["message"]
+
+
+def test_load_and_unload_under_concurrent_requests_fail_none_and_a_running_answer_finishes(run_time_root):
+    import threading
+    from collections import Counter
+
+    import httpx
+
+    from tests.conftest import live_server
+    from tests.test_streaming import sse_events
+
+    settings = make_settings(run_time_root / "weights_manifest.yaml", admin_token="let-me-in", watch=False)
+    with live_server(create_app(settings, load_in_background=False), settings) as url:
+        assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "steady", "lora_path": "quiet"},
+                          headers=ADMIN, timeout=60).status_code == 200
+        stop, statuses = threading.Event(), Counter()
+
+        def client(route) -> None:
+            while not stop.is_set():
+                response = httpx.post(f"{url}/chat", json={"prompt": "Hi", "max_tokens": 4, "route": route}, timeout=60)
+                statuses[response.status_code] += 1
+
+        clients = [threading.Thread(target=client, args=(route,)) for route in
+                   ("none", "auto", {"steady": 1.0}, {"steady": 0.5, "math": 1.0})]
+        for thread in clients:
+            thread.start()
+        finished = []
+        try:
+            for cycle in range(3):
+                loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "churn", "lora_path": "shouty"},
+                                    headers=ADMIN, timeout=60)
+                assert loaded.status_code == 200, loaded.text
+                body = {"prompt": "Tell me a story", "max_tokens": 24, "route": {"churn": 1.0}, "stream": True}
+                with httpx.stream("POST", f"{url}/chat", json=body, timeout=60) as stream:
+                    lines = stream.iter_lines()
+                    seen = [next(lines) for _ in range(2)]  # the first token's event: the answer is under way
+                    unloaded = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "churn"}, headers=ADMIN,
+                                          timeout=60)
+                    assert unloaded.status_code == 200
+                    rest = "\n".join(seen + list(lines))
+                finished.append(sse_events(type("Streamed", (), {"text": rest})())[-1])
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+    assert set(statuses) == {200} and statuses[200] >= 8, statuses
+    for name, done in finished:  # each answer begun before its adapter's unload ran to its end with it
+        assert name == "done" and done["trace"]["domains_applied"] == {"churn": 1.0} and done["usage"]["completion_tokens"] > 1
