@@ -34,7 +34,7 @@ from server.watch import watch_artifacts
 
 log = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 413, 415, 422, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503, 504)}
 
 
 def create_app(settings: Settings | None = None, load_in_background: bool = True) -> FastAPI:

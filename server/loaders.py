@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
-from server.chat.adapters import LoraAdapter, load_adapter
+from server.chat.adapter_residency import AdapterResidency
+from server.chat.adapters import WEIGHTS_FILE, LoraAdapter, load_adapter
 from server.chat.decoding import ChatJob, generate
 from server.chat.model import ChatModel, load_chat_base
 from server.chat.router import load_router_for
@@ -35,6 +36,7 @@ class LoadContext:
     resolver: ArtifactResolver
     device: str
     domains: tuple[str, ...]  # the chat domains of the manifest, in order
+    adapters: AdapterResidency | None = None  # keeps PEFT adapters' weights in memory within the cap
 
 
 class Loader(Protocol):
@@ -141,7 +143,11 @@ class AdapterLoader:
 
     def load(self, spec, parent: ChatModel, context: LoadContext) -> LoraAdapter:
         folder = context.resolver.source(spec.source)
-        return load_adapter(folder, spec.name, parent.model, parent.name, spec.source.path)
+        adapter = load_adapter(folder, spec.name, parent.model, parent.name, spec.source.path,
+                               spec.source.files.get(WEIGHTS_FILE))
+        if context.adapters is not None:
+            context.adapters.admit(adapter)
+        return adapter
 
     def warm(self, value: LoraAdapter, parent: ChatModel) -> Callable[[], object]:
         chat = replace(parent, domains=(), stacks={}, adapters={value.name: value})

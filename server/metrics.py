@@ -128,6 +128,24 @@ class Metrics:
         )
         for reason in ("stop", "length"):
             self.chat_finished.labels(finish_reason=reason)
+        # PEFT adapters: which are in memory (LOOPSTACK_MAX_LOADED_ADAPTERS), their loads and evictions
+        self.chat_adapters_resident = Gauge(
+            "loopstack_chat_adapters_resident", "PEFT adapters whose weights are in memory", registry=r)
+        self.chat_adapters_running = Gauge(
+            "loopstack_chat_adapters_running", "Distinct PEFT adapters the running chat rows use", registry=r)
+        self.chat_adapter_loads = Counter(
+            "loopstack_chat_adapter_loads", "Adapter weights read into memory, by result (loaded, failed)", ["result"],
+            registry=r)
+        self.chat_adapter_evictions = Counter(
+            "loopstack_chat_adapter_evictions", "Adapters past the cap: weights given back (evicted), or kept because "
+            "every adapter in memory serves a running row (deferred)", ["result"], registry=r)
+        self.chat_adapter_load_seconds = Histogram(
+            "loopstack_chat_adapter_load_seconds", "Time to read (and checksum) one adapter's weights",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
+        for result in ("loaded", "failed"):
+            self.chat_adapter_loads.labels(result=result)
+        for result in ("evicted", "deferred"):
+            self.chat_adapter_evictions.labels(result=result)
 
     def _artifacts(self, r: CollectorRegistry) -> None:
         # one series per manifest entry ("digits-dit", "digits-dit/ilf", "zoo-lm/stacks/math", ...)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from server.artifacts import ArtifactError
+from server.chat.adapter_residency import AdapterResidency
+from server.chat.adapters import LoraAdapter
 from server.chat.model import ChatModel
 from server.imaging.backbones import ImageBackbone
 from server.loaders import LOADERS, EntryKind, LoadContext, planned_groups
@@ -88,6 +90,7 @@ class Registry:
         self._sets_lock = threading.Lock()
         self._in_flight: dict[int, int] = defaultdict(int)
         self._retired: dict[int, ModelSet] = {}
+        self.adapters = AdapterResidency(settings.max_loaded_adapters, metrics)
 
     # ---------------------------------------------------------------- requests
     @property
@@ -142,10 +145,11 @@ class Registry:
             self.metrics.artifact_refused.labels(model="manifest").set(0)
             context = LoadContext(self.settings.manifests().resolver(self.settings.allow_network),
                                   self.settings.torch_device(),
-                                  tuple(spec.name for group in groups for _, kind, spec, _ in group if kind == "stacks"))
+                                  tuple(spec.name for group in groups for _, kind, spec, _ in group if kind == "stacks"),
+                                  self.adapters)
             for key in removed:  # gone from the manifest: no longer served
                 log.info("removed %s: the manifest no longer lists it", key)
-                del self._entries[key]
+                self._forget(self._entries.pop(key).value)
                 self.metrics.artifact_refused.labels(model=key).set(0)
             if removed:
                 self._swap()
@@ -217,6 +221,7 @@ class Registry:
                       "the previous version keeps serving" if entry.value is not None else "not served")
             report["refused"].append({"entry": key, "reason": entry.error})
             return False
+        self._forget(entry.value)
         entry.value, entry.served_spec, entry.generation, entry.parent_generation, entry.digest = (
             value, spec, self._generation + 1, parent_generation, digest)  # it serves from the next swap on
         entry.files, entry.loaded_at, entry.error, entry.attempted = before, time.time(), None, True
@@ -227,6 +232,12 @@ class Registry:
         log.info("loaded %s (generation %d) in %.2f s", key, entry.generation, time.perf_counter() - started)
         report["loaded"].append(key)
         return True
+
+    def _forget(self, value) -> None:
+        """An adapter version that serves no more counts no longer against the cap (requests still
+        running on it read its weights back if they need them)."""
+        if isinstance(value, LoraAdapter):
+            self.adapters.forget(value)
 
     def _run(self, engine: str, fn: Callable) -> None:
         worker = self.workers.get(engine)

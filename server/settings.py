@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     adapter_root: Path | None = Field(
         None, description="Folder whose PEFT adapters POST /v1/load_lora_adapter may load (lora_path is relative "
                           "to it, and nothing outside it loads); inside the artifact root. Default: <artifact_root>/adapters.")
+    max_loaded_adapters: int = Field(0, ge=0, description=(
+        "PEFT adapters whose weights stay in memory; the rest load at their next use (0: every one)."))
     allow_network: bool = Field(
         False, description="Let hub ids in the manifest download. Off by default: nothing is fetched."
     )

@@ -7,23 +7,18 @@ reason."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastapi.testclient import TestClient
-
-from server.app import create_app
 from server.artifacts import folder_digests
 from server.chat.adapters import AdapterError, load_adapter
 from server.chat.model import load_chat_base
 from server.chat.moe_lora import MoELoRAConfig, batch_route, covered_layers
 from server.chat.stacks import DomainStacks
-from server.manifest import Adapter, ArtifactResolver, ChatBase, Source, load_manifest, write_manifest
+from server.manifest import ArtifactResolver, ChatBase, Source
 from tests.builders import build_causal_lm
-from tests.conftest import make_settings, recorded_source
 
 peft = pytest.importorskip("peft")  # a test dependency (pyproject's dev extra): never missing in CI
 
@@ -115,7 +110,7 @@ def test_the_scales_and_targets_are_peft_s(tiny):
     folder = peft_adapter(tiny, "patterns", **ADAPTERS["patterns"])
     chat = served_base(tiny)
     adapter = load_adapter(folder, "patterns", chat.model, chat.name)
-    layers = adapter.per_layer
+    layers = adapter.weights()
     assert layers["model.layers.0.self_attn.o_proj"].lora_A.shape[0] == 2  # rank_pattern
     assert layers["model.layers.1.mlp.down_proj"].lora_A.shape[0] == 6
     assert layers["model.layers.0.mlp.down_proj"].scale == pytest.approx(3 / 4)  # alpha_pattern over r
@@ -123,11 +118,11 @@ def test_the_scales_and_targets_are_peft_s(tiny):
     assert layers["model.layers.0.self_attn.q_proj"].scale == pytest.approx(8 / 4)
     assert adapter.describe()["targets"] == ["down_proj", "o_proj", "q_proj"] and adapter.ranks == [2, 4, 6]
     rs = load_adapter(peft_adapter(tiny, "rs", **ADAPTERS["rslora-mlp"]), "rs", chat.model, chat.name)
-    assert [w.scale for w in rs.per_layer.values()] == pytest.approx([4 / 8 ** 0.5] * 6)
+    assert [w.scale for w in rs.weights().values()] == pytest.approx([4 / 8 ** 0.5] * 6)
     one = load_adapter(peft_adapter(tiny, "one", **ADAPTERS["one-layer"]), "one", chat.model, chat.name)
-    assert list(one.per_layer) == ["model.layers.0.self_attn.q_proj"]
+    assert list(one.plan) == ["model.layers.0.self_attn.q_proj"]
     regex = load_adapter(peft_adapter(tiny, "re", **ADAPTERS["regex"]), "re", chat.model, chat.name)
-    assert sorted(regex.per_layer) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    assert sorted(regex.plan) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
 
 
 def test_an_adapter_mixed_with_a_stack_route_adds_both_deltas(tiny):
@@ -155,7 +150,7 @@ def test_an_adapter_mixed_with_a_stack_route_adds_both_deltas(tiny):
         with torch.no_grad(), chat.mounted(route):
             outputs[key] = layer(x)
     assert torch.allclose(outputs["both"], outputs["adapter"] + outputs["stack"] - outputs["base"], atol=1e-6)
-    lora = chat.adapters["mix"].per_layer[name]
+    lora = chat.adapters["mix"].weights()[name]
     assert torch.allclose(outputs["adapter"] - outputs["base"], lora.scale * (x @ lora.lora_A.T) @ lora.lora_B.T,
                           atol=1e-6)
 
@@ -207,163 +202,3 @@ def test_an_adapter_of_another_shape_and_files_that_are_not_an_adapter_are_refus
     (tmp_path / "half" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00")
     with pytest.raises(AdapterError, match="cannot be read as safetensors"):
         load_adapter(tmp_path / "half", "half", chat.model, chat.name)
-
-
-@pytest.fixture(scope="module")
-def adapter_manifest(zoo_dir, manifest_path, tmp_path_factory) -> Path:
-    """The tiny zoo plus two PEFT adapters made on its chat base: one served, one that is refused (DoRA)."""
-    root = tmp_path_factory.mktemp("served-adapters")
-    shutil.copytree(zoo_dir / "artifacts", root / "artifacts")
-    for name, config in {"shouty": ADAPTERS["r16-all"], "dora": dict(r=4, target_modules=["q_proj"], use_dora=True)}.items():
-        peft_adapter(root / "artifacts", name, **config, base="lm")  # into artifacts/adapters/<name>
-    manifest = load_manifest(manifest_path)
-    adapters = [Adapter(name=n, source=recorded_source(root, f"artifacts/adapters/{n}")) for n in ("shouty", "dora")]
-    chat = manifest.chat.model_copy(update={"adapters": adapters})
-    write_manifest(manifest.model_copy(update={"chat": chat}), root / "weights_manifest.yaml")
-    return root / "weights_manifest.yaml"
-
-
-def test_an_adapter_in_the_manifest_serves_by_name_by_alias_and_in_the_model_list(adapter_manifest):
-    with TestClient(create_app(make_settings(adapter_manifest), load_in_background=False)) as c:
-        request = {"prompt": "Hello there", "max_tokens": 6}
-        routed = c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()
-        base = c.post("/chat", json=request | {"route": "none"}).json()
-        auto = c.post("/chat", json=request).json()
-        alias = c.post("/v1/chat/completions", json={"model": "tiny-lm+shouty", "max_tokens": 6, "temperature": 0,
-                                                     "messages": [{"role": "user", "content": "Hello there"}]})
-        unknown = c.post("/chat", json=request | {"route": {"whisper": 1.0}})
-        models = c.get("/v1/models").json()["data"]
-    assert routed["trace"]["domains_applied"] == {"shouty": 1.0} and routed["text"] != base["text"]
-    assert auto["trace"]["domains_applied"] == {} and auto["text"] == base["text"]
-    assert alias.status_code == 200 and alias.json()["choices"][0]["message"]["content"] == routed["text"]
-    assert unknown.status_code == 422 and "whisper" in unknown.json()["error"]["message"]
-    card = next(m for m in models if m["id"] == "tiny-lm")
-    assert card["adapters"] == ["shouty"] and "tiny-lm+shouty" in {m["id"] for m in models}
-    described = card["details"]["adapters"]["shouty"]
-    assert described["rank"] == 16 and len(described["targets"]) == 7 and described["source"] == "artifacts/adapters/shouty"
-    refused = [e for e in card["errors"] if e["entry"] == "tiny-lm/adapters/dora"]
-    assert refused and "DoRA" in refused[0]["reason"]
-
-
-def test_auto_leaves_off_an_adapter_the_router_was_not_trained_on_and_says_so():
-    from server.chat.router import plan_route
-
-    class Router:  # the meta-router's interface plan_route reads: its domains and its route
-        config = type("Config", (), {"domains": ("math",)})()
-
-        def route(self, probabilities):
-            return {"math": float(probabilities[0])}, {}
-
-    plan = plan_route("auto", ("math",), {"math": 1, "shouty": 1}, Router(), {"math": 0.9}, ("shouty",))
-    assert plan.weights == {"math": pytest.approx(0.9)} and "not trained on" in plan.gated_off["shouty"]
-    explicit = plan_route({"shouty": 0.5, "math": 1.0}, ("math",), {"math": 1, "shouty": 1}, Router(), None, ("shouty",))
-    assert explicit.weights == {"math": 1.0, "shouty": 0.5}
-
-
-@pytest.fixture
-def run_time_root(zoo_dir, manifest_path, tmp_path_factory) -> Path:
-    """The tiny zoo with no adapter in its manifest, and three PEFT folders in its adapter root."""
-    root = tmp_path_factory.mktemp("run-time")
-    shutil.copytree(zoo_dir / "artifacts", root / "artifacts")
-    for name, config in {"shouty": ADAPTERS["r16-all"], "quiet": ADAPTERS["r4-attention"],
-                         "dora": dict(r=4, target_modules=["q_proj"], use_dora=True)}.items():
-        shutil.move(peft_adapter(root / "artifacts", name, **config, base="lm"), root / "adapters" / name)
-    (root / "adapters" / "pickled").mkdir()
-    shutil.copy(root / "adapters" / "quiet" / "adapter_config.json", root / "adapters" / "pickled")
-    (root / "adapters" / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
-    write_manifest(load_manifest(manifest_path), root / "weights_manifest.yaml")
-    return root
-
-
-ADMIN = {"Authorization": "Bearer let-me-in"}
-
-
-def test_adapters_load_and_unload_at_run_time_with_vllm_s_routes(run_time_root):
-    manifest = run_time_root / "weights_manifest.yaml"
-    settings = make_settings(manifest, admin_token="let-me-in", watch=False)
-    request = {"prompt": "Hello there", "max_tokens": 6}
-    with TestClient(create_app(settings, load_in_background=False)) as c:
-        base = c.post("/chat", json=request | {"route": "none"}).json()["text"]
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"}).status_code == 401
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"},
-                      headers={"Authorization": "Bearer nope"}).status_code == 403
-        loaded = c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"}, headers=ADMIN)
-        assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'shouty' added successfully."
-        routed = c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()
-        assert routed["trace"]["domains_applied"] == {"shouty": 1.0} and routed["text"] != base
-        taken = c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "quiet"}, headers=ADMIN)
-        assert taken.status_code == 409 and taken.json()["error"]["type"] == "conflict"
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "math", "lora_path": "quiet"}, headers=ADMIN).status_code == 409
-        for path, reason in {"dora": "DoRA", "pickled": "pickle", "../artifacts/lm": "inside the adapter root",
-                             "nowhere": "no adapter folder"}.items():
-            refused = c.post("/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": path}, headers=ADMIN)
-            assert refused.status_code == 422 and reason in refused.json()["error"]["message"], (path, refused.text)
-        assert [a.name for a in load_manifest(manifest).chat.adapters] == ["shouty"]  # a refused one is not recorded
-        # in place: the new version serves; a refused new version leaves the old one serving
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "quiet", "load_inplace": True},
-                      headers=ADMIN).status_code == 200
-        quiet = c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()["text"]
-        assert quiet != routed["text"]
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "dora", "load_inplace": True},
-                      headers=ADMIN).status_code == 422
-        assert c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()["text"] == quiet
-        assert [a.source.path for a in load_manifest(manifest).chat.adapters] == ["adapters/quiet"]
-    with TestClient(create_app(settings, load_in_background=False)) as c:  # a restart serves what was loaded
-        assert c.post("/chat", json=request | {"route": {"shouty": 1.0}}).json()["text"] == quiet
-        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "nothing"}, headers=ADMIN).status_code == 404
-        unloaded = c.post("/v1/unload_lora_adapter", json={"lora_name": "shouty"}, headers=ADMIN)
-        assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'shouty' removed successfully."
-        assert c.post("/chat", json=request | {"route": {"shouty": 1.0}}).status_code == 422
-        assert load_manifest(manifest).chat.adapters == []
-    off = make_settings(manifest, watch=False)  # no admin token: the routes are off, as the admin routes are
-    with TestClient(create_app(off, load_in_background=False)) as c:
-        response = c.post("/v1/load_lora_adapter", json={"lora_name": "shouty", "lora_path": "shouty"})
-        assert response.status_code == 404 and "LOOPSTACK_ADMIN_TOKEN" in response.json()["error"]["message"]
-
-
-def test_load_and_unload_under_concurrent_requests_fail_none_and_a_running_answer_finishes(run_time_root):
-    import threading
-    from collections import Counter
-
-    import httpx
-
-    from tests.conftest import live_server
-    from tests.test_streaming import sse_events
-
-    settings = make_settings(run_time_root / "weights_manifest.yaml", admin_token="let-me-in", watch=False)
-    with live_server(create_app(settings, load_in_background=False), settings) as url:
-        assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "steady", "lora_path": "quiet"},
-                          headers=ADMIN, timeout=60).status_code == 200
-        stop, statuses = threading.Event(), Counter()
-
-        def client(route) -> None:
-            while not stop.is_set():
-                response = httpx.post(f"{url}/chat", json={"prompt": "Hi", "max_tokens": 4, "route": route}, timeout=60)
-                statuses[response.status_code] += 1
-
-        clients = [threading.Thread(target=client, args=(route,)) for route in
-                   ("none", "auto", {"steady": 1.0}, {"steady": 0.5, "math": 1.0})]
-        for thread in clients:
-            thread.start()
-        finished = []
-        try:
-            for cycle in range(3):
-                loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "churn", "lora_path": "shouty"},
-                                    headers=ADMIN, timeout=60)
-                assert loaded.status_code == 200, loaded.text
-                body = {"prompt": "Tell me a story", "max_tokens": 24, "route": {"churn": 1.0}, "stream": True}
-                with httpx.stream("POST", f"{url}/chat", json=body, timeout=60) as stream:
-                    lines = stream.iter_lines()
-                    seen = [next(lines) for _ in range(2)]  # the first token's event: the answer is under way
-                    unloaded = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "churn"}, headers=ADMIN,
-                                          timeout=60)
-                    assert unloaded.status_code == 200
-                    rest = "\n".join(seen + list(lines))
-                finished.append(sse_events(type("Streamed", (), {"text": rest})())[-1])
-        finally:
-            stop.set()
-            for thread in clients:
-                thread.join(timeout=60)
-    assert set(statuses) == {200} and statuses[200] >= 8, statuses
-    for name, done in finished:  # each answer begun before its adapter's unload ran to its end with it
-        assert name == "done" and done["trace"]["domains_applied"] == {"churn": 1.0} and done["usage"]["completion_tokens"] > 1

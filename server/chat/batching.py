@@ -28,10 +28,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
+from server.chat.adapter_residency import keep_running
+from server.chat.adapters import LoraAdapter
 from server.chat.decoding import ChatJob, ChatResult, DecodeBatch, Decoding, batchable
 from server.chat.model import ChatModel
 from server.chat.moe_lora import stacked_projections
 from server.engine import QueueFull, ServiceRate
+from server.errors import ApiError
 from server.chat.streamed import StreamedText
 from server.metrics import CURRENT_REQUEST, Metrics
 
@@ -209,6 +212,7 @@ class ChatEngine:
                 self._call(fn, args, future)
             try:
                 self._admit()
+                self._keep_adapters()
                 self._prefill()
                 for batch in list(self._batches):
                     self._decode(batch)
@@ -227,6 +231,36 @@ class ChatEngine:
                 row.future.set_exception(error)
         for _, _, future in self._calls:
             future.set_exception(error)
+
+    def _keep_adapters(self) -> None:
+        """The PEFT adapters of every row reading its prompt or decoding in memory, and kept there
+        (LOOPSTACK_MAX_LOADED_ADAPTERS evicts others only). An adapter whose file no longer reads
+        back as it was admitted fails the rows that use it, not the others."""
+        rows = self._prefilling + [row for batch in self._batches for row in batch.rows]
+        uses = {id(row): [a for name, weight in row.plan.weights.items()
+                          if weight and (a := row.chat.adapters.get(name)) is not None]
+                for row in rows if row.plan is not None}
+        used = {id(a): a for adapters in uses.values() for a in adapters}
+        failed: dict[int, Exception] = {}
+        for key, adapter in used.items():
+            if not adapter.resident:
+                try:
+                    (adapter.residency.load if adapter.residency else LoraAdapter.weights)(adapter)
+                except Exception as exc:
+                    log.error("adapter %s cannot be read back: %s", adapter.name, exc)
+                    failed[key] = ApiError(503, f"adapter {adapter.name!r} cannot be read back from its file ({exc}); "
+                                                f"the operator reloads it")
+        if failed:
+            def fails(row) -> Exception | None:
+                return next((failed[id(a)] for a in uses.get(id(row), []) if id(a) in failed), None)
+
+            for row in rows:
+                if (error := fails(row)) is not None and not row.future.done():
+                    row.future.set_exception(error)
+            self._prefilling = [row for row in self._prefilling if fails(row) is None]
+            for batch in self._batches:
+                self._keep(batch, [i for i, row in enumerate(batch.rows) if fails(row) is None])
+        keep_running([a for key, a in used.items() if key not in failed])
 
     @staticmethod
     def _call(fn, args, future: Future) -> None:

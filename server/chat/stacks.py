@@ -74,10 +74,9 @@ class ServedStacks:
         self.adapters = tuple(adapters)
         self._fused: dict[tuple, FusedFrozenStacks] = {}
         self._layers: dict[StackedMoELoRALinear, LayerStacks] = {}
-        self._loras = {layer: [(a.name, a.per_layer[name]) for a in adapters if name in a.per_layer]
-                       for name, layer in layers.items()}
+        self._loras = {layer: [(a.name, a, name) for a in adapters if name in a.plan] for name, layer in layers.items()}
         self._loras = {layer: loras for layer, loras in self._loras.items() if loras}
-        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # an adapter's rows per route
+        self._adapter_memo: dict[tuple, tuple] = {}  # per route: see _memo
         for name, layer in layers.items():
             stacks = [s for d in domains for s in d.per_layer.get(name, [])]
             if stacks:
@@ -95,7 +94,7 @@ class ServedStacks:
     def add(self, layer: StackedMoELoRALinear, x: torch.Tensor, out: torch.Tensor, route: Weights) -> torch.Tensor:
         loras = self._loras.get(layer)
         if loras and route:  # adapters are on only by name (route None: every stack at 1, no adapter)
-            out = add_adapters(out, x, loras, route, self._rows_of)
+            out = add_adapters(out, x, loras, route, self._memo)
         mine = self._layers.get(layer)
         if mine is None:
             return out
@@ -105,16 +104,14 @@ class ServedStacks:
         fused, weights = self.plan(mine, [mine], route, x.device)
         return out if fused is None else out + fused(x, weights).to(out.dtype)
 
-    def _rows_of(self, name: str, weights: torch.Tensor) -> torch.Tensor | None:
-        """The rows a per-row weight turns an adapter on for (None: no row), found once per route: a
-        route's tensors live as long as its rows decode together."""
-        key = (name, id(weights))
-        if key not in self._rows:
-            if len(self._rows) >= 256:
-                self._rows.clear()
-            rows = weights.nonzero().flatten()
-            self._rows[key] = (weights, rows if rows.numel() else None)  # holds the tensor: its id stays its own
-        return self._rows[key][1]
+    def _memo(self, key: tuple, build):
+        """What a route builds for the adapters (its rows' columns), built once: a key of tensor ids
+        must come with an entry that holds those tensors, so that an id stays theirs."""
+        if key not in self._adapter_memo:
+            if len(self._adapter_memo) >= 2048:
+                self._adapter_memo.clear()
+            self._adapter_memo[key] = build()
+        return self._adapter_memo[key]
 
     def plan(self, owner: LayerStacks, members: list[LayerStacks], route: Weights, device: torch.device) -> Plan:
         """This route's pass through `members` (one projection, or a shared-input group), built at its
