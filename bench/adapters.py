@@ -124,110 +124,108 @@ def metric(app, name: str, **labels) -> float:
     return app.state.services.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
+def throughput(bench: Bench, names: list[str], rounds: int) -> dict:
+    runs = {"base engine (route none)": lambda i, r: "none",
+            "8 clients, one shared adapter": lambda i, r: {names[0]: 1.0},
+            "8 clients, 8 different adapters": lambda i, r: {names[i]: 1.0}}
+    rows = {}
+    for label, routes_of in tqdm(runs.items(), desc="throughput", unit="setting"):
+        bench.clients(routes_of, 1)  # warm this setting's paths
+        rows[label] = bench.clients(routes_of, rounds)
+        tqdm.write(f"{label}: {rows[label]['tokens_per_s']:.1f} tokens/s")
+    return rows
+
+
+def load_to_first_token(bench: Bench, names: list[str]) -> list[float]:
+    """From each load call to the first token of a request on the new adapter."""
+    seconds = []
+    for name in names:
+        started = time.perf_counter()
+        bench.load(name, name)
+        seconds.append(bench.ask({name: 1.0}, PROMPTS[0], 4).token_times[0] - started)
+    return seconds
+
+
+def churn(app, bench: Bench, names: list[str], spare: list[str], rounds: int) -> dict:
+    """8 clients on random adapters of `names` (the cap in force) while 20 load/unload cycles of the
+    `spare` ones run; resident memory sampled throughout."""
+    rng, stop, cycles, cycle_failures, peak = random.Random(0), threading.Event(), [], [], [rss_bytes()]
+
+    def cycle_loads() -> None:
+        while not stop.is_set() and len(cycles) < 20:
+            name = spare[len(cycles) % 2]
+            started = time.perf_counter()
+            try:
+                bench.load(name, name)
+                bench.unload(name)
+            except Exception as exc:  # counted: a cycle must not fail either
+                cycle_failures.append(f"{type(exc).__name__}: {exc}")
+                return
+            cycles.append(time.perf_counter() - started)
+
+    def watch_memory() -> None:
+        while not stop.is_set():
+            peak.append(rss_bytes())
+            time.sleep(0.2)
+
+    loads_before = metric(app, "loopstack_chat_adapter_loads_total", result="loaded")
+    threads = [threading.Thread(target=cycle_loads), threading.Thread(target=watch_memory)]
+    for thread in threads:
+        thread.start()
+    result = bench.clients(lambda i, r: {rng.choice(names): 1.0}, rounds)
+    while len(cycles) < 20 and threads[0].is_alive():
+        bench.clients(lambda i, r: {rng.choice(names): 1.0}, 1)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return {**result, "cycles": len(cycles), "cycle_failures": cycle_failures,
+            "cycle_s": statistics.median(cycles) if cycles else float("nan"),
+            "loads": metric(app, "loopstack_chat_adapter_loads_total", result="loaded") - loads_before,
+            "evictions": metric(app, "loopstack_chat_adapter_evictions_total", result="evicted"),
+            "deferred": metric(app, "loopstack_chat_adapter_evictions_total", result="deferred"),
+            "resident": metric(app, "loopstack_chat_adapters_resident"), "rss_peak_bytes": max(peak)}
+
+
 def measure(settings: Settings, out: Path, tokens: int, registered: int, cap: int, rounds: int) -> dict:
     from fastapi.testclient import TestClient
 
     from server.app import create_app
 
+    if registered < CLIENTS + 3:
+        raise SystemExit(f"--registered must be at least {CLIENTS + 3} (8 for throughput, 3 for load latency)")
     work = settings.artifact_root.resolve() / "bench-adapters"
     manifest = out / "weights_manifest.yaml"
     write_manifest(load_manifest(settings.manifests().current()), manifest)
     bench_settings = settings.model_copy(update={"manifest": manifest, "adapter_root": work, "watch": False,
                                                  "max_loaded_adapters": cap, "serve_models": "chat",
                                                  "chat_max_batch": CLIENTS})
-    if registered < CLIENTS + 3:
-        raise SystemExit(f"--registered must be at least {CLIENTS + 3} (8 for throughput, 3 for load latency)")
     report: dict = {"clients": CLIENTS, "tokens": tokens, "rank": 16, "registered": registered, "cap": cap}
     app = create_app(bench_settings, load_in_background=False)
     try:
         with TestClient(app):
             bench = Bench(app, tokens)
-            chat = bench.chat
-            if chat is None:
+            if bench.chat is None:
                 raise SystemExit("no chat model serves from this artifact root: build it first (make zoo)")
-            layers = wrapped_layers(chat.model)
+            layers = wrapped_layers(bench.chat.model)
             names = [f"bench-r16-{i:02d}" for i in range(registered + 2)]
-            adapter_bytes = [write_adapter(work / n, layers, chat.name, 16, i)
-                             for i, n in enumerate(tqdm(names, desc="writing adapters", unit="adapter"))][0]
+            report["adapter_bytes"] = [write_adapter(work / n, layers, bench.chat.name, 16, i)
+                                       for i, n in enumerate(tqdm(names, desc="writing adapters", unit="adapter"))][0]
             bench.ask("none", PROMPTS[0], 4)  # warm
-            rss_base = rss_bytes()
+            report["rss_base_bytes"] = rss_bytes()
             report["load_s"] = [bench.load(n, n) for n in tqdm(names[:CLIENTS], desc="loading 8", unit="adapter")]
-            report["rss_base_bytes"], report["adapter_bytes"] = rss_base, adapter_bytes
-            runs = {"base engine (route none)": lambda i, r: "none",
-                    "8 clients, one shared adapter": lambda i, r: {names[0]: 1.0},
-                    "8 clients, 8 different adapters": lambda i, r: {names[i]: 1.0}}
-            report["throughput"] = {}
-            for label, routes_of in tqdm(runs.items(), desc="throughput", unit="setting"):
-                bench.clients(routes_of, 1)  # warm this setting's paths
-                report["throughput"][label] = bench.clients(routes_of, rounds)
-                tqdm.write(f"{label}: {report['throughput'][label]['tokens_per_s']:.1f} tokens/s")
-            # load latency: the load call to a new adapter's first token
-            first = []
-            for name in names[CLIENTS:CLIENTS + 3]:
-                started = time.perf_counter()
-                bench.load(name, name)
-                result = bench.ask({name: 1.0}, PROMPTS[0], 4)
-                first.append(result.token_times[0] - started)
-            report["load_to_first_token_s"] = first
-            # churn: every adapter registered, the cap in force, 20 load/unload cycles under 8 clients
+            report["throughput"] = throughput(bench, names, rounds)
+            report["load_to_first_token_s"] = load_to_first_token(bench, names[CLIENTS:CLIENTS + 3])
             for name in tqdm(names[CLIENTS + 3:registered], desc="registering", unit="adapter"):
                 bench.load(name, name)
             report["registered_adapters"] = len(bench.chat.adapters)
-            rng = random.Random(0)
-            spare = names[registered:registered + 2]
-            stop, cycles = threading.Event(), []
-
-            cycle_failures: list[str] = []
-
-            def cycle_loads() -> None:
-                while not stop.is_set() and len(cycles) < 20:
-                    name = spare[len(cycles) % 2]
-                    started = time.perf_counter()
-                    try:
-                        bench.load(name, name)
-                        bench.unload(name)
-                    except Exception as exc:  # counted: a cycle must not fail either
-                        cycle_failures.append(f"{type(exc).__name__}: {exc}")
-                        return
-                    cycles.append(time.perf_counter() - started)
-
-            loads_before = metric(app, "loopstack_chat_adapter_loads_total", result="loaded")
-            cycler = threading.Thread(target=cycle_loads)
-            cycler.start()
-            churn_names = names[:registered]
-            peak = [rss_bytes()]
-
-            def watch_memory() -> None:
-                while not stop.is_set():
-                    peak.append(rss_bytes())
-                    time.sleep(0.2)
-
-            watcher = threading.Thread(target=watch_memory)
-            watcher.start()
-            churn = bench.clients(lambda i, r: {rng.choice(churn_names): 1.0}, rounds)
-            while len(cycles) < 20 and cycler.is_alive():
-                bench.clients(lambda i, r: {rng.choice(churn_names): 1.0}, 1)
-            stop.set()
-            cycler.join()
-            watcher.join()
-            churn.update(cycles=len(cycles), cycle_failures=cycle_failures,
-                         cycle_s=statistics.median(cycles) if cycles else float("nan"),
-                         loads=metric(app, "loopstack_chat_adapter_loads_total", result="loaded") - loads_before,
-                         evictions=metric(app, "loopstack_chat_adapter_evictions_total", result="evicted"),
-                         deferred=metric(app, "loopstack_chat_adapter_evictions_total", result="deferred"),
-                         resident=metric(app, "loopstack_chat_adapters_resident"),
-                         rss_peak_bytes=max(peak))
-            report["churn"] = churn
+            report["churn"] = churn(app, bench, names[:registered], names[registered:], rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = report["throughput"]
-    base = t["base engine (route none)"]["tokens_per_s"]
-    for row in t.values():
+    base = report["throughput"]["base engine (route none)"]["tokens_per_s"]
+    for row in [*report["throughput"].values(), report["churn"]]:
         row["vs_base"] = row["tokens_per_s"] / base
-    report["churn"]["vs_base"] = report["churn"]["tokens_per_s"] / base
     allowed = report["rss_base_bytes"] + 1.1 * cap * report["adapter_bytes"]
-    report["churn"]["rss_within_cap"] = report["churn"]["rss_peak_bytes"] <= allowed
-    report["churn"]["rss_allowed_bytes"] = allowed
+    report["churn"].update(rss_allowed_bytes=allowed, rss_within_cap=report["churn"]["rss_peak_bytes"] <= allowed)
     return report
 
 

@@ -18,8 +18,6 @@ from server.manifest import Adapter, load_manifest, write_manifest
 from tests.conftest import make_settings, recorded_source
 from tests.test_adapters import ADAPTERS, peft_adapter, served_base, tiny  # noqa: F401 (tiny: a fixture)
 
-pytest.importorskip("peft")
-
 
 @pytest.fixture(scope="module")
 def adapter_manifest(zoo_dir, manifest_path, tmp_path_factory) -> Path:
@@ -250,3 +248,22 @@ def test_a_manifest_names_each_domain_and_adapter_once(manifest_path):
                              ([Adapter(name="a", source=folder), Adapter(name="a", source=folder)], "duplicate adapter"):
         with pytest.raises(ValidationError, match=problem):
             type(chat).model_validate({**chat.model_dump(), "adapters": [a.model_dump() for a in adapters]})
+
+
+def test_the_adapters_bench_runs_end_to_end_and_reports_what_it_claims(run_time_root, tmp_path):
+    from bench.adapters import measure, table
+    from server.settings import Settings
+
+    settings = Settings(manifest=run_time_root / "weights_manifest.yaml", artifact_root=run_time_root, device="cpu",
+                        _env_file=None)
+    report = measure(settings, tmp_path, tokens=2, registered=11, cap=4, rounds=1)
+    rows = report["throughput"]
+    assert list(rows) == ["base engine (route none)", "8 clients, one shared adapter", "8 clients, 8 different adapters"]
+    assert all(r["failed"] == 0 and r["tokens"] == 8 * 2 for r in rows.values())  # exactly the tokens asked
+    assert rows["base engine (route none)"]["vs_base"] == 1.0 and len(report["load_to_first_token_s"]) == 3
+    churn = report["churn"]
+    assert churn["cycles"] == 20 and not churn["cycle_failures"] and churn["failed"] == 0
+    assert churn["evictions"] > 0 and churn["resident"] <= 8  # past the cap only while rows run on them
+    assert not (run_time_root / "bench-adapters").exists()  # its adapters are removed
+    assert load_manifest(run_time_root / "weights_manifest.yaml").chat.adapters == []  # the bench's own manifest
+    assert "different adapters" in table(report)

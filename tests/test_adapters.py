@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft  # the reference the served adapters are checked against (pyproject's dev extra)
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from server.chat.moe_lora import MoELoRAConfig, batch_route, covered_layers
 from server.chat.stacks import DomainStacks
 from server.manifest import ArtifactResolver, ChatBase, Source
 from tests.builders import build_causal_lm
-
-peft = pytest.importorskip("peft")  # a test dependency (pyproject's dev extra): never missing in CI
 
 ADAPTERS = {  # name -> LoraConfig arguments: the shapes users bring
     "r4-attention": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -28,14 +28,20 @@ class UnloadLoraAdapter(BaseModel):
     lora_int_id: int | None = Field(None, description="Accepted for vLLM's clients; names identify adapters here.")
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, dependencies=[Depends(json_body)])
-async def load_lora_adapter(body: LoadLoraAdapter, svc: Services = Depends(services)) -> str:
+# vLLM answers in plain text; errors come in the one JSON shape, as everywhere
+PLAIN_TEXT = {200: {"description": "Success, in vLLM's words", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/v1/load_lora_adapter", responses=PLAIN_TEXT,
+             dependencies=[Depends(json_body)])
+async def load_lora_adapter(body: LoadLoraAdapter, svc: Services = Depends(services)) -> PlainTextResponse:
     """Verify, warm and serve a PEFT LoRA adapter; it is recorded in the built manifest (kept across restarts)."""
-    return await run_in_threadpool(load_at_run_time, svc.settings, svc.registry, body.lora_name, body.lora_path,
-                                   body.load_inplace)
+    return PlainTextResponse(await run_in_threadpool(load_at_run_time, svc.settings, svc.registry, body.lora_name,
+                                                     body.lora_path, body.load_inplace))
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, dependencies=[Depends(json_body)])
-async def unload_lora_adapter(body: UnloadLoraAdapter, svc: Services = Depends(services)) -> str:
+@router.post("/v1/unload_lora_adapter", responses=PLAIN_TEXT,
+             dependencies=[Depends(json_body)])
+async def unload_lora_adapter(body: UnloadLoraAdapter, svc: Services = Depends(services)) -> PlainTextResponse:
     """Stop serving an adapter; requests already using it finish with it."""
-    return await run_in_threadpool(unload_at_run_time, svc.settings, svc.registry, body.lora_name)
+    return PlainTextResponse(await run_in_threadpool(unload_at_run_time, svc.settings, svc.registry, body.lora_name))
