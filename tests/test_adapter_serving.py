@@ -105,7 +105,7 @@ def test_adapters_load_and_unload_at_run_time_with_vllm_s_routes(run_time_root):
         assert taken.status_code == 409 and taken.json()["error"]["type"] == "conflict"
         assert c.post("/v1/load_lora_adapter", json={"lora_name": "math", "lora_path": "quiet"}, headers=ADMIN).status_code == 409
         for path, reason in {"dora": "DoRA", "pickled": "pickle", "../artifacts/lm": "inside the adapter root",
-                             "nowhere": "no adapter folder"}.items():
+                             "nowhere": "no adapter folder", "a\u0000b": "not a path"}.items():
             refused = c.post("/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": path}, headers=ADMIN)
             assert refused.status_code == 422 and reason in refused.json()["error"]["message"], (path, refused.text)
         assert [a.name for a in load_manifest(manifest).chat.adapters] == ["shouty"]  # a refused one is not recorded

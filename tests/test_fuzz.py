@@ -57,6 +57,9 @@ def fuzz_schema(manifest_path):
     return schema, servable_hooks
 
 
+# their success writes the built manifest this module's app shares with others: the fuzz checks their
+# refusals, tests/test_adapter_serving.py their loads and unloads
+ADAPTER_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 IMAGE_MODELS = {"tiny-dit": 10, "tiny-dit-latent": 3, "tiny-pixart": 0}  # name: classes (0: text-conditional)
 IMAGE_PATHS = ("/generate-image", "/v1/images/generations")
 UNSUPPORTED_COMPLETION_FIELDS = ("n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
@@ -127,7 +130,7 @@ def test_no_request_gets_a_5xx_or_an_undocumented_answer(fuzz_schema, mode):
 
         fuzz()
         print(f"{mode.value} {method} {path}: {sum(statuses.values())} cases, statuses {dict(sorted(statuses.items()))}")
-        if positive and method == "POST":  # the generators reach the models
+        if positive and method == "POST" and path not in ADAPTER_ROUTES:  # the generators reach the models
             assert statuses.get(200, 0) > 0, (path, statuses)
         if not positive:
             assert all(400 <= status < 500 for status in statuses), (path, statuses)

@@ -27,11 +27,14 @@ def load_at_run_time(settings: Settings, registry: Registry, name: str, lora_pat
     root, artifacts = settings.adapters_folder(), settings.artifact_root.resolve()
     if not root.is_relative_to(artifacts):
         raise ApiError(422, "the adapter root (LOOPSTACK_ADAPTER_ROOT) must lie inside the artifact root", "lora_path")
-    folder = (root / lora_path).resolve()
-    if not folder.is_relative_to(root):
-        raise ApiError(422, "lora_path: must lie inside the adapter root (a path relative to it)", "lora_path")
-    if not folder.is_dir():
-        raise ApiError(422, f"lora_path: no adapter folder {lora_path!r} in the adapter root", "lora_path")
+    try:
+        folder = (root / lora_path).resolve()
+        if not folder.is_relative_to(root):
+            raise ApiError(422, "lora_path: must lie inside the adapter root (a path relative to it)", "lora_path")
+        if not folder.is_dir():
+            raise ApiError(422, f"lora_path: no adapter folder {lora_path!r} in the adapter root", "lora_path")
+    except ValueError as exc:  # a NUL byte, a lone surrogate: no file system takes it
+        raise ApiError(422, f"lora_path: not a path this system can open ({exc})", "lora_path") from exc
     manifests = settings.manifests()
     with manifests.updating() as manifest:
         if manifest.chat is None:
