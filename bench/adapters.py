@@ -10,7 +10,8 @@ the code behind POST /v1/load_lora_adapter), in this process:
 - load latency: from the load call to the first token of a request on the new adapter;
 - churn: 64 adapters registered with LOOPSTACK_MAX_LOADED_ADAPTERS=8, 8 clients each asking a random
   one, while 20 load/unload cycles of other adapters run: tokens/s, failed requests, loads and
-  evictions, and the process's resident memory against the base's plus the cap's adapters.
+  evictions, and the process's peak resident memory against the base engine's own peak under the
+  same 8 clients (measured before any adapter is loaded) plus the cap's adapters and 10%.
 The built manifest is not touched: the bench's own manifest (a copy) lives in `--out`.
 
     python -m bench.adapters --artifacts ROOT [--tokens 32] [--out runs/bench/adapters]
@@ -50,6 +51,25 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class PeakMemory:
+    """The process's peak resident memory while the block runs (sampled every 0.2 s)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 def write_adapter(folder: Path, layers: dict, base_name: str, rank: int, seed: int) -> int:
@@ -124,14 +144,17 @@ def metric(app, name: str, **labels) -> float:
     return app.state.services.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
-def throughput(bench: Bench, names: list[str], rounds: int) -> dict:
-    runs = {"base engine (route none)": lambda i, r: "none",
-            "8 clients, one shared adapter": lambda i, r: {names[0]: 1.0},
-            "8 clients, 8 different adapters": lambda i, r: {names[i]: 1.0}}
+BASE = "base engine (route none)"
+
+
+def throughput(bench: Bench, runs: dict, rounds: int) -> dict:
+    """Each setting warmed, then run: tokens/s and the process's peak resident memory meanwhile."""
     rows = {}
-    for label, routes_of in tqdm(runs.items(), desc="throughput", unit="setting"):
+    for label, routes_of in runs.items():
         bench.clients(routes_of, 1)  # warm this setting's paths
-        rows[label] = bench.clients(routes_of, rounds)
+        with PeakMemory() as memory:
+            rows[label] = bench.clients(routes_of, rounds)
+        rows[label]["rss_peak_bytes"] = memory.peak
         tqdm.write(f"{label}: {rows[label]['tokens_per_s']:.1f} tokens/s")
     return rows
 
@@ -149,7 +172,7 @@ def load_to_first_token(bench: Bench, names: list[str]) -> list[float]:
 def churn(app, bench: Bench, names: list[str], spare: list[str], rounds: int) -> dict:
     """8 clients on random adapters of `names` (the cap in force) while 20 load/unload cycles of the
     `spare` ones run; resident memory sampled throughout."""
-    rng, stop, cycles, cycle_failures, peak = random.Random(0), threading.Event(), [], [], [rss_bytes()]
+    rng, stop, cycles, cycle_failures = random.Random(0), threading.Event(), [], []
 
     def cycle_loads() -> None:
         while not stop.is_set() and len(cycles) < 20:
@@ -163,27 +186,21 @@ def churn(app, bench: Bench, names: list[str], spare: list[str], rounds: int) ->
                 return
             cycles.append(time.perf_counter() - started)
 
-    def watch_memory() -> None:
-        while not stop.is_set():
-            peak.append(rss_bytes())
-            time.sleep(0.2)
-
     loads_before = metric(app, "loopstack_chat_adapter_loads_total", result="loaded")
-    threads = [threading.Thread(target=cycle_loads), threading.Thread(target=watch_memory)]
-    for thread in threads:
-        thread.start()
-    result = bench.clients(lambda i, r: {rng.choice(names): 1.0}, rounds)
-    while len(cycles) < 20 and threads[0].is_alive():
-        bench.clients(lambda i, r: {rng.choice(names): 1.0}, 1)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    cycling = threading.Thread(target=cycle_loads)
+    with PeakMemory() as memory:
+        cycling.start()
+        result = bench.clients(lambda i, r: {rng.choice(names): 1.0}, rounds)
+        while len(cycles) < 20 and cycling.is_alive():
+            bench.clients(lambda i, r: {rng.choice(names): 1.0}, 1)
+        stop.set()
+        cycling.join()
     return {**result, "cycles": len(cycles), "cycle_failures": cycle_failures,
             "cycle_s": statistics.median(cycles) if cycles else float("nan"),
             "loads": metric(app, "loopstack_chat_adapter_loads_total", result="loaded") - loads_before,
             "evictions": metric(app, "loopstack_chat_adapter_evictions_total", result="evicted"),
             "deferred": metric(app, "loopstack_chat_adapter_evictions_total", result="deferred"),
-            "resident": metric(app, "loopstack_chat_adapters_resident"), "rss_peak_bytes": max(peak)}
+            "resident": metric(app, "loopstack_chat_adapters_resident"), "rss_peak_bytes": memory.peak}
 
 
 def measure(settings: Settings, out: Path, tokens: int, registered: int, cap: int, rounds: int) -> dict:
@@ -211,9 +228,12 @@ def measure(settings: Settings, out: Path, tokens: int, registered: int, cap: in
             report["adapter_bytes"] = [write_adapter(work / n, layers, bench.chat.name, 16, i)
                                        for i, n in enumerate(tqdm(names, desc="writing adapters", unit="adapter"))][0]
             bench.ask("none", PROMPTS[0], 4)  # warm
-            report["rss_base_bytes"] = rss_bytes()
+            report["rss_idle_bytes"] = rss_bytes()
+            report["throughput"] = throughput(bench, {BASE: lambda i, r: "none"}, rounds)  # before any adapter
             report["load_s"] = [bench.load(n, n) for n in tqdm(names[:CLIENTS], desc="loading 8", unit="adapter")]
-            report["throughput"] = throughput(bench, names, rounds)
+            report["throughput"].update(throughput(bench, {
+                "8 clients, one shared adapter": lambda i, r: {names[0]: 1.0},
+                "8 clients, 8 different adapters": lambda i, r: {names[i]: 1.0}}, rounds))
             report["load_to_first_token_s"] = load_to_first_token(bench, names[CLIENTS:CLIENTS + 3])
             for name in tqdm(names[CLIENTS + 3:registered], desc="registering", unit="adapter"):
                 bench.load(name, name)
@@ -221,9 +241,12 @@ def measure(settings: Settings, out: Path, tokens: int, registered: int, cap: in
             report["churn"] = churn(app, bench, names[:registered], names[registered:], rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = report["throughput"]["base engine (route none)"]["tokens_per_s"]
+    base = report["throughput"][BASE]["tokens_per_s"]
     for row in [*report["throughput"].values(), report["churn"]]:
         row["vs_base"] = row["tokens_per_s"] / base
+    # the base engine's own peak under the same 8 clients (its rows' caches and activations), before
+    # any adapter was loaded, plus the cap's adapters and 10%
+    report["rss_base_bytes"] = report["throughput"][BASE]["rss_peak_bytes"]
     allowed = report["rss_base_bytes"] + 1.1 * cap * report["adapter_bytes"]
     report["churn"].update(rss_allowed_bytes=allowed, rss_within_cap=report["churn"]["rss_peak_bytes"] <= allowed)
     return report
@@ -240,8 +263,9 @@ def table(report: dict) -> str:
     lines.append(f"churn: {c['cycles']} load/unload cycles (median {c['cycle_s']:.2f} s) under {report['clients']} "
                  f"clients, {c['failed']} failed of {c['requests'] + c['failed']} ({len(c['cycle_failures'])} failed cycles); {c['loads']:.0f} loads back from "
                  f"disk, {c['evictions']:.0f} evictions ({c['deferred']:.0f} deferred); {c['resident']:.0f} resident")
-    lines.append(f"memory: base {report['rss_base_bytes'] / mb:.0f} MiB, peak {c['rss_peak_bytes'] / mb:.0f} MiB, "
-                 f"allowed {c['rss_allowed_bytes'] / mb:.0f} MiB (base + 1.1 x {report['cap']} adapters of "
+    lines.append(f"memory: idle {report['rss_idle_bytes'] / mb:.0f} MiB, base engine at {report['clients']} clients "
+                 f"{report['rss_base_bytes'] / mb:.0f} MiB, churn peak {c['rss_peak_bytes'] / mb:.0f} MiB, "
+                 f"allowed {c['rss_allowed_bytes'] / mb:.0f} MiB (base engine + 1.1 x {report['cap']} adapters of "
                  f"{report['adapter_bytes'] / mb:.1f} MiB): {'within' if c['rss_within_cap'] else 'OVER'}")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ file's own metadata. Every refusal is an `ArtifactError` that names the file and
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
@@ -129,6 +130,15 @@ def own_memory(module: torch.nn.Module) -> torch.nn.Module:
             if tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
     return module
+
+
+def return_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing):
+    glibc keeps freed heap in the process otherwise."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------- safetensors with a JSON config

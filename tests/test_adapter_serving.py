@@ -261,6 +261,9 @@ def test_the_adapters_bench_runs_end_to_end_and_reports_what_it_claims(run_time_
     assert list(rows) == ["base engine (route none)", "8 clients, one shared adapter", "8 clients, 8 different adapters"]
     assert all(r["failed"] == 0 and r["tokens"] == 8 * 2 for r in rows.values())  # exactly the tokens asked
     assert rows["base engine (route none)"]["vs_base"] == 1.0 and len(report["load_to_first_token_s"]) == 3
+    # memory against the base engine's own peak under the same clients, before any adapter was loaded
+    assert report["rss_base_bytes"] == rows["base engine (route none)"]["rss_peak_bytes"] >= report["rss_idle_bytes"]
+    assert report["churn"]["rss_allowed_bytes"] == report["rss_base_bytes"] + 1.1 * 4 * report["adapter_bytes"]
     churn = report["churn"]
     assert churn["cycles"] == 20 and not churn["cycle_failures"] and churn["failed"] == 0
     assert churn["evictions"] > 0 and churn["resident"] <= 8  # past the cap only while rows run on them

@@ -105,6 +105,33 @@ def test_every_served_adapter_gives_peft_s_logits_alone_and_batched_with_other_r
         assert close(chat.model(ids[:2]).logits[0], expected[names[0]][0])
 
 
+def test_resident_adapters_share_one_bank_per_projection_and_stay_exact_through_an_eviction(tiny):
+    names = ["r16-all", "patterns", "rslora-mlp"]
+    folders = {name: peft_adapter(tiny, f"bank-{name}", seed=10 + i, **ADAPTERS[name]) for i, name in enumerate(names)}
+    chat = served_base(tiny)
+    for name, folder in folders.items():
+        chat.adapters[name] = load_adapter(folder, name, chat.model, chat.name)
+    ids = prompt_ids(chat)
+    expected = {name: peft_logits(tiny, folder, ids) for name, folder in folders.items()}
+
+    def batched(routes):
+        with torch.no_grad(), chat.mounted(batch_route(routes, chat.route_names)):
+            return chat.model(ids).logits
+
+    logits = batched([{n: 1.0} for n in names])
+    assert all(close(logits[i], expected[n][i]) for i, n in enumerate(names))
+    # a regression guard of the layout: on a projection, the adapters' weights are views of one bank
+    q = "model.layers.0.self_attn.q_proj"
+    on_q = [chat.adapters[n].weights()[q] for n in names if q in chat.adapters[n].plan]
+    assert len(on_q) == 2 and len({w.lora_A.untyped_storage().data_ptr() for w in on_q}) == 1
+    chat.adapters["patterns"].drop()  # evicted: the banks are rebuilt without it
+    logits = batched([{"rslora-mlp": 1.0}, {}, {"r16-all": 1.0}])
+    assert close(logits[0], expected["rslora-mlp"][0]) and close(logits[2], expected["r16-all"][2])
+    chat.adapters["patterns"].weights()  # read again (the engine does this before a step that needs it)
+    logits = batched([{n: 1.0} for n in reversed(names)])
+    assert all(close(logits[i], expected[n][i]) for i, n in enumerate(reversed(names)))
+
+
 def test_the_scales_and_targets_are_peft_s(tiny):
     folder = peft_adapter(tiny, "patterns", **ADAPTERS["patterns"])
     chat = served_base(tiny)

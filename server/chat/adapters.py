@@ -16,11 +16,8 @@ trainable tokens, a bias other than "none", LoRA on the embeddings, the LM head 
 other than a decoder layer's q/k/v/o/gate/up/down projection, an adapter of another base model,
 tensors that do not fit the base or that the configuration does not account for.
 
-No library serves several adapters per request in one batch on a CPU, so the per-row arithmetic is
-here (`add_adapters`): the adapters a batch's rows use run side by side as one pair of products, each
-row's weights on its own adapters' columns and zero on the others (in the spirit of Punica's
-batched LoRA, in PyTorch, dense over the batch's adapters: on a CPU the operations, not the
-multiply-adds, are the cost). Which adapters keep their weights in memory: server/chat/adapter_residency.py.
+How rows with different adapters decode in one batch: server/chat/lora_bank.py. Which adapters keep
+their weights in memory: server/chat/adapter_residency.py.
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ class AdapterError(ArtifactError):
 
 
 @dataclass(frozen=True)
-class LoraWeights:
+class LoraWeights:  # on one projection
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
     scale: float
@@ -76,6 +73,8 @@ class LoraWeights:
 class LoraAdapter:
     """A verified adapter: which projections it changes, at which rank and scale, and its weights,
     which are in memory or read again from its (checksummed) file when a request needs them."""
+
+    epoch = 0  # moves whenever any adapter's weights are read or dropped (the banks follow it)
 
     def __init__(self, name: str, plan: dict[str, tuple[int, float]], parameters: int, weights_file: Path,
                  sha256: str | None, base_model: str | None, source: str, like: torch.Tensor):
@@ -94,7 +93,11 @@ class LoraAdapter:
         weights = self._weights
         if weights is None:
             weights = self._weights = self.read()
+            LoraAdapter.epoch += 1
         return weights
+
+    def resident_weights(self) -> dict[str, LoraWeights] | None:
+        return self._weights
 
     def read(self) -> dict[str, LoraWeights]:
         if self.sha256 is not None:
@@ -109,6 +112,7 @@ class LoraAdapter:
 
     def drop(self) -> None:
         self._weights = None
+        LoraAdapter.epoch += 1
 
     @property
     def ranks(self) -> list[int]:
@@ -272,39 +276,3 @@ def load_adapter(folder: Path, name: str, model: nn.Module, served_as: str, sour
     except Exception as exc:
         raise AdapterError(weights_path, f"cannot be read ({exc})") from exc
     return adapter
-
-
-def add_adapters(out: torch.Tensor, x: torch.Tensor, loras: list[tuple[str, LoraAdapter, str]], route,
-                 memo) -> torch.Tensor:
-    """`out` plus each adapter's LoRA on this projection (`module`) at the route's weight: a float for
-    every row, or a [batch] tensor of per-row weights. Where rows use different adapters, all of them
-    run as one pair of products (their A and B side by side, each row's weights on its own adapters'
-    columns, zero elsewhere): a handful of operations a projection whatever the adapters, where one
-    pass per adapter cost five (measured: 8 adapters at 8 rows made a SmolLM2 decode step 2.6x the
-    base's that way). `memo(key, build)` keeps what a route builds for as long as the route lasts."""
-    per_row = []
-    for name, adapter, module in loras:
-        weight = route.get(name, 0.0)
-        if isinstance(weight, torch.Tensor):
-            per_row.append((weight, adapter.weights()[module]))
-        elif weight:
-            out = out + (adapter.weights()[module].delta(x) * float(weight)).to(out.dtype)
-    if not per_row:
-        return out
-    held, columns = memo(("columns", *(id(obj) for pair in per_row for obj in pair)),  # the entry holds what its key names
-                         lambda: (tuple(per_row), _row_columns(per_row)))
-    if columns is None:  # no row has any of these adapters on
-        return out
-    lora_A = per_row[0][1].lora_A if len(per_row) == 1 else torch.cat([lora.lora_A for _, lora in per_row])
-    lora_B = per_row[0][1].lora_B if len(per_row) == 1 else torch.cat([lora.lora_B for _, lora in per_row], 1)
-    hidden = x.to(lora_A.dtype) @ lora_A.T
-    hidden = hidden * columns.view(columns.shape[0], *[1] * (x.dim() - 2), columns.shape[1])
-    return out + (hidden @ lora_B.T).to(out.dtype)
-
-
-def _row_columns(per_row: list[tuple[torch.Tensor, LoraWeights]]) -> torch.Tensor | None:
-    """[rows, sum of ranks]: each row's weight times the adapter's scale on that adapter's columns."""
-    if not any(bool(weight.any()) for weight, _ in per_row):
-        return None
-    return torch.cat([(weight.to(lora.lora_A.dtype) * lora.scale)[:, None].expand(-1, lora.lora_A.shape[0])
-                      for weight, lora in per_row], 1)

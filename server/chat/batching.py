@@ -19,7 +19,6 @@ together, with that set's stacks mounted; two generations never share a step.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
+from server.artifacts import return_freed_memory
 from server.chat.adapter_residency import keep_running
 from server.chat.adapters import LoraAdapter
 from server.chat.decoding import ChatJob, ChatResult, DecodeBatch, Decoding, batchable
@@ -41,14 +41,6 @@ from server.metrics import CURRENT_REQUEST, Metrics
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 LONG_PROMPT_TOKENS = 1024  # a row with a prompt this long gives its memory back when it leaves
-
-
-def return_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ClientGone(Exception):

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from server.artifacts import ArtifactError
-from server.chat.adapters import LoraAdapter, add_adapters
+from server.chat.adapters import LoraAdapter
+from server.chat.lora_bank import LoraBanks, add_banked
 from server.chat.moe_lora import FusedFrozenStacks, MoELoRA, Weights, StackedMoELoRALinear, route_key, wrapped_layers
 from server.chat.stack_files import read_stack, read_stack_metadata
 
@@ -76,7 +77,7 @@ class ServedStacks:
         self._layers: dict[StackedMoELoRALinear, LayerStacks] = {}
         self._loras = {layer: [(a.name, a, name) for a in adapters if name in a.plan] for name, layer in layers.items()}
         self._loras = {layer: loras for layer, loras in self._loras.items() if loras}
-        self._adapter_memo: dict[tuple, tuple] = {}  # per route: see _memo
+        self._banks = LoraBanks(self._loras)
         for name, layer in layers.items():
             stacks = [s for d in domains for s in d.per_layer.get(name, [])]
             if stacks:
@@ -94,7 +95,7 @@ class ServedStacks:
     def add(self, layer: StackedMoELoRALinear, x: torch.Tensor, out: torch.Tensor, route: Weights) -> torch.Tensor:
         loras = self._loras.get(layer)
         if loras and route:  # adapters are on only by name (route None: every stack at 1, no adapter)
-            out = add_adapters(out, x, loras, route, self._memo)
+            out = add_banked(out, x, self._banks, layer, route)
         mine = self._layers.get(layer)
         if mine is None:
             return out
@@ -103,15 +104,6 @@ class ServedStacks:
             return out if delta is None else out + delta.to(out.dtype)
         fused, weights = self.plan(mine, [mine], route, x.device)
         return out if fused is None else out + fused(x, weights).to(out.dtype)
-
-    def _memo(self, key: tuple, build):
-        """What a route builds for the adapters (its rows' columns), built once: a key of tensor ids
-        must come with an entry that holds those tensors, so that an id stays theirs."""
-        if key not in self._adapter_memo:
-            if len(self._adapter_memo) >= 2048:
-                self._adapter_memo.clear()
-            self._adapter_memo[key] = build()
-        return self._adapter_memo[key]
 
     def plan(self, owner: LayerStacks, members: list[LayerStacks], route: Weights, device: torch.device) -> Plan:
         """This route's pass through `members` (one projection, or a shared-input group), built at its
