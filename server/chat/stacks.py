@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from server.artifacts import ArtifactError
 from server.chat.adapters import LoraAdapter
-from server.chat.lora_bank import LoraBanks, add_banked
+from server.chat.lora_bank import BANKS, add_banked
 from server.chat.moe_lora import FusedFrozenStacks, MoELoRA, Weights, StackedMoELoRALinear, route_key, wrapped_layers
 from server.chat.stack_files import read_stack, read_stack_metadata
 
@@ -77,7 +77,9 @@ class ServedStacks:
         self._layers: dict[StackedMoELoRALinear, LayerStacks] = {}
         self._loras = {layer: [(a.name, a, name) for a in adapters if name in a.plan] for name, layer in layers.items()}
         self._loras = {layer: loras for layer, loras in self._loras.items() if loras}
-        self._banks = LoraBanks(self._loras)
+        self._adapter_names = {a.name: a for a in adapters}
+        for layer, loras in self._loras.items():
+            BANKS.register(layer, loras)
         for name, layer in layers.items():
             stacks = [s for d in domains for s in d.per_layer.get(name, [])]
             if stacks:
@@ -95,7 +97,7 @@ class ServedStacks:
     def add(self, layer: StackedMoELoRALinear, x: torch.Tensor, out: torch.Tensor, route: Weights) -> torch.Tensor:
         loras = self._loras.get(layer)
         if loras and route:  # adapters are on only by name (route None: every stack at 1, no adapter)
-            out = add_banked(out, x, self._banks, layer, route)
+            out = add_banked(out, x, layer, route, self._adapter_names)
         mine = self._layers.get(layer)
         if mine is None:
             return out
