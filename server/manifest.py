@@ -61,6 +61,13 @@ class Artifact(_Strict):
     sha256: Sha256 | None = None  # absent until a local build records it; refused on load
 
 
+class DataFile(_Strict):
+    """Conversations a user's domain trained on (JSONL), kept for the router's refit; never served."""
+
+    path: str
+    sha256: Sha256
+
+
 class ILFArtifact(Artifact):
     steps: int = Field(ge=1, le=1000)
 
@@ -114,6 +121,7 @@ class Domain(_Strict):
     name: Name
     order: int = Field(ge=0)
     stacks: list[Artifact] = Field(default_factory=list)
+    data: DataFile | None = None  # a user's domain: the conversations it trained on
 
 
 class Adapter(_Strict):

@@ -93,3 +93,14 @@ def test_too_long_conversations_and_small_files_are_refused_with_their_lines(tmp
     conversations, _ = read_conversations(write_jsonl(tmp_path / "m.jsonl", many))
     train, validation = split_validation(conversations)
     assert len(validation) == 4 and len(train) == 36 and not {c.key() for c in train} & {c.key() for c in validation}
+
+
+def test_the_catalogue_example_is_200_training_conversations_apart_from_val_and_test_by_phrasing(tmp_path):
+    from training.data.catalogue import write_catalogue
+
+    assert write_catalogue(tmp_path) == {"train": 200, "val": 80, "test": 120}
+    splits = {s: read_conversations(tmp_path / f"{s}.jsonl") for s in ("train", "val", "test")}
+    assert all(not dropped for _, dropped in splits.values())  # no duplicate within a split
+    questions = {s: {c.messages[0][1] for c in convs} for s, (convs, _) in splits.items()}
+    assert not questions["train"] & questions["val"] and not questions["train"] & questions["test"]
+    assert not questions["val"] & questions["test"]

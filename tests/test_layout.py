@@ -16,8 +16,8 @@ SOURCES = ("server", "training", "bench", "deploy", "tests")
 # training's parts, bottom up: a module may import its own layer and the ones below
 TRAINING_LAYERS = {
     "artifacts": 0, "data": 0, "metrics": 0, "schedule": 0,
-    "brainstacks": 1, "ilf_distill": 1,
-    "zoo": 2,
+    "brainstacks": 1, "ilf_distill": 1, "ilf_conditions": 1,
+    "zoo": 2, "router_fit": 2, "own_domain": 2,
     "eval": 3,
     "__main__": 4, "__init__": 4,
 }

@@ -7,6 +7,8 @@ from pathlib import Path
 from server.manifest import BuiltManifest
 from server.settings import Settings
 
+STACKS = "chat"  # the chat zoo's stacks, router and users' domain data, under the artifact root
+
 
 def open_manifest(artifact_root: Path | None = None, template: Path | None = None) -> BuiltManifest:
     """The manifest files of an artifact root (default: the LOOPSTACK_ settings' root and template).

@@ -1,4 +1,5 @@
-"""Examples of the generated world as token batches: the loss counts the assistant's reply only."""
+"""Examples of the generated world, or a user's conversations, as token batches: the loss counts
+the assistant's reply only."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.data.chat_jsonl import Conversation, DomainExample, encode_conversation
 from training.data.world import Example
 
 IGNORE = -100
@@ -42,13 +44,15 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
                                          return_dict=True)["input_ids"]
 
 
-def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+def encode(tokenizer, example: Example | Conversation | DomainExample) -> tuple[list[int], list[int]]:
+    if isinstance(example, (Conversation, DomainExample)):
+        return encode_conversation(tokenizer, getattr(example, "conversation", example))
     prompt = prompt_ids(tokenizer, example.messages())
     reply = tokenizer(example.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt + reply, [IGNORE] * len(prompt) + reply
 
 
-def collate(tokenizer, items: list[Example]) -> Batch:
+def collate(tokenizer, items: list[Example | Conversation]) -> Batch:
     encoded = [encode(tokenizer, e) for e in items]
     length = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id
@@ -62,5 +66,5 @@ def collate(tokenizer, items: list[Example]) -> Batch:
     return Batch(input_ids, mask, labels)
 
 
-def batches(tokenizer, items: list[Example], size: int) -> list[Batch]:
+def batches(tokenizer, items: list[Example | Conversation], size: int) -> list[Batch]:
     return [collate(tokenizer, items[i : i + size]) for i in range(0, len(items), size)]

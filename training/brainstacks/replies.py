@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from training.brainstacks.data import prompt_ids
-from training.data.world import Example, final_answer
+from training.data.world import Example
 
 
 @torch.no_grad()
@@ -37,6 +37,6 @@ def generate_replies(model, tokenizer, items: list[Example], max_new_tokens: int
 def exact_match(model, tokenizer, items: list[Example], **kwargs) -> tuple[float, list[dict]]:
     """Share of replies whose stated final answer equals the expected one, and the per-item record."""
     replies = generate_replies(model, tokenizer, items, **kwargs)
-    records = [{"prompt": e.prompt, "expected": e.final, "reply": r, "correct": final_answer(r) == e.final}
+    records = [{"prompt": e.prompt, "expected": e.final, "reply": r, "correct": e.matches(r)}
                for e, r in zip(items, replies)]
     return sum(r["correct"] for r in records) / max(len(records), 1), records

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from server.chat.moe_lora import batch_route, routed
 from server.chat.router import WEIGHTINGS, MetaRouter, RouterConfig
 from training.brainstacks.data import Batch, batches, device_of, prompt_ids, reply_token_losses
-from training.data.world import Example, final_answer
+from training.data.world import Example
 from training.brainstacks.replies import generate_replies
 
 
@@ -217,7 +217,7 @@ def choose_weighting(router: MetaRouter, model, tokenizer, validation: list[Exam
     table = []
     for weighting, routes in candidates.items():
         served = [replies[e.prompt, tuple(sorted(r.items()))] for e, r in zip(validation, routes)]
-        exact = [final_answer(s) == e.final for s, e in zip(served, validation) if e.domain in domains]
+        exact = [e.matches(s) for s, e in zip(served, validation) if e.domain in domains]
         as_base = [s == replies[e.prompt, ()] for s, e in zip(served, validation) if e.domain not in domains]
         parts = [sum(rows) / len(rows) for rows in (exact, as_base) if rows]
         table.append({"weighting": weighting, "score": sum(parts) / len(parts),
@@ -249,13 +249,15 @@ def fit_router(router: MetaRouter, feats: list[tuple[torch.Tensor, torch.Tensor]
 
 def train_router(model, tokenizer, items: list[Example], domains: tuple[str, ...], cfg: RouterTraining,
                  middle_layer: int, hidden_size: int, general: list[Example] = (),
-                 validation: list[Example] = (), labelled: list[Example] = ()) -> tuple[MetaRouter, dict]:
-    """`items`: the domains' examples, targets discovered from their answers' losses; `labelled`:
-    more domain examples, target their own domain alone; `general`: prompts outside every domain,
-    target zero for every domain; `validation`: held-out domain and general prompts the gate
-    threshold is chosen on (without them the config's default stays)."""
+                 validation: list[Example] = (), labelled: list[Example] = (),
+                 discover: tuple[str, ...] | None = None) -> tuple[MetaRouter, dict]:
+    """`items`: the domains' examples, targets discovered from their answers' losses over the
+    `discover` domains (default: all; an adapter learns from its label alone); `labelled`: more
+    domain examples, target their own domain alone; `general`: prompts outside every domain, target
+    zero for every domain; `validation`: held-out domain and general prompts the gate threshold is
+    chosen on (without them the config's default stays)."""
     started = time.perf_counter()
-    chosen = discovered_routes(model, tokenizer, items, domains, cfg.margin, cfg.batch_size)
+    chosen = discovered_routes(model, tokenizer, items, discover or domains, cfg.margin, cfg.batch_size)
     own = torch.tensor([[float(e.domain == d) for d in domains] for e in labelled]).reshape(len(labelled), len(domains))
     target = torch.cat([targets(items, chosen, domains, cfg), own, torch.zeros(len(general), len(domains))])
     target = target.to(device_of(model))

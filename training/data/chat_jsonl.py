@@ -52,6 +52,46 @@ class Conversation:
         return [content for role, content, _ in self.messages if role == "assistant"][-1]
 
 
+SHORT_ANSWER_WORDS = 12  # answers this short are scored by exact match (longer ones by their loss only)
+
+
+def normalised(text: str) -> str:
+    """Case, spacing, surrounding quotes and trailing punctuation aside."""
+    return " ".join(text.lower().split()).strip("\"'` ").rstrip(".!?;:,").strip()
+
+
+@dataclass(frozen=True)
+class DomainExample:
+    """A user's conversation as the router's training and the evaluation read an example of the world
+    (training/data/world_tasks.py): its prompt (the conversation up to its last assistant turn), its
+    reference answer, and whether a reply is that answer."""
+
+    domain: str
+    conversation: Conversation
+
+    @property
+    def prompt(self) -> str:  # a key: the prompt's messages
+        return json.dumps(self.conversation.prompt)
+
+    @property
+    def answer(self) -> str:
+        return self.conversation.answer
+
+    @property
+    def final(self) -> str:
+        return normalised(self.answer)
+
+    @property
+    def short(self) -> bool:
+        return len(self.answer.split()) <= SHORT_ANSWER_WORDS
+
+    def messages(self) -> list[dict[str, str]]:
+        return self.conversation.prompt
+
+    def matches(self, reply: str) -> bool:
+        return normalised(reply) == self.final
+
+
 def _problem(record) -> str | None:
     """What makes one parsed line unusable, or None."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:

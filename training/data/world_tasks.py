@@ -25,6 +25,10 @@ class Example:
     def messages(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": self.prompt}]
 
+    def matches(self, reply: str) -> bool:
+        """Whether a reply's stated final answer is this example's."""
+        return final_answer(reply) == self.final
+
 
 def final_answer(reply: str) -> str | None:
     """The final answer a reply states (its last "Answer:" line), or None."""

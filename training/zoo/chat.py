@@ -18,20 +18,18 @@ from pathlib import Path
 
 from server.artifacts import write_atomically
 from server.chat.model import ChatModel
+from server.chat.moe_lora import MoELoRAConfig
 from server.chat.stack_files import save_stack
-from server.chat.router import save_router
 from server.manifest import Artifact, BuiltManifest, Domain
-from training.artifacts import machine, runs_folder
+from training.artifacts import STACKS, machine, runs_folder
 from training.brainstacks.boosting import BoostingConfig
 from training.brainstacks.continual import ContinualRecipe, domain_data, load_base, run_continual
 from training.brainstacks.nullspace import NullSpaceConfig
-from training.brainstacks.router_training import RouterTraining, train_router
+from training.brainstacks.router_training import RouterTraining
 from training.brainstacks.stacks import load_stack, stack_modules
-from training.data.world import examples, held_out
+from training.router_fit import fit_and_record, world_data
 from training.zoo.chat_base import PACKAGED_BASES, build_packaged_base
 from training.zoo.language import MICRO_LM, ZOO_LM, LMRecipe, build_zoo_lm
-
-STACKS = "chat"  # stacks and router, under the artifact root
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,8 @@ def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooReci
     data = {d: domain_data(chat.tokenizer, d, recipe) for d in recipe.domains}
 
     def record(order: int, domain: str, stacks: int, report: dict) -> None:
-        kept.append(save_domain(manifests, chat, recipe, order, domain, stacks, report["projection"]))
+        kept.append(save_domain(manifests, chat, recipe.boosting.stack, recipe.stacked, order, domain, stacks,
+                                report["projection"]))
         current = manifests.read()
         manifests.write(current.model_copy(update={
             "chat": current.chat.model_copy(update={"domains": list(kept), "router": None})}))
@@ -118,37 +117,19 @@ def build_chat_zoo(manifests: BuiltManifest, recipe: ChatZooRecipe = ChatZooReci
     return summary
 
 
-def save_domain(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, order: int, domain: str,
-                stacks: int, projection: str) -> Domain:
+def save_domain(manifests: BuiltManifest, chat: ChatModel, config: MoELoRAConfig, stacked: bool, order: int,
+                domain: str, stacks: int, projection: str) -> Domain:
     """Write a finished domain's frozen stacks; its manifest entry."""
     artifacts = []
     for index in range(stacks):
         relative = f"{STACKS}/{domain}-{index + 1}.safetensors"
         modules = stack_modules(chat.model, domain, index)
-        meta = {"round": index + 1, "order": order, "base": chat.name, "projection": projection,
-                "stacked": recipe.stacked}
-        sha = write_atomically(manifests.file(relative),
-                               lambda tmp: save_stack(tmp, modules, domain, recipe.boosting.stack, meta))
+        meta = {"round": index + 1, "order": order, "base": chat.name, "projection": projection, "stacked": stacked}
+        sha = write_atomically(manifests.file(relative), lambda tmp: save_stack(tmp, modules, domain, config, meta))
         artifacts.append(Artifact(path=relative, sha256=sha))
     return Domain(name=domain, order=order, stacks=artifacts)
 
 
 def build_router(manifests: BuiltManifest, chat: ChatModel, recipe: ChatZooRecipe, runs_dir: Path) -> dict:
     """Train the meta-router on every domain's stacks, write it, enter it in the built manifest."""
-    items = [e for d in recipe.domains for e in examples(d, "train", recipe.router.examples_per_domain, seed=2)]
-    labelled = [e for d in recipe.domains for e in examples(d, "train", recipe.router.labelled_per_domain, seed=3)]
-    general = examples("general", "train", recipe.router.general_examples, seed=2)
-    validation = ([e for d in recipe.domains for e in held_out(d, "val", recipe.router.validation_per_kind)]
-                  + examples("general", "val", recipe.router.general_validation))  # the families taking turns
-    config = chat.model.config
-    router, report = train_router(chat.model, chat.tokenizer, items, recipe.domains, recipe.router,
-                                  middle_layer=config.num_hidden_layers // 2, hidden_size=config.hidden_size,
-                                  general=general, validation=validation, labelled=labelled)
-    relative = f"{STACKS}/router.safetensors"
-    sha = write_atomically(manifests.file(relative), lambda tmp: save_router(tmp, router, {"base": chat.name}))
-    current = manifests.read()
-    manifests.write(current.model_copy(update={
-        "chat": current.chat.model_copy(update={"router": Artifact(path=relative, sha256=sha)})}))
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / "router.json").write_text(json.dumps(report, indent=1))
-    return {k: v for k, v in report.items() if k != "discovered"}
+    return fit_and_record(manifests, chat, world_data(recipe.domains, recipe.router), recipe.router, runs_dir)
