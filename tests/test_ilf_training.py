@@ -6,6 +6,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -15,6 +16,7 @@ from server.artifacts import load_with_config, sha256_file
 from server.imaging.ilf import ILFConfig
 from tests.conftest import built, make_settings
 from tests.test_ilf import backbone_named
+from training.ilf_conditions import Conditions
 from training.ilf_distill import (MICRO_ILF, TRAINING_SEED_BASE, VALIDATION_SEED_BASE, ILFTraining, distil,
                                   train_ilf)
 
@@ -24,7 +26,8 @@ TINY = MICRO_ILF
 def test_distillation_trains_only_the_feedback_module(manifest_path):
     backbone = backbone_named(manifest_path, "tiny-pixart")
     before = {k: v.clone() for k, v in backbone.transformer.state_dict().items()}
-    feedback, config, history = distil(backbone, TINY)
+    feedback, config, history = distil(backbone, TINY, conditions=Conditions(("a red square", "a blue disc"),
+                                                                             ("a green line",)))
 
     after = backbone.transformer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical backbone
@@ -110,3 +113,26 @@ def test_the_ablation_distils_each_variant_and_measures_it_on_validation_seeds(z
     entry = next(m for m in load_manifest(manifest_path).image if m.name == "tiny-dit").ilf
     served = ILFConfig(**load_with_config(built(manifest_path).file(entry.path), "ilf_config", "ILF")[1])
     assert served.served_guidance == ((2.0, 2.0) if winner == "one-step" else (1.0, 4.0))
+
+
+def test_ilf_distils_on_conditions_from_a_file_and_the_module_serves(zoo_dir, manifest_path, tmp_path):
+    """DiT- and PixArt-shaped backbones distilled on class ids and prompts read from files, nothing
+    about digits on the path; a file that names no class of the model, or no file for a text-to-image
+    model, is refused before any work."""
+    shutil.copytree(zoo_dir / "artifacts", tmp_path / "artifacts")
+    manifest = shutil.copy(manifest_path, tmp_path / "weights_manifest.yaml")
+    (tmp_path / "ids.txt").write_text("# the two classes served\n1\n2\n")
+    (tmp_path / "prompts.txt").write_text("a red square\na blue disc\na green line\na yellow ring\n")
+    for model, conditions, served in (("tiny-dit", "ids.txt", {"class_label": 1}),
+                                      ("tiny-pixart", "prompts.txt", {"prompt": "a red square"})):
+        train_ilf(built(manifest), model, TINY, runs_dir=tmp_path / "runs", conditions=tmp_path / conditions)
+        kept = json.loads((tmp_path / "runs" / model / "training.json").read_text())["history"][-1]
+        assert str(tmp_path / conditions) in kept["conditions"]
+        assert (kept["train_conditions"], kept["val_conditions"]) == ((2, 2) if model == "tiny-dit" else (3, 1))
+        with TestClient(create_app(make_settings(manifest), load_in_background=False)) as c:
+            assert c.post("/generate-image", json={"model": model, **served}).json()["mode"] == "ilf"
+    (tmp_path / "bad.txt").write_text("1\n99\n")
+    with pytest.raises(SystemExit, match="line 2: '99'"):
+        train_ilf(built(manifest), "tiny-dit", TINY, conditions=tmp_path / "bad.txt")
+    with pytest.raises(SystemExit, match="text-to-image"):
+        distil(backbone_named(manifest_path, "tiny-pixart"), TINY)

@@ -68,7 +68,8 @@ def ilf(m: BuiltManifest, args) -> None:
     from training.ilf_distill import ILFTraining, train_ilf
 
     cfg = ILFTraining(**{name: getattr(args, name) for name in _ilf_flags()})
-    path = train_ilf(m, args.model, cfg, if_missing=args.if_missing)
+    path = train_ilf(m, args.model, cfg, if_missing=args.if_missing, conditions=args.conditions,
+                     val_conditions=args.val_conditions, device=args.device)
     print(f"wrote {path}" if path else f"{args.model} already has an ILF module; nothing to do")
 
 
@@ -114,6 +115,52 @@ def eval_router_phrasings(m: BuiltManifest, args) -> None:
     run_router_phrasings(m, args.out, RouterPhrasingsEval(), args.device)
 
 
+def stacks_add(m: BuiltManifest, args) -> None:
+    from training.data.chat_jsonl import DataError
+    from training.own_domain import add_domain
+
+    try:
+        report = add_domain(m, args.domain, args.data, args.val, args.steps, device=args.device)
+    except DataError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"{args.domain}: {report['stacks']} stack(s) from {report['train']} conversations in "
+          f"{report['seconds'] / 60:.1f} min; entered in {m.path} (a running server loads it now)")
+
+
+def stacks_list(m: BuiltManifest, args) -> None:
+    from training.own_domain import list_domains
+
+    rows = list_domains(m)
+    print(f"{'domain':<20}{'order':>6}{'stacks':>8}{'own data':>10}{'router knows it':>17}")
+    for r in rows:
+        print(f"{r['domain']:<20}{r['order']:>6}{r['stacks']:>8}{'yes' if r['own data'] else 'no':>10}"
+              f"{'yes' if r['router knows it'] else 'no':>17}")
+
+
+def stacks_remove(m: BuiltManifest, args) -> None:
+    from training.own_domain import remove_domain
+
+    for line in remove_domain(m, args.domain):
+        print(line)
+
+
+def eval_domain(m: BuiltManifest, args) -> None:
+    from training.eval.own_domain import run_domain_eval
+
+    run_domain_eval(m, args.domain, args.data, args.out / args.domain, args.device)
+
+
+def router_fit(m: BuiltManifest, args) -> None:
+    from training.router_fit import refit_router
+
+    pairs = [item.split("=", 1) for item in args.adapter_data]
+    if bad := [item for item, pair in zip(args.adapter_data, pairs) if len(pair) != 2]:
+        raise SystemExit(f"--adapter-data takes NAME=FILE, not {bad}")
+    report = refit_router(m, {name: Path(path) for name, path in pairs}, device=args.device)
+    print(f"router written in {report['seconds'] / 60:.1f} min: gate threshold {report['gate_threshold']}, "
+          f"weighting {report['weighting']!r}; entered in {m.path} (a running server loads it now)")
+
+
 def _ilf_flags() -> dict:
     """`training ilf` takes every ILFTraining field that has a scalar default as a flag."""
     from training.ilf_distill import ILFTraining
@@ -126,6 +173,7 @@ IF_MISSING = (("--if-missing",), dict(action="store_true", help="do nothing when
 MODEL = (("--model",), dict(required=True, help="an image model of the manifest"))
 OUT = (("--out",), dict(type=Path, default=Path("runs/eval"), help="where reports, JSON and PNGs go"))
 DEVICE = (("--device",), dict(default="cpu", help="torch device to train or evaluate on (cpu, cuda)"))
+DOMAIN = (("--domain",), dict(required=True, help="the domain's name (letters, digits, . _ -)"))
 VARIANT = (("--variant",), dict(choices=("base-alone", "output", "input", "off"), default="base-alone",
                                 help="each domain on the base alone, served at the router's probabilities "
                                      "(default); or stacked on the earlier domains with a null space on the "
@@ -147,8 +195,14 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("zoo", "placeholder"): ("untrained stand-ins for entries not built yet, in seconds", zoo_placeholder,
                              [IF_MISSING]),
     ("ilf",): ("distil an Inner Loop Feedback module for an image model", ilf,
-               [MODEL, (("--if-missing",), dict(action="store_true",
-                                                help="do nothing when the model already has a module"))]),
+               [MODEL, DEVICE, (("--if-missing",), dict(action="store_true",
+                                                        help="do nothing when the model already has a module")),
+                (("--conditions",), dict(type=Path, default=None,
+                                         help="class ids or prompts to distil on, one per line (default: every "
+                                              "class id; the embedded zoo's models: their own files)")),
+                (("--val-conditions",), dict(type=Path, default=None,
+                                             help="conditions to validate on (default: prompts, a held-out tenth "
+                                                  "of --conditions; class ids, the same ids)"))]),
     ("ilf-sweep",): ("screen ILF loop spans and step counts with short distillations", ilf_sweep,
                      [MODEL, (("--updates",), dict(type=int, default=300)),
                       (("--out",), dict(type=Path, default=Path("runs/ilf")))]),
@@ -161,6 +215,21 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                                                  help="only these variants (default: all, in order)")),
                          (("--install",), dict(action="store_true", help="serve the variant with the best PSNR at "
                                                                         "the default guidance as the model's module"))]),
+    ("stacks", "add"): ("train a domain of your own from chat JSONL (OpenAI's fine-tuning format) into stacks "
+                        "on the chat base, entered in the built manifest", stacks_add,
+                        [DOMAIN, DEVICE, (("--data",), dict(type=Path, required=True, help="training conversations (JSONL)")),
+                         (("--val",), dict(type=Path, default=None, help="validation conversations (default: a "
+                                                                         "held-out tenth of --data)")),
+                         (("--steps",), dict(type=int, default=None, help="steps of the first round (later "
+                                                                          "rounds: a third; default 100)"))]),
+    ("stacks", "list"): ("the chat domains the built manifest serves", stacks_list, []),
+    ("stacks", "remove"): ("take a domain out of the built manifest (a running server drops it)", stacks_remove,
+                           [DOMAIN]),
+    ("router", "fit"): ("learn the meta-router again over every domain and adapter the manifest serves (the world's "
+                        "prompts, your domains' data, adapters' prompts given here)", router_fit,
+                        [DEVICE, (("--adapter-data",), dict(nargs="*", default=[], metavar="NAME=FILE",
+                                                            help="prompts of a PEFT adapter (chat JSONL), so that "
+                                                                 "'auto' routes to it"))]),
     ("eval", "images"): ("the image yardstick: speed, accuracy, Digit-FID, fidelity to DDIM-20", eval_images,
                          [OUT, (("--models",), dict(nargs="*", help="only these image models")),
                           (("--per-class",), dict(type=int, default=30, help="images per digit (protocol: 30)"))]),
@@ -173,6 +242,10 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                                (("--compare",), dict(type=Path, nargs="*", default=[],
                                                      help="other artifact roots (zoos built with another --variant) "
                                                           "to evaluate on the same prompts"))]),
+    ("eval", "domain"): ("your domain on its held-out conversations (base, the domain alone, auto: exact match of "
+                         "short answers, answer loss), the router's share, and forgetting on the world's domains",
+                         eval_domain, [OUT, DEVICE, DOMAIN, (("--data",), dict(type=Path, required=True,
+                                                                              help="test conversations (JSONL)"))]),
     ("eval", "router-phrasings"): ("the meta-router's poolings on training phrasings held out by cross-validation: "
                                    "how often a prompt gets its own domain alone, a general prompt none "
                                    "(the chat base only, no stacks)", eval_router_phrasings, [OUT, DEVICE]),

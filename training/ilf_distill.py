@@ -41,7 +41,7 @@ from server.imaging.sampler import SampleJob, denoise_step, make_scheduler, samp
 from server.artifacts import write_atomically
 from server.manifest import BuiltManifest, ILFArtifact
 from training.artifacts import runs_folder
-from training.data.digits import TRAIN_TEMPLATES, caption
+from training.ilf_conditions import Conditions, load_conditions
 from training.metrics import psnr
 
 # noise seeds: the image yardstick uses 10_000-19_999; validation and training stay clear of it and of each other
@@ -78,11 +78,8 @@ MICRO_ILF = ILFTraining(loop_start=1, loop_end=1, steps=2, updates=6, batch_size
                         guidance_max_factor=2.0)
 
 
-def _conditions(backbone: ImageBackbone, n: int, rng: random.Random) -> list:
-    digits = [rng.randrange(10) for _ in range(n)]
-    if backbone.spec.kind == "dit":
-        return digits
-    return [caption(rng.choice(TRAIN_TEMPLATES), d) for d in digits]
+def _conditions(pool: tuple, n: int, rng: random.Random) -> list:
+    return [rng.choice(pool) for _ in range(n)]
 
 
 def guidance_range(backbone: ImageBackbone, cfg: ILFTraining) -> tuple[float, float]:
@@ -134,11 +131,12 @@ def _nested_schedulers(backbone: ImageBackbone, steps: int):
     return student
 
 
-def _validation(backbone: ImageBackbone, cfg: ILFTraining, config: ILFConfig, feedback: FeedbackModule):
+def _validation(backbone: ImageBackbone, cfg: ILFTraining, config: ILFConfig, feedback: FeedbackModule,
+                pool: tuple):
     """PSNR of the student's rollouts against the reference sampler's images: its own seeds and
-    conditions, the serving default guidance."""
+    conditions (drawn from `pool`), the serving default guidance."""
     guidance = [backbone.spec.default_guidance_scale] * cfg.validation_images
-    conditions = _conditions(backbone, cfg.validation_images, random.Random(f"validation {cfg.seed}"))
+    conditions = _conditions(pool, cfg.validation_images, random.Random(f"validation {cfg.seed}"))
     runs = teacher_runs(backbone, conditions, [VALIDATION_SEED_BASE + k for k in range(cfg.validation_images)],
                         guidance, backbone.spec.default_steps)
     reference, scales = backbone.decode(runs[:, -1]), _scales(guidance, backbone.device)
@@ -152,14 +150,14 @@ def _validation(backbone: ImageBackbone, cfg: ILFTraining, config: ILFConfig, fe
 
 
 def _pool(backbone: ImageBackbone, cfg: ILFTraining, rng: random.Random, guidance: tuple[float, float],
-          rolling: bool, phase_update: int) -> tuple[list, list[float], torch.Tensor, torch.Tensor | None]:
+          rolling: bool, phase_update: int, pool: tuple) -> tuple[list, list[float], torch.Tensor, torch.Tensor | None]:
     """Fresh training material: conditions, guidances, and per row the reference sampler's start and
     end (rollouts) or the 2x teacher at the student's timesteps with its mean squared move per
     student step (teacher forcing)."""
     low, high = guidance
     seed_base = TRAINING_SEED_BASE + cfg.seed * 10_000_000 + (5_000_000 if rolling else 0) + phase_update * 1000
     guidances = [low if high == low else rng.uniform(low, high) for _ in range(cfg.pool_size)]
-    conditions = _conditions(backbone, cfg.pool_size, rng)
+    conditions = _conditions(pool, cfg.pool_size, rng)
     seeds = [seed_base + k for k in range(cfg.pool_size)]
     if rolling:  # the reference sampler's start and end, from the same noise
         runs = teacher_runs(backbone, conditions, seeds, guidances, backbone.spec.default_steps)
@@ -168,7 +166,11 @@ def _pool(backbone: ImageBackbone, cfg: ILFTraining, rng: random.Random, guidanc
     return conditions, guidances, pool, ((pool[:, 1:] - pool[:, :-1]) ** 2).mean(dim=(0, 2, 3, 4))
 
 
-def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tuple[FeedbackModule, ILFConfig, list[dict]]:
+def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf",
+           conditions: Conditions | None = None) -> tuple[FeedbackModule, ILFConfig, list[dict]]:
+    """The distilled module, its config and the training history; `conditions` what it trains and
+    validates on (default: training/ilf_conditions.py's for this backbone)."""
+    conditions = conditions or load_conditions(backbone.name, backbone.num_classes)
     low, high = guidance_range(backbone, cfg)
     t = backbone.transformer
     config = ILFConfig.for_transformer(
@@ -183,7 +185,7 @@ def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tupl
     feedback.eval()  # no dropout of labels or activations inside the copied block; still trainable
     opt = torch.optim.AdamW(feedback.parameters(), lr=cfg.lr, weight_decay=0.0)
     student = _nested_schedulers(backbone, cfg.steps)
-    validation_psnr = _validation(backbone, cfg, config, feedback)
+    validation_psnr = _validation(backbone, cfg, config, feedback, conditions.val)
 
     best = {"psnr": validation_psnr(), "update": 0, "state": copy.deepcopy(feedback.state_dict())}
     history: list[dict] = [{"update": 0, "phase": "start", "validation_psnr": best["psnr"]}]
@@ -195,11 +197,12 @@ def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tupl
         rolling = update >= cfg.updates
         phase_update = update - cfg.updates if rolling else update
         if phase_update % cfg.refresh_every == 0:
-            conditions, guidances, pool, pool_move = _pool(backbone, cfg, rng, (low, high), rolling, phase_update)
+            batch_conditions, guidances, pool, pool_move = _pool(backbone, cfg, rng, (low, high), rolling, phase_update,
+                                                                 conditions.train)
             move = pool_move if pool_move is not None else move
         idx = rng.sample(range(cfg.pool_size), cfg.rollout_batch if rolling else cfg.batch_size)
         scales = _scales([guidances[j] for j in idx], backbone.device)
-        cond = backbone.conditioning([conditions[j] for j in idx], scales is not None)
+        cond = backbone.conditioning([batch_conditions[j] for j in idx], scales is not None)
         if rolling:
             i = cfg.steps
             loss = F.mse_loss(rollout(backbone, feedback, config, pool[idx, 0], cond, scales), pool[idx, 1])
@@ -222,7 +225,8 @@ def distil(backbone: ImageBackbone, cfg: ILFTraining, desc: str = "ilf") -> tupl
         if update % 20 == 0 or "validation_psnr" in entry:
             history.append(entry)
     feedback.load_state_dict(best["state"])
-    history.append({"kept": best["update"], "validation_psnr": best["psnr"]})
+    history.append({"kept": best["update"], "validation_psnr": best["psnr"], "conditions": conditions.source,
+                    "train_conditions": len(conditions.train), "val_conditions": len(conditions.val)})
     return feedback.eval().requires_grad_(False), config, history
 
 
@@ -254,9 +258,11 @@ def write_ilf_history(out_dir: Path, cfg: ILFTraining, config: ILFConfig, histor
 
 
 def train_ilf(manifests: BuiltManifest, model: str, cfg: ILFTraining, runs_dir: Path | None = None,
-              if_missing: bool = False) -> Path | None:
-    """Distil, save atomically, record in the built manifest with its checksum; returns the artifact
-    path (None when `if_missing` and the model already has a module)."""
+              if_missing: bool = False, conditions: Path | None = None, val_conditions: Path | None = None,
+              device: str = "cpu") -> Path | None:
+    """Distil on the conditions of `conditions` (a file; see training/ilf_conditions.py), save
+    atomically, record in the built manifest with its checksum; returns the artifact path (None when
+    `if_missing` and the model already has a module)."""
     manifest = manifests.read()
     spec = next((m for m in manifest.image if m.name == model), None)
     if spec is None:
@@ -265,8 +271,9 @@ def train_ilf(manifests: BuiltManifest, model: str, cfg: ILFTraining, runs_dir: 
         return None
     if spec.placeholder:
         raise SystemExit(f"{model!r} is an untrained placeholder: build the image zoo first")
-    backbone = load_image_backbone(spec.model_copy(update={"ilf": None}), manifests.resolver(), "cpu")
-    feedback, config, history = distil(backbone, cfg, desc=f"ilf {model}")
+    backbone = load_image_backbone(spec.model_copy(update={"ilf": None}), manifests.resolver(), device)
+    pools = load_conditions(model, backbone.num_classes, conditions, val_conditions, seed=cfg.seed)
+    feedback, config, history = distil(backbone, cfg, desc=f"ilf {model}", conditions=pools)
     return install_ilf(manifests, model, feedback, config, cfg, history, runs_dir)
 
 
