@@ -97,6 +97,9 @@ def test_the_router_refit_learns_the_domain_and_eval_domain_reports_it(own_root,
                            validation_per_kind=1, general_validation=4)
     report = refit_router(built(own_root), {}, small, runs_dir=tmp_path / "router")
     assert report["labelled_prompts"] == 4 and (tmp_path / "router" / "router.json").exists()
+    # discovery scored the domain's stacks: on its own training prompts they lower the answer's loss
+    discovered = json.loads((tmp_path / "router" / "router.json").read_text())["discovered"]
+    assert any(d["chosen"] == ["catalogue"] for d in discovered)
     assert list_domains(built(own_root))[0]["router knows it"]
     result = run_domain_eval(built(own_root), "catalogue", test, tmp_path / "eval", cfg=DomainEval(general_per_family=2))
     assert result["test"] == 4 and result["dropped_as_trained"] == 4 and result["short_answers"] == 4

@@ -110,4 +110,5 @@ def refit_router(manifests: BuiltManifest, adapter_data: dict[str, Path], cfg: R
     chat = load_for_training(section, manifests, device)
     print(f"router over {', '.join(data.domains)}: {len(data.items)} discovered, {len(data.labelled)} labelled, "
           f"{len(data.general)} general, {len(data.validation)} validation prompts", flush=True)
-    return fit_and_record(manifests, chat, data, cfg, runs_dir or runs_folder(manifests) / "router")
+    with chat.mounted({}):  # the loaded stacks on the base: discovery and the weighting's replies route them
+        return fit_and_record(manifests, chat, data, cfg, runs_dir or runs_folder(manifests) / "router")
