@@ -66,9 +66,6 @@ class LoraWeights:  # on one projection
     lora_B: torch.Tensor  # [out, r]
     scale: float
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T * self.scale
-
 
 class LoraAdapter:
     """A verified adapter: which projections it changes, at which rank and scale, and its weights,
