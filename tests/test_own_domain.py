@@ -107,3 +107,44 @@ def test_the_router_refit_learns_the_domain_and_eval_domain_reports_it(own_root,
     assert result["router_sent_to_domain"]["n"] == 4 and result["general_no_domain"]["n"] == 12
     assert result["forgetting"]["pooled"] is None  # no built-in domain on this base
     assert json.loads((tmp_path / "eval" / "domain.json").read_text())["domain"] == "catalogue"
+
+
+def test_a_continual_domain_is_kept_out_of_the_served_domains_null_space(own_root, tmp_path):
+    """A regression guard of the wiring (the projection holds by construction once it reaches the
+    trainer): the stacks `continual` "output" saves write nothing in the directions the served
+    domain's stacks write in, those of "input" read nothing of the inputs it reads; a domain trained
+    on the base alone does both."""
+    from dataclasses import replace
+
+    from training.brainstacks.continual import load_base
+    from training.brainstacks.stacks import load_stack, stack_modules
+    from training.own_domain import claim_null_space
+
+    add_domain(built(own_root), "catalogue", catalogue(tmp_path / "c.jsonl", ["What colour is {}?", "{}?"]), recipe=TINY)
+    places = tmp_path / "places.jsonl"
+    places.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Where is {town}?"},
+                                                       {"role": "assistant", "content": f"{town} is in {land}."}]}) + "\n"
+                              for town, land in [("Avel", "Norr"), ("Brisk", "Sund"), ("Cray", "Velt"), ("Dorn", "Omm"),
+                                                 ("Esk", "Norr"), ("Fenn", "Sund"), ("Gale", "Velt"), ("Holm", "Omm")]))
+    stack = TINY.boosting.stack
+    bases = {mode: claim_null_space(built(own_root), load_base(built(own_root)), replace(TINY, continual=mode), stack)
+             for mode in ("output", "input")}
+    assert all(claimed == ["catalogue"] and basis for basis, claimed in bases.values())
+
+    def leak(mode: str, continual: str) -> float:
+        """The largest share of a saved stack's weights in the served domain's claimed directions."""
+        report = add_domain(built(own_root), "places", places, recipe=replace(TINY, continual=continual))
+        entry = next(d for d in load_manifest(own_root).chat.domains if d.name == "places")
+        model = load_base(built(own_root)).model
+        load_stack(model, own_root.parent / entry.stacks[0].path)
+        remove_domain(built(own_root), "places")
+        assert report["null space of"] == ([] if continual == "base-alone" else ["catalogue"])
+        shares = []
+        for name, trained in stack_modules(model, "places", 0).items():
+            basis = bases[mode][0][name]
+            weights = trained.lora_B if mode == "output" else trained.lora_A.transpose(1, 2)  # [E, width, r]
+            shares.append(float((basis.T @ weights).norm() / weights.norm()))
+        return max(shares)
+
+    assert leak("output", "output") < 1e-5 < 1e-2 < leak("output", "base-alone")
+    assert leak("input", "input") < 1e-5 < 1e-2 < leak("input", "base-alone")

@@ -117,10 +117,11 @@ def eval_router_phrasings(m: BuiltManifest, args) -> None:
 
 def stacks_add(m: BuiltManifest, args) -> None:
     from training.data.chat_jsonl import DataError
-    from training.own_domain import add_domain
+    from training.own_domain import OwnDomainRecipe, add_domain
 
     try:
-        report = add_domain(m, args.domain, args.data, args.val, args.steps, device=args.device)
+        report = add_domain(m, args.domain, args.data, args.val, args.steps, OwnDomainRecipe(continual=args.continual),
+                            device=args.device)
     except DataError as exc:
         raise SystemExit(str(exc)) from None
     print(f"{args.domain}: {report['stacks']} stack(s) from {report['train']} conversations in "
@@ -221,7 +222,11 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                          (("--val",), dict(type=Path, default=None, help="validation conversations (default: a "
                                                                          "held-out tenth of --data)")),
                          (("--steps",), dict(type=int, default=None, help="steps of the first round (later "
-                                                                          "rounds: a third; default 100)"))]),
+                                                                          "rounds: a third; default 100)")),
+                         (("--continual",), dict(choices=("base-alone", "output", "input"), default="base-alone",
+                                                 help="on the base alone (default), or on the base kept out of the "
+                                                      "directions the served domains' stacks write in (output) "
+                                                      "or read (input)"))]),
     ("stacks", "list"): ("the chat domains the built manifest serves", stacks_list, []),
     ("stacks", "remove"): ("take a domain out of the built manifest (a running server drops it)", stacks_remove,
                            [DOMAIN]),

@@ -24,6 +24,16 @@ def runs_folder(manifests: BuiltManifest) -> Path:
     return manifests.root.parent / "runs"
 
 
+def checked_file(manifests: BuiltManifest, entry, what: str) -> Path:
+    """The file a manifest entry (path, sha256) names, or SystemExit when it is missing or changed."""
+    from server.artifacts import sha256_file
+
+    path = manifests.file(entry.path)
+    if not path.is_file() or sha256_file(path) != entry.sha256:
+        raise SystemExit(f"{path}: {what} is missing or changed since it was recorded")
+    return path
+
+
 def machine(device: str) -> str:
     """What a measurement ran on, for its report."""
     import torch

@@ -5,7 +5,11 @@ base, entered in the built manifest where a running server hot-loads it.
 A domain trains as the zoo's do (residual boosting of MoE-LoRA stacks, training/brainstacks/
 boosting.py) on the base alone, the zoo's default: the server applies it at the weight a request
 names, and under "auto" at the meta-router's probability once `router fit` has learned it (until
-then the trace says the router does not know it). The file is checked completely before the base
+then the trace says the router does not know it). `continual` "output" or "input" still trains on
+the base alone but confines the new stacks to the null space of the domains already served
+(training/brainstacks/nullspace.py: the directions their stacks write in, or the inputs they read,
+on their own prompts: the world's for the built-in domains, the kept conversations for a user's),
+so that where the router mixes them the new domain leaves theirs alone. The file is checked completely before the base
 loads; a file with any problem writes nothing. The de-duplicated training conversations are kept
 beside the stacks (`chat/data/NAME.jsonl`, checksummed) for the router's refit.
 """
@@ -19,12 +23,16 @@ from pathlib import Path
 
 from server.artifacts import write_atomically
 from server.manifest import BuiltManifest, DataFile, Domain
-from training.artifacts import STACKS, machine, runs_folder
+from server.chat.moe_lora import MoELoRAConfig, routed
+from training.artifacts import STACKS, checked_file, machine, runs_folder
 from training.brainstacks.boosting import BoostingConfig, boost_domain, round_summary
 from training.brainstacks.continual import load_base
 from training.brainstacks.data import batches
+from training.brainstacks.nullspace import NullSpaceConfig, claimed_bases
+from training.brainstacks.stacks import load_stack
 from training.data.chat_jsonl import (Conversation, DataError, check_lengths, held_out, read_conversations,
                                       split_validation)
+from training.data.world import DOMAINS, examples
 from training.zoo.chat import save_domain
 
 
@@ -34,6 +42,16 @@ class OwnDomainRecipe:
     boosting: BoostingConfig = field(default_factory=BoostingConfig)
     validation_share: float = 0.1  # held out of the training file when no validation file is given
     max_validation: int = 64  # conversations scored at each evaluation of a round
+    continual: str = "base-alone"  # or "output" / "input": the null space of the domains already served
+    nullspace: NullSpaceConfig = field(default_factory=NullSpaceConfig)  # its mode is `continual`'s
+    projection_examples: int = 24  # prompts per served domain that its null space is drawn from
+
+    def __post_init__(self) -> None:
+        if self.continual not in CONTINUAL:
+            raise ValueError(f"continual {self.continual!r} is not one of {CONTINUAL}")
+
+
+CONTINUAL = ("base-alone", "output", "input")
 
 
 def check_name(manifests: BuiltManifest, domain: str) -> None:
@@ -83,9 +101,14 @@ def add_domain(manifests: BuiltManifest, domain: str, train_path: Path, val_path
     print(f"{domain}: {len(data['train'])} training and {len(data['val'])} validation conversations "
           f"on {chat.name}", flush=True)
     val = batches(chat.tokenizer, data["val"], 32)
-    results, kept = boost_domain(chat.model, chat.tokenizer, domain, data["train"], val, cfg)
-    entry = record_domain(manifests, chat, cfg, domain, len(kept), data["train"])
+    bases, claimed = claim_null_space(manifests, chat, recipe, cfg.stack)
+    side = "input" if recipe.continual == "input" else "output"
+    with routed(chat.model, {domain: 1.0}):  # the served domains' stacks, mounted for the null space, off
+        results, kept = boost_domain(chat.model, chat.tokenizer, domain, data["train"], val, cfg, bases, side)
+    entry = record_domain(manifests, chat, cfg, domain, len(kept), data["train"],
+                          recipe.continual if bases else "none")
     report = {"domain": domain, "base": chat.name, "train": len(data["train"]), "val": len(data["val"]),
+              "continual": recipe.continual, "null space of": claimed,
               "notes": data["notes"], "rounds": round_summary(results), "stacks": len(kept),
               "boosting": asdict(cfg), "machine": machine(device), "seconds": time.perf_counter() - started,
               "manifest": entry.model_dump(mode="json")}
@@ -94,8 +117,32 @@ def add_domain(manifests: BuiltManifest, domain: str, train_path: Path, val_path
     return report
 
 
+def claim_null_space(manifests: BuiltManifest, chat, recipe: OwnDomainRecipe,
+                     stack: MoELoRAConfig) -> tuple[dict, list[str]]:
+    """For "output" / "input": the served domains' stacks mounted (frozen) on the model and, per
+    projection, the basis the new domain must stay out of; the domains it was drawn from."""
+    if recipe.continual == "base-alone":
+        return {}, []
+    resolver, prompts, claimed = manifests.resolver(), [], []
+    for served in sorted(manifests.read().chat.domains, key=lambda d: d.order):
+        if not served.stacks:
+            continue
+        if served.data is not None:
+            conversations = read_conversations(checked_file(manifests, served.data, f"{served.name}'s data"))[0]
+        elif served.name in DOMAINS:
+            conversations = examples(served.name, "train", recipe.projection_examples, seed=1)
+        else:
+            raise SystemExit(f"domain {served.name!r} has no prompts to draw its null space from")
+        for artifact in served.stacks:
+            load_stack(chat.model, resolver.artifact(artifact))
+        prompts += batches(chat.tokenizer, conversations[:recipe.projection_examples], 16)
+        claimed.append(served.name)
+    config = replace(recipe.nullspace, mode=recipe.continual)
+    return claimed_bases(chat.model, prompts, claimed, config, stack), claimed
+
+
 def record_domain(manifests: BuiltManifest, chat, cfg: BoostingConfig, domain: str, stacks: int,
-                  train: list[Conversation]) -> Domain:
+                  train: list[Conversation], projection: str = "none") -> Domain:
     """The stacks and the training conversations written atomically, then the domain entered in the
     built manifest (under its lock: a server recording an adapter meanwhile keeps its entry)."""
     relative = f"{STACKS}/data/{domain}.jsonl"
@@ -104,7 +151,7 @@ def record_domain(manifests: BuiltManifest, chat, cfg: BoostingConfig, domain: s
     data_sha = write_atomically(manifests.file(relative), lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
     with manifests.updating() as manifest:
         order = max((d.order for d in manifest.chat.domains), default=-1) + 1
-        entry = save_domain(manifests, chat, cfg.stack, False, order, domain, stacks, "none")
+        entry = save_domain(manifests, chat, cfg.stack, False, order, domain, stacks, projection)
         entry = entry.model_copy(update={"data": DataFile(path=relative, sha256=data_sha)})
         chat_section = manifest.chat.model_copy(update={"domains": [*manifest.chat.domains, entry]})
         manifests.write(manifest.model_copy(update={"chat": chat_section}))

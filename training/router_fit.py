@@ -17,10 +17,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.artifacts import sha256_file, write_atomically
+from server.artifacts import write_atomically
 from server.chat.router import save_router
 from server.manifest import Artifact, BuiltManifest
-from training.artifacts import STACKS, runs_folder
+from training.artifacts import STACKS, checked_file, runs_folder
 from training.brainstacks.router_training import RouterTraining, train_router
 from training.data.chat_jsonl import DomainExample, read_conversations
 from training.data.world import DOMAINS, examples, held_out
@@ -73,9 +73,7 @@ def routing_data(manifests: BuiltManifest, adapter_data: dict[str, Path], cfg: R
     data = world_data(world, cfg)
     for domain in section.domains:
         if domain.data is not None:
-            path = manifests.file(domain.data.path)
-            if not path.is_file() or sha256_file(path) != domain.data.sha256:
-                raise SystemExit(f"{path}: {domain.name!r}'s training data is missing or changed since its stacks trained")
+            path = checked_file(manifests, domain.data, f"{domain.name!r}'s training data")
             add_own(data, domain.name, path, cfg, discovered=True)
     for name in adapters:
         add_own(data, name, adapter_data[name], cfg, discovered=False)
