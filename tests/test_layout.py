@@ -17,7 +17,7 @@ SOURCES = ("server", "training", "bench", "deploy", "tests")
 TRAINING_LAYERS = {
     "artifacts": 0, "data": 0, "metrics": 0, "schedule": 0,
     "brainstacks": 1, "ilf_distill": 1, "ilf_conditions": 1,
-    "zoo": 2, "router_fit": 2, "own_domain": 2,
+    "zoo": 2, "router_fit": 2, "own_domain": 2, "import_brainstacks": 2,
     "eval": 3,
     "__main__": 4, "__init__": 4,
 }

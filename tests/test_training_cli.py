@@ -55,10 +55,12 @@ def test_placeholder_zoo_writes_the_built_manifest_and_leaves_the_template_alone
 def test_every_verb_runs_its_own_function_with_its_flags_defaults(words):
     _, run, flags = VERBS[words]
     required = [f"--{names[0].lstrip('-')}" for names, options in flags if options.get("required")]
-    if required:
-        with pytest.raises(SystemExit):  # a required flag left out is refused
+    positional = [names[0] for names, _ in flags if not names[0].startswith("-")]
+    if required or positional:
+        with pytest.raises(SystemExit):  # a required flag or argument left out is refused
             parser().parse_args(list(words))
-    args = parser().parse_args(list(words) + [a for flag in required for a in (flag, "digits-dit")])
+    args = parser().parse_args(list(words) + ["digits-dit"] * len(positional)
+                               + [a for flag in required for a in (flag, "digits-dit")])
     assert args.run is run  # the verb dispatches to its own function, not another verb's
     for names, options in flags:
         if "default" in options or options.get("action") == "store_true":

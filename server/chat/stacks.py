@@ -32,6 +32,7 @@ class DomainStacks:
     domain: str
     per_layer: dict[str, list[MoELoRA]]  # wrapped projection -> this domain's frozen stacks, in boosting order
     count: int
+    prompt_template: str | None = None  # what the stacks were trained on, when not the chat template
 
 
 def load_domain_stacks(model: nn.Module, domain: str, paths: list[Path], base: str | None = None) -> DomainStacks:
@@ -42,8 +43,12 @@ def load_domain_stacks(model: nn.Module, domain: str, paths: list[Path], base: s
     layers = wrapped_layers(model)
     like = next(p for p in model.parameters() if p.is_floating_point())
     per_layer: dict[str, list[MoELoRA]] = {name: [] for name in layers}
+    templates = set()
     for path in paths:
         meta = read_stack_metadata(path)
+        templates.add(meta.get("prompt_template"))
+        if len(templates) > 1:
+            raise ArtifactError(path, f"was trained with another prompt template than {domain!r}'s other stacks")
         if meta["domain"] != domain:
             raise ArtifactError(path, f"is a stack of domain {meta['domain']!r}, listed under {domain!r}")
         if base is not None and meta.get("base", base) != base:
@@ -51,7 +56,7 @@ def load_domain_stacks(model: nn.Module, domain: str, paths: list[Path], base: s
         _, stacks = read_stack(path, layers, like)
         for name, stack in stacks.items():
             per_layer[name].append(stack)
-    return DomainStacks(domain, per_layer, len(paths))
+    return DomainStacks(domain, per_layer, len(paths), templates.pop() if templates else None)
 
 
 @dataclass
