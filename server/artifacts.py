@@ -37,6 +37,16 @@ class ArtifactError(Exception):
 
 
 # ---------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes files 0600 and folders 0700; an artifact gets the mode open() and mkdir() would give
+# it, so that a server running as another user (a container's, on a shared volume) can read it.
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> str:
     """`write(tmp)` into a temporary sibling, then rename it over `path`; returns the file's sha256."""
     path = Path(path)
@@ -45,6 +55,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> str:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,6 +77,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     for stale in target.parent.glob(f".{target.name}.building-*"):  # left by a killed build
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None

@@ -247,6 +247,22 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["stack.safetensors"]
 
 
+def test_artifacts_are_readable_by_a_server_running_as_another_user(tmp_path):
+    """A zoo built by one user is served by another (a container's uid on a shared volume): files and
+    model folders get the mode open() and mkdir() give under the umask, not tempfile's 0600 / 0700."""
+    from server.artifacts import atomic_folder
+
+    old = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "stack.safetensors", lambda tmp: tmp.write_bytes(b"stack"))
+        with atomic_folder(tmp_path / "model") as folder:
+            (folder / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "stack.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
 def test_entries_not_loaded_yet_show_as_loading_and_their_requests_get_503(served, monkeypatch):
     """During the first load the image models serve before the chat model's group (base, stacks,
     router) is swapped in: /readyz is 200 with the chat model under "loading", and /chat answers
