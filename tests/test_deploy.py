@@ -59,6 +59,9 @@ def test_dockerfile_has_a_lean_non_root_runtime_and_a_training_target():
     assert training[0][1] == "runtime AS training"
     assert any(key == "RUN" and '".[training]"' in rest and "--constraint constraints.txt" in rest for key, rest in training)
     assert [rest for key, rest in training if key == "USER"][-1] == "10001:10001"
+    # the zoo job writes runs/ beside the artifact root as that user, and is no server to health-check
+    assert any(key == "RUN" and "mkdir -p /app/runs" in rest and "chown loopstack" in rest for key, rest in training)
+    assert ("HEALTHCHECK", "NONE") in training
     env = " ".join(rest for key, rest in runtime if key == "ENV")
     assert "LOOPSTACK_ARTIFACT_ROOT=/app/artifacts" in env and "HF_HUB_OFFLINE=1" in env
 
@@ -101,10 +104,23 @@ def test_every_command_names_a_real_entry_point():
         for key, rest in stage:
             if key == "CMD":
                 entry_point_parses(exec_form(rest))
-    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml", "deploy/compose/override.yml"):
         for service in compose(name)["services"].values():
             if "command" in service and not service.get("image", "").startswith(("prom/", "grafana/")):
                 entry_point_parses(service["command"])
+
+
+def test_the_compose_check_override_substitutes_only_what_cannot_be_pulled():
+    """`make compose-check` runs the users' compose file; its override may swap the base image, the
+    Prometheus image, the zoo's size and the admin token, and nothing else."""
+    base, override = compose()["services"], compose("deploy/compose/override.yml")["services"]
+    assert set(override) == {"zoo", "loopstack", "prometheus"}
+    for name, service in override.items():
+        assert set(service) <= {"build", "command", "environment", "image"}, name
+        assert set(service.get("build", {})) <= {"args"} and set(service.get("build", {}).get("args", {})) <= {"PYTHON_IMAGE"}
+    assert override["zoo"]["command"] == base["zoo"].get("command", ["python", "-m", "training", "zoo", "all"]) + ["--micro"]
+    assert set(override["loopstack"].get("environment", {})) <= {"LOOPSTACK_ADMIN_TOKEN"}
+    assert override["prometheus"]["image"].startswith("localhost/") and "grafana" not in override
 
 
 def test_compose_builds_the_zoo_into_a_volume_the_server_reads():
