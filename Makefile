@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: serve serve-ray test zoo venv clean-venv deploy-check deploy-check-ray dashboard
+.PHONY: serve serve-ray test zoo venv clean-venv deploy-check deploy-check-ray compose-check dashboard
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ deploy-check: venv
 # the front (deploy/ray/prometheus.yml); every dashboard query has data, per replica where it should.
 deploy-check-ray: venv
 	$(PY) -m deploy.check_ray
+
+# docker-compose.yml run for real with podman: the images built from the Dockerfile, the compose file
+# up with deploy/compose/override.yml (a Debian-built base image, Debian's Prometheus, the micro zoo),
+# checked end to end on the published ports. Needs podman, runc and mmdebstrap (docs/deployment.md).
+compose-check: venv
+	$(PY) -m deploy.compose_check
 
 dashboard: venv
 	$(PY) -m deploy.grafana.dashboard
