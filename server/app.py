@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
     metrics = Metrics()
     image_engine = WorkerEngine("image", settings.image_queue_size, settings.retry_after_seconds, metrics)
     chat_engine = ChatEngine("chat", settings.chat_max_batch, settings.chat_queue_size, settings.retry_after_seconds,
-                             metrics, settings.chat_timeout_seconds, settings.chat_prefill_tokens)
+                             metrics, settings.chat_timeout_seconds, settings.chat_prefill_tokens,
+                             settings.chat_kv_cache_tokens)
     # new artifacts are warmed on the worker that will run them, between requests
     registry = Registry(settings, metrics, workers={"image": image_engine.run, "chat": chat_engine.run})
     image_batcher = ImageBatcher(image_engine, settings.image_max_batch, settings.image_batch_window_ms / 1000, metrics)

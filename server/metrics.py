@@ -17,6 +17,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 WEIGHT_BUCKETS = (0.05, 0.12, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # the standard process_* series: memory, CPU seconds, open files
-        for group in (self._http, self._engines, self._images, self._chat, self._artifacts, self._scale_out):
+        for group in (self._http, self._engines, self._images, self._chat, self._chat_engine, self._artifacts,
+                      self._scale_out):
             group(self.registry)
 
     def _http(self, r: CollectorRegistry) -> None:
@@ -146,6 +148,34 @@ class Metrics:
             self.chat_adapter_loads.labels(result=result)
         for result in ("evicted", "deferred"):
             self.chat_adapter_evictions.labels(result=result)
+
+    def _chat_engine(self, r: CollectorRegistry) -> None:
+        # per request, as vLLM's dashboard shows them: what a request read and wrote, and where its time went
+        self.chat_request_prompt_tokens = Histogram(
+            "loopstack_chat_request_prompt_tokens", "Prompt tokens per chat request", buckets=TOKEN_COUNT_BUCKETS,
+            registry=r)
+        self.chat_request_generation_tokens = Histogram(
+            "loopstack_chat_request_generation_tokens", "Generated tokens per chat request",
+            buckets=TOKEN_COUNT_BUCKETS, registry=r)
+        self.chat_request_prefill_seconds = Histogram(
+            "loopstack_chat_request_prefill_seconds", "Per chat request, admission to its first token: the "
+            "meta-router's read and the prompt's prefill", buckets=LATENCY_BUCKETS, registry=r)
+        self.chat_request_decode_seconds = Histogram(
+            "loopstack_chat_request_decode_seconds", "Per chat request, its first token to its last",
+            buckets=LATENCY_BUCKETS, registry=r)
+        # what a gateway reads to pick a replica: the KV cache against its budget, the running rows' domains
+        self.chat_kv_cache_tokens = Gauge(
+            "loopstack_chat_kv_cache_tokens", "KV-cache tokens the chat engine's caches hold (padding of rows "
+            "decoded together included)", registry=r)
+        self.chat_kv_cache_reserved_tokens = Gauge(
+            "loopstack_chat_kv_cache_reserved_tokens", "KV-cache tokens the admitted chat rows reserve "
+            "(prompt and max_tokens each), what admission keeps within the budget", registry=r)
+        self.chat_kv_cache_budget_tokens = Gauge(
+            "loopstack_chat_kv_cache_budget_tokens", "KV-cache tokens the chat engine admits rows up to "
+            "(LOOPSTACK_CHAT_KV_CACHE_TOKENS)", registry=r)
+        self.chat_running_rows = Gauge(
+            "loopstack_chat_running_rows", "Chat rows reading their prompts or decoding that apply a domain's "
+            "stacks or an adapter, by domain", ["domain"], registry=r)
 
     def _artifacts(self, r: CollectorRegistry) -> None:
         # one series per manifest entry ("digits-dit", "digits-dit/ilf", "zoo-lm/stacks/math", ...)

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     chat_max_batch: int = Field(8, ge=1, description="chat requests decoded together, one step for all")
     chat_prefill_tokens: int = Field(128, ge=1, description=(
         "prompt tokens the chat engine reads between two decode steps, at most (long prompts in parts)"))
+    chat_kv_cache_tokens: int = Field(34816, ge=1, description=(
+        "KV-cache tokens the chat engine's admitted rows may reserve, prompt and max_tokens each (default: "
+        "8 rows of the longest prompt and answer); a request that does not fit waits in the queue"))
     chat_timeout_seconds: float = Field(300.0, gt=0, description="a chat answer not done by then gets 504")
     image_timeout_seconds: float = Field(300.0, gt=0, description="images not done by then stop (504); "
                                                                   "a request's own timeout may be shorter")

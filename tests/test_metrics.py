@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -99,6 +100,27 @@ def test_time_to_first_token_counts_from_arrival(manifest_path, monkeypatch):
         assert (sample(c, "loopstack_chat_time_to_first_token_seconds_sum")
                 >= body["trace"]["time_to_first_token_seconds"] + 0.4)
         assert sample(c, "loopstack_chat_requests_finished_total", finish_reason=body["finish_reason"]) == 1.0
+
+
+def test_tokens_and_prefill_and_decode_seconds_per_request(manifest_path):
+    with TestClient(create_app(make_settings(manifest_path), load_in_background=False)) as c:
+        bodies = [c.post("/chat", json={"prompt": prompt, "max_tokens": n}).json()
+                  for prompt, n in (("hello", 3), ("Tell me about the sea and the sky, please", 7))]
+        usage = [body["usage"] for body in bodies]
+        assert sample(c, "loopstack_chat_request_prompt_tokens_count") == 2.0
+        assert sample(c, "loopstack_chat_request_prompt_tokens_sum") == sum(u["prompt_tokens"] for u in usage)
+        assert sample(c, "loopstack_chat_request_generation_tokens_sum") == sum(u["completion_tokens"] for u in usage)
+        assert sample(c, "loopstack_chat_request_generation_tokens_bucket", le="8.0") == 2.0
+        assert sample(c, "loopstack_chat_request_generation_tokens_bucket", le="1.0") == sum(
+            u["completion_tokens"] <= 1 for u in usage)
+        # prefill ends at the first token, decode runs from it to the last: together the answers' own time
+        prefill = sample(c, "loopstack_chat_request_prefill_seconds_sum")
+        decode = sample(c, "loopstack_chat_request_decode_seconds_sum")
+        ttft = sum(body["trace"]["time_to_first_token_seconds"] for body in bodies)
+        assert prefill == pytest.approx(ttft, abs=1e-6) and decode > 0
+        assert prefill + decode == pytest.approx(sum(b["trace"]["generation_seconds"] for b in bodies), abs=1e-6)
+        assert sample(c, "loopstack_chat_kv_cache_budget_tokens") == 34816.0
+        assert sample(c, "loopstack_chat_kv_cache_tokens") == 0.0  # both answers left: nothing held
 
 
 def test_running_and_waiting_per_engine(manifest_path, monkeypatch):

@@ -78,6 +78,19 @@ PANELS: tuple[Panel, ...] = (
     Panel("Chat tokens per second", "short", (
         Query(f"rate(loopstack_chat_generation_tokens_total[{RATE}])", "generated"),
         Query(f"rate(loopstack_chat_prompt_tokens_total[{RATE}])", "prompt"))),
+    Panel("Chat tokens per request: prompt and generation", "short", tuple(
+        Query(f"histogram_quantile({q}, sum by (le) (rate(loopstack_chat_request_{kind}_tokens_bucket[{RATE}])))",
+              f"p{int(q * 100)} {kind}") for kind in ("prompt", "generation") for q in (0.5, 0.95))),
+    Panel("Chat seconds per request: prefill (admission to first token) and decode", "s", tuple(
+        Query(f"histogram_quantile({q}, sum by (le) (rate(loopstack_chat_request_{part}_seconds_bucket[{RATE}])))",
+              f"p{int(q * 100)} {part}") for part in ("prefill", "decode") for q in (0.5, 0.95))),
+    Panel("Chat KV cache: tokens held and reserved against the budget", "short", (
+        Query("loopstack_chat_kv_cache_tokens", "held"),
+        Query("loopstack_chat_kv_cache_reserved_tokens", "reserved"),
+        Query("loopstack_chat_kv_cache_budget_tokens", "budget"))),
+    Panel("Chat running rows by domain and adapter", "short", (
+        Query("sum by (domain) (loopstack_chat_running_rows)", "{{domain}}"),
+        Query("loopstack_chat_adapters_running", "distinct adapters"))),
     Panel("Chat answers by finish reason", "reqps", (
         Query("sum by (finish_reason) (rate(loopstack_chat_requests_finished_total[5m]))", "{{finish_reason}}"),)),
     Panel("Brainstacks: requests applying each domain", "reqps", (

@@ -31,6 +31,7 @@ from server.artifacts import return_freed_memory
 from server.chat.adapter_residency import keep_running
 from server.chat.adapters import LoraAdapter
 from server.chat.decoding import ChatJob, ChatResult, DecodeBatch, Decoding, batchable
+from server.chat.engine_gauges import EngineGauges, reservation
 from server.chat.model import ChatModel
 from server.chat.moe_lora import stacked_projections
 from server.engine import QueueFull, ServiceRate
@@ -64,6 +65,7 @@ class Sequence(Decoding):
     timing: object | None = None  # the request's RequestTiming, for its queue time
     cancelled: bool = False
     listener: Callable[[], None] | None = None  # told, from the engine's thread, of each new token
+    kv_reserved: int = 0  # KV-cache tokens it may fill: its prompt and max_tokens
 
 
 class ChatEngine:
@@ -72,7 +74,7 @@ class ChatEngine:
     registry warms artifacts on it between steps (`run`)."""
 
     def __init__(self, name: str, max_batch: int, max_waiting: int, retry_after: int, metrics: Metrics,
-                 timeout: float | None = None, prefill_tokens: int = 128):
+                 timeout: float | None = None, prefill_tokens: int = 128, kv_cache_tokens: int = 1 << 20):
         self.name = name
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # prompt tokens read between two decode steps, at most
@@ -83,6 +85,7 @@ class ChatEngine:
         self._running = metrics.engine_running.labels(engine=name)
         self._waiting = metrics.engine_waiting.labels(engine=name)
         metrics.engine_queue_limit.labels(engine=name).set(max_waiting)
+        self.gauges = EngineGauges(metrics, kv_cache_tokens)  # the KV-cache budget admission keeps to
         self._lock = threading.Condition()
         self._queue: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
@@ -101,6 +104,10 @@ class ChatEngine:
         """Rows holding a slot: reading their prompts, or decoding."""
         return len(self._prefilling) + sum(len(b.rows) for b in self._batches)
 
+    @property
+    def _rows(self) -> list[Sequence]:
+        return self._prefilling + [row for batch in self._batches for row in batch.rows]
+
     def start(self) -> None:
         with self._lock:
             if self._thread is None:
@@ -116,7 +123,9 @@ class ChatEngine:
     def enqueue(self, chat: ChatModel, job: ChatJob, listener: Callable[[], None] | None = None) -> Sequence:
         """Queue `job` (QueueFull at once when every slot is taken and `max_waiting` wait); its row.
         `listener` is called from the engine's thread after each token the row gets."""
-        row = Sequence(chat, job, timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener)
+        row = Sequence(chat, job, timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener,
+                       kv_reserved=reservation(chat, job))
+        self.gauges.check(row.kv_reserved)  # one that could never fit: 422 now, not a wait forever
         if self.timeout is not None:
             row.deadline = row.submitted + self.timeout
         with self._lock:
@@ -210,11 +219,12 @@ class ChatEngine:
                     self._decode(batch)
             except Exception as exc:  # a bug of the engine's own: fail its rows, keep the engine alive
                 log.exception("chat engine step failed; its requests fail with it")
-                for row in self._prefilling + [r for b in self._batches for r in b.rows]:
+                for row in self._rows:
                     if not row.future.done():
                         row.future.set_exception(exc)
                 self._batches, self._prefilling = [], []
             self._batches = [b for b in self._batches if b.rows]
+            self.gauges.publish(self._prefilling, self._batches)
             with self._lock:
                 self._publish()
         error = RuntimeError("the server is shutting down")
@@ -228,7 +238,7 @@ class ChatEngine:
         """The PEFT adapters of every row reading its prompt or decoding in memory, and kept there
         (LOOPSTACK_MAX_LOADED_ADAPTERS evicts others only). An adapter whose file no longer reads
         back as it was admitted fails the rows that use it, not the others."""
-        rows = self._prefilling + [row for batch in self._batches for row in batch.rows]
+        rows = self._rows
         uses = {id(row): [a for name, weight in row.plan.weights.items()
                           if weight and (a := row.chat.adapters.get(name)) is not None]
                 for row in rows if row.plan is not None}
@@ -271,6 +281,8 @@ class ChatEngine:
             with self._lock:
                 if not self._queue or self.running >= self.max_batch:
                     return
+                if not self.gauges.fits(self._rows, self._queue[0].kv_reserved):
+                    return  # the head waits until leaving rows free its KV-cache tokens
                 row = self._queue.popleft()
             now = time.perf_counter()
             if row.timing is not None:  # the request's wait, read back by the middleware that counts it

@@ -163,6 +163,11 @@ def record_metrics(metrics: Metrics, job: ChatJob, result: ChatResult, trace: Ro
     metrics.chat_prompt_tokens.inc(result.prompt_tokens)
     metrics.chat_generation_tokens.inc(result.completion_tokens)
     metrics.chat_finished.labels(finish_reason=result.finish_reason).inc()
+    metrics.chat_request_prompt_tokens.observe(result.prompt_tokens)
+    metrics.chat_request_generation_tokens.observe(result.completion_tokens)
+    if result.token_times:
+        metrics.chat_request_prefill_seconds.observe(result.token_times[0] - result.started)
+        metrics.chat_request_decode_seconds.observe(result.token_times[-1] - result.token_times[0])
     if result.token_times:  # from the request's arrival: parsing, the queue and the router count too
         from_arrival = since_arrival(result.token_times[0])
         metrics.chat_ttft.observe(from_arrival if from_arrival is not None else trace.time_to_first_token_seconds)
