@@ -13,7 +13,7 @@ many sequential requests' total (their mean latency at 1 client, times the clien
 latency within 5% of sequential, shown when the interval's upper end is (the collection window must
 not tax a lone request). `bench.ab_latency` compares a lone client's latency across two builds.
 
-    python -m bench.images --artifacts ROOT [--model digits-dit] [--clients 1 4 16] [--out runs/bench/images]
+    python -m bench.images --artifacts ROOT [--model digits-dit] [--clients 1 4 16] [--device cpu] [--out runs/bench/images]
 """
 
 from __future__ import annotations
@@ -88,10 +88,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per setting and round (at least 1 per client)")
     parser.add_argument("--pairs", type=int, default=100, help="a lone client's requests of each serving, in turn")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of each serving")
+    parser.add_argument("--device", default="cpu", help="torch device the server samples on (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/images"))
     args = parser.parse_args()
 
-    settings = Settings(artifact_root=args.artifacts, watch=False, device="cpu", _env_file=None)
+    settings = Settings(artifact_root=args.artifacts, watch=False, device=args.device, _env_file=None)
     rows = []
     with TestClient(create_app(settings, load_in_background=False)) as client:
         card = next((c for c in client.get("/v1/models").json()["data"] if c["id"] == args.model), None)
@@ -126,7 +127,7 @@ def main() -> None:
     table = report(rows, max(args.clients))
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "images.json").write_text(json.dumps({"model": args.model, "max_batch": default_batch,
+    (args.out / "images.json").write_text(json.dumps({"model": args.model, "device": args.device, "max_batch": default_batch,
                                                       "window_ms": settings.image_batch_window_ms, "rows": rows},
                                                      indent=2))
     (args.out / "images.md").write_text(table + "\n")

@@ -14,6 +14,7 @@ from typing import Callable
 
 from server.manifest import BuiltManifest
 from training.artifacts import open_manifest
+from training.data.world_tasks import DOMAINS
 
 
 def zoo_all(m: BuiltManifest, args) -> None:
@@ -45,6 +46,8 @@ def zoo_chat(m: BuiltManifest, args) -> None:
     if args.steps:
         recipe = replace(recipe, boosting=replace(recipe.boosting, steps_per_round=args.steps,
                                                   later_round_steps=max(1, args.steps // 3), domain_steps=()))
+    if args.domains:
+        recipe = replace(recipe, domains=tuple(args.domains))
     build_chat_zoo(m, recipe, if_missing=args.if_missing, device=args.device)
 
 
@@ -213,7 +216,10 @@ VERBS: dict[tuple[str, ...], tuple[str, Callable, list]] = {
     ("zoo", "chat"): ("build the template's chat base where needed, train the domains' MoE-LoRA stacks one after another, then the router",
                       zoo_chat, [MICRO, IF_MISSING, DEVICE, VARIANT, BASE,
                                  (("--steps",), dict(type=int, default=None, help="steps of each domain's first round "
-                                                                            "(later rounds: a third)"))]),
+                                                                            "(later rounds: a third)")),
+                                 (("--domains",), dict(nargs="+", default=None, choices=DOMAINS,
+                                                       help="the world's domains to build, in this order "
+                                                            "(default: the recipe's; --micro builds two)"))]),
     ("zoo", "placeholder"): ("untrained stand-ins for entries not built yet, in seconds", zoo_placeholder,
                              [IF_MISSING]),
     ("ilf",): ("distil an Inner Loop Feedback module for an image model", ilf,
