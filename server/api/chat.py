@@ -23,7 +23,7 @@ async def chat(req: ChatRequest, request: Request, response: Response, models: M
     model = served_chat(models, svc.registry, req.model)
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
-        pieces = serving.start_stream(req, model, models.generation, svc.chat, client_gone(request))
+        pieces = await serving.start_stream(req, model, models.generation, svc.chat, client_gone(request))
         return event_stream(native_events(pieces), named_error, "answer", svc.settings, headers)
     response.headers.update(headers)
     return await serving.answer(req, model, models.generation, svc.chat, client_gone(request))

@@ -50,7 +50,7 @@ def native_request(req: ChatCompletionRequest, chat: ChatModel) -> ChatRequest:
             "max_tokens": req.max_completion_tokens or req.max_tokens,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
-            "route": req.route or route or "auto"})
+            "route": req.route or route or "auto", "response_format": req.response_format})
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -67,7 +67,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, respons
     fingerprint = f"generation-{models.generation}"
     headers = {"X-Loopstack-Generation": str(models.generation)}
     if req.stream:
-        pieces = serving.start_stream(native, chat, models.generation, svc.chat, client_gone(request))
+        pieces = await serving.start_stream(native, chat, models.generation, svc.chat, client_gone(request))
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=req.model, choices=[],
                                     system_fingerprint=fingerprint)
         usage = req.stream_options is not None and req.stream_options.include_usage

@@ -36,6 +36,7 @@ from server.chat.stopping import StoppingRule
 
 if TYPE_CHECKING:
     from server.chat.model import ChatModel
+    from server.chat.structured import Constraint, OutputFormat
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ChatJob:
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
     input_ids: torch.Tensor | None = None  # the rendered prompt, when the request path already has it
     min_tokens: int = 0  # the end of turn is not sampled before this many tokens (fixed-length benchmarks)
+    output_format: OutputFormat | None = None  # structured output: the grammar every token keeps to
 
 
 @dataclass
@@ -61,6 +63,7 @@ class ChatResult:
     started: float = 0.0
     plan: RoutePlan | None = None  # the stacks this answer ran with, and why
     route_seconds: float = 0.0  # planning the route (the meta-router's forward, for "auto")
+    format_complete: bool | None = None  # with an output format: the answer is a whole document of it
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -98,6 +101,7 @@ class Decoding:
     cache: DynamicCache | None = None  # the prompt's KV cache as it fills; then the batch holds it
     prefilled: int = 0  # prompt tokens in the cache
     routing: RouterPass | None = None  # the meta-router's read of the prompt, while it runs ("auto")
+    constraint: Constraint | None = None  # the output format's matcher, for this row alone
 
     def start(self, plan: RoutePlan | None = None) -> None:
         """Ready the answer: its prompt, stopping rule and sampler, and its route plan when given or
@@ -109,6 +113,10 @@ class Decoding:
         self.rule = StoppingRule(chat.end_of_turn_ids, job.stop, job.max_new_tokens, chat.decode)
         if job.temperature > 0:
             self.generator = torch.Generator().manual_seed(job.seed)
+        if job.output_format is not None:
+            from server.chat.structured import Constraint
+
+            self.constraint = Constraint(chat, job.output_format)
         if plan is not None:
             self.plan = plan
         elif chat.asks_router(job.route):
@@ -157,10 +165,14 @@ class Decoding:
     def append(self, logits: torch.Tensor) -> bool:
         """Sample the next token from its logits; True when the answer has ended."""
         job = self.job
-        if len(self.tokens) < job.min_tokens:  # as transformers' MinNewTokensLengthLogitsProcessor
+        if self.constraint is not None:  # only the tokens that keep the answer a prefix of the format's documents
+            logits = self.constraint.mask(logits)
+        elif len(self.tokens) < job.min_tokens:  # as transformers' MinNewTokensLengthLogitsProcessor
             logits = logits.clone()
             logits[list(self.chat.end_of_turn_ids)] = float("-inf")
         self.tokens.append(sample(logits, job.temperature, job.top_p, self.generator))
+        if self.constraint is not None:
+            self.constraint.accept(self.tokens[-1])
         self.token_times.append(time.perf_counter())
         self.finish_reason = self.rule.finish_reason(self.tokens)
         return self.finish_reason is not None
@@ -169,7 +181,15 @@ class Decoding:
         return ChatResult(text=self.rule.text(self.tokens), prompt_tokens=self.prompt_tokens,
                           completion_tokens=len(self.tokens), finish_reason=self.finish_reason,
                           token_times=self.token_times, started=self.started, plan=self.plan,
-                          route_seconds=self.route_seconds)
+                          route_seconds=self.route_seconds, format_complete=self.format_complete())
+
+    def format_complete(self) -> bool | None:
+        """With an output format: whether the answer ended where the format allowed only the end of
+        the turn (a whole document), not at max_tokens or a stop sequence."""
+        if self.constraint is None:
+            return None
+        ended = bool(self.tokens) and self.tokens[-1] in self.chat.end_of_turn_ids
+        return ended and self.constraint.complete
 
 
 def batchable(cache) -> bool:

@@ -51,6 +51,8 @@ class ChatModel:
     # event loop while the worker decodes.
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _served: tuple[tuple, ServedStacks] | None = field(default=None, init=False, repr=False)
+    # structured output's view of the tokenizer (server/chat/structured.py), built at the first use
+    constraint_tokenizer: object | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:

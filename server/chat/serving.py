@@ -8,6 +8,7 @@ so the trace reports the weights that were applied.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from server.chat.batching import ChatEngine, ClientGone, DeadlineExceeded
 from server.chat.streamed import stream_listener
 from server.chat.decoding import ChatJob, ChatResult
 from server.chat.model import ChatModel
+from server.chat.structured import constraint_tokenizer, has_constraint_tokenizer, output_format
 from server.errors import ApiError
 from server.metrics import Metrics, since_arrival
-from server.schemas.chat import ChatRequest, ChatResponse, RouteTrace, Usage
+from server.schemas.chat import ChatRequest, ChatResponse, FormatTrace, RouteTrace, Usage
 from server.schemas.common import MAX_SEED
 from server.settings import Settings
 
@@ -39,6 +41,7 @@ class ChatService:
 async def answer(req: ChatRequest, chat: ChatModel, generation: int, service: ChatService,
                  disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResponse:
     """Plan the job, answer it on the chat engine (route, then decode in its batch), trace it, record it."""
+    await ready_for_format(req, chat)
     job = plan_job(req, chat, service.settings)
     submitted = time.perf_counter()
     try:
@@ -53,11 +56,12 @@ async def answer(req: ChatRequest, chat: ChatModel, generation: int, service: Ch
     return respond(chat, job, result, trace)
 
 
-def start_stream(req: ChatRequest, chat: ChatModel, generation: int, service: ChatService,
-                 disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[str | ChatResponse]:
+async def start_stream(req: ChatRequest, chat: ChatModel, generation: int, service: ChatService,
+                       disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[str | ChatResponse]:
     """Plan the job and queue it now (a refusal or a full queue is an HTTP error before any event);
     the answer's text pieces as they are decoded, then the whole response. A passed deadline raises
     ApiError (504) from the iterator; a client that has gone ends it."""
+    await ready_for_format(req, chat)
     job = plan_job(req, chat, service.settings)
     submitted = time.perf_counter()
     row = service.engine.enqueue(chat, job, stream_listener())
@@ -77,6 +81,13 @@ def start_stream(req: ChatRequest, chat: ChatModel, generation: int, service: Ch
             return
 
     return pieces()
+
+
+async def ready_for_format(req: ChatRequest, chat: ChatModel) -> None:
+    """The first structured request on a model builds the constraint's view of its tokenizer (seconds),
+    off the event loop."""
+    if req.response_format is not None and req.response_format.type != "text" and not has_constraint_tokenizer(chat):
+        await asyncio.to_thread(constraint_tokenizer, chat)
 
 
 def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
@@ -103,7 +114,7 @@ def plan_job(req: ChatRequest, chat: ChatModel, settings: Settings) -> ChatJob:
                 raise ApiError(422, f"route: weight of {domain!r} must be in [0, 2]", "route")
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
     return ChatJob(messages, max_tokens, req.temperature, req.top_p, seed, req.route, tuple(req.stop or ()),
-                   input_ids)
+                   input_ids, output_format=output_format(req.response_format, chat))
 
 
 def render(chat: ChatModel, messages: list[dict[str, str]], param: str) -> torch.Tensor:
@@ -150,6 +161,8 @@ def make_trace(job: ChatJob, result: ChatResult, queue_seconds: float, generatio
         time_to_first_token_seconds=ttft,
         generation_seconds=max(end - result.started, 0.0),
         generation=generation,
+        response_format=None if job.output_format is None else FormatTrace(
+            type=job.output_format.type, name=job.output_format.name, complete=bool(result.format_complete)),
     )
 
 

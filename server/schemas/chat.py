@@ -14,6 +14,28 @@ class ChatMessage(StrictRequest):
     content: Text = Field(min_length=1)
 
 
+class JsonSchemaFormat(StrictRequest):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=1000)
+    schema_: dict = Field(alias="schema", description="A JSON schema; what cannot be enforced is a 422 naming it.")
+    strict: bool | None = Field(None, description="Accepted: the schema is enforced either way.")
+
+
+class ResponseFormat(StrictRequest):
+    type: Literal["text", "json_object", "json_schema"] = Field(description=(
+        "json_object: the answer is a JSON object; json_schema: a JSON document of json_schema.schema. Enforced "
+        "token by token; an answer cut by max_tokens says finish_reason \"length\" and the trace's format "
+        "says it is not complete."))
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type \"json_schema\", and only then")
+        return self
+
+
 class ChatRequest(StrictRequest):
     # the schema says what _one_input checks: exactly one of messages and prompt (null counts as absent)
     model_config = ConfigDict(json_schema_extra={"oneOf": [
@@ -36,6 +58,7 @@ class ChatRequest(StrictRequest):
         "auto", description='"auto" lets the router choose, "none" is the base alone, or {name: weight} over '
                             'the domains and PEFT adapters GET /v1/models lists.'
     )
+    response_format: ResponseFormat | None = Field(None, description="Structured output, as OpenAI's.")
     stream: bool = Field(False, description="Server-sent events: `token` events with text as it is decoded, "
                                             "then one `done` event with the whole response (or an `error` event).")
 
@@ -65,6 +88,13 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FormatTrace(BaseModel):
+    type: Literal["json_object", "json_schema"]
+    name: str | None = Field(description="The schema's name (json_schema).")
+    complete: bool = Field(description="The answer is a whole document of the format: false when max_tokens "
+                                       "or a stop sequence cut it.")
+
+
 class RouteTrace(BaseModel):
     route_requested: str | dict[str, float]
     domains_applied: dict[str, float] = Field(description="Domain or adapter -> the weight applied to it.")
@@ -75,6 +105,8 @@ class RouteTrace(BaseModel):
     time_to_first_token_seconds: float | None
     generation_seconds: float
     generation: int = Field(description="The model-set generation (base, stacks, router) that served it.")
+    response_format: FormatTrace | None = Field(None, description="The structured-output format the answer was "
+                                                                  "held to, if any.")
 
 
 class ChatToken(BaseModel):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from server.schemas.chat import RouteTrace, Usage
+from server.schemas.chat import ResponseFormat, RouteTrace, Usage
 from server.schemas.common import MAX_SEED, StrictRequest, Text
 
 
@@ -28,10 +28,6 @@ class CompletionMessage(StrictRequest):
 
 class StreamOptions(StrictRequest):
     include_usage: bool = False
-
-
-class ResponseFormat(StrictRequest):
-    type: Literal["text"] = Field(description="Plain text only (no JSON mode or schemas).")
 
 
 class ChatCompletionRequest(StrictRequest):
