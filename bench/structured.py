@@ -5,7 +5,9 @@ generates the same number of tokens either way, so the ratio is the cost of the 
 token, not of shorter answers: text requests hold off the end of turn for `--tokens` tokens (as
 bench.chat's), schema requests are held to a document whose one string field is exactly `--chars`
 characters long (a length bounded by the schema, about `--tokens` tokens of it). At 8 clients all
-8 are decoded together, the schema's rows each with their own matcher; "mixed" is 4 of each. The
+clients are 8 closed loops over the prompts `--repeat` times (each sends its next request when its
+answer is in, so the batch stays full however long each answer is), the schema's rows each with
+their own matcher; "mixed" holds every other request to the schema. The
 settings run in alternating rounds (text, schema, mixed; then the reverse), their rounds pooled,
 so that this machine's drift stays out of the ratio.
 
@@ -51,16 +53,22 @@ def jobs(chat, setting: str, tokens: int, chars: int) -> list[ChatJob]:
 
 
 def run(engine: ChatEngine, chat, batch: list[ChatJob], clients: int) -> tuple[int, float, list]:
-    async def wave(part):
-        return await asyncio.gather(*(engine.submit(chat, j) for j in part))
+    """`clients` closed loops: each sends its next request as soon as its answer is in, so the batch
+    stays full although answers held to a schema differ in length."""
+    async def loops():
+        gate = asyncio.Semaphore(clients)
 
-    began, results = time.perf_counter(), []
-    for first in range(0, len(batch), clients):
-        results += asyncio.run(wave(batch[first:first + clients]))
+        async def one(job: ChatJob):
+            async with gate:
+                return await engine.submit(chat, job)
+        return await asyncio.gather(*(one(job) for job in batch))
+
+    began = time.perf_counter()
+    results = asyncio.run(loops())
     return sum(r.completion_tokens for r in results), time.perf_counter() - began, results
 
 
-def measure(manifests, device: str, tokens: int, chars: int, rounds: int) -> dict:
+def measure(manifests, device: str, tokens: int, chars: int, rounds: int, repeat: int = 4) -> dict:
     chat = load_chat(manifests.read().chat, manifests.resolver(), device)
     engine = ChatEngine("chat", max_batch=8, max_waiting=64, retry_after=1, metrics=Metrics())
     engine.start()
@@ -71,7 +79,8 @@ def measure(manifests, device: str, tokens: int, chars: int, rounds: int) -> dic
             run(engine, chat, jobs(chat, "schema", 4, chars)[:2], clients)  # warm-up: the first constrained rows
             for round_ in range(rounds):
                 for setting in settings if round_ % 2 == 0 else settings[::-1]:
-                    n, seconds, results = run(engine, chat, jobs(chat, setting, tokens, chars), clients)
+                    batch = jobs(chat, setting, tokens, chars) * (repeat if clients > 1 else 1)
+                    n, seconds, results = run(engine, chat, batch, clients)
                     entry = pooled.setdefault((clients, setting), {"tokens": 0, "seconds": 0.0, "valid": 0,
                                                                   "complete": 0, "constrained": 0})
                     entry["tokens"] += n
@@ -89,7 +98,7 @@ def measure(manifests, device: str, tokens: int, chars: int, rounds: int) -> dic
         rate = entry["tokens"] / entry["seconds"]
         rows.append({"clients": clients, "setting": setting, "tokens_per_s": rate,
                      "vs_text": rate / (text["tokens"] / text["seconds"]), **entry})
-    return {"model": chat.name, "device": device, "tokens": tokens, "chars": chars, "rounds": rounds,
+    return {"model": chat.name, "device": device, "tokens": tokens, "chars": chars, "rounds": rounds, "repeat": repeat,
             "prompts": len(PROMPTS), "machine": f"{torch.get_num_threads()} torch threads", "rows": rows}
 
 
@@ -117,10 +126,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="tokens per text request")
     parser.add_argument("--chars", type=int, default=160, help="characters of the schema's string field")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=4, help="passes over the prompts at 8 clients")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/structured"))
     args = parser.parse_args()
     settings = Settings(device=args.device, **({"artifact_root": args.artifacts} if args.artifacts else {}))
-    report = measure(settings.manifests(), args.device, args.tokens, args.chars, args.rounds)
+    report = measure(settings.manifests(), args.device, args.tokens, args.chars, args.rounds, args.repeat)
     print(f"{report['model']}, {report['prompts']} prompts, greedy, baseline: the same requests without a schema")
     print(table(report))
     args.out.mkdir(parents=True, exist_ok=True)
