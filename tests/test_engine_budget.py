@@ -82,13 +82,16 @@ def test_held_tokens_and_running_domains_follow_the_batch(manifest_path, tmp_pat
 
 def test_a_request_that_could_never_fit_is_a_422_before_it_queues(manifest_path, tmp_path):
     chat = chat_with_stacks(manifest_path, tmp_path, "none")
-    big = job("Tell me something about the sea", {}, max_new_tokens=64)
+    messages = [{"role": "user", "content": "Tell me something about the sea"}]
+    big = job(messages[0]["content"], {}, max_new_tokens=64, input_ids=chat.encode(messages))  # as the server plans it
     engine = started_engine(kv_cache_tokens=reservation(chat, big) - 1)
     try:
         with pytest.raises(ApiError) as refused:
             engine.enqueue(chat, big)
         assert refused.value.status == 422 and "KV-cache tokens" in str(refused.value)
         assert engine.waiting == 0
+        with pytest.raises(ApiError):  # a job without its rendered prompt is counted, and refused, at the head
+            asyncio.run(engine.submit(chat, job(messages[0]["content"], {}, max_new_tokens=64)))
         small = job("hi", {}, max_new_tokens=4)
         assert asyncio.run(engine.submit(chat, small)).completion_tokens >= 1
     finally:

@@ -123,18 +123,22 @@ class ChatEngine:
     def enqueue(self, chat: ChatModel, job: ChatJob, listener: Callable[[], None] | None = None) -> Sequence:
         """Queue `job` (QueueFull at once when every slot is taken and `max_waiting` wait); its row.
         `listener` is called from the engine's thread after each token the row gets."""
-        row = Sequence(chat, job, timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener,
-                       kv_reserved=reservation(chat, job))
-        self.gauges.check(row.kv_reserved)  # one that could never fit: 422 now, not a wait forever
+        row = Sequence(chat, job, timing=CURRENT_REQUEST.get(), timeout=self.timeout, listener=listener)
         if self.timeout is not None:
             row.deadline = row.submitted + self.timeout
+        if job.input_ids is not None:  # the server's requests: counted now (others when they reach the head)
+            row.kv_reserved = reservation(chat, job)
+            self.gauges.check(row.kv_reserved)  # one that could never fit: 422 now, not a wait forever
         with self._lock:
-            if self.running + len(self._queue) >= self.max_batch + self.max_waiting:
-                raise QueueFull(self.name, self.service.retry_after(len(self._queue) + 1, self.max_batch))
+            self._refuse_when_full()
             self._queue.append(row)
             self._publish()
             self._lock.notify()
         return row
+
+    def _refuse_when_full(self) -> None:
+        if self.running + len(self._queue) >= self.max_batch + self.max_waiting:
+            raise QueueFull(self.name, self.service.retry_after(len(self._queue) + 1, self.max_batch))
 
     async def stream(self, row: Sequence, disconnected: Callable[[], Awaitable[bool]] | None = None
                      ) -> AsyncIterator[str | ChatResult]:
@@ -281,7 +285,10 @@ class ChatEngine:
             with self._lock:
                 if not self._queue or self.running >= self.max_batch:
                     return
-                if not self.gauges.fits(self._rows, self._queue[0].kv_reserved):
+                head = self._queue[0]
+                if not head.kv_reserved:
+                    head.kv_reserved = reservation(head.chat, head.job)
+                if head.kv_reserved <= self.gauges.budget and not self.gauges.fits(self._rows, head.kv_reserved):
                     return  # the head waits until leaving rows free its KV-cache tokens
                 row = self._queue.popleft()
             now = time.perf_counter()
@@ -291,6 +298,7 @@ class ChatEngine:
             if self._leaves(row, now):
                 continue
             try:
+                self.gauges.check(row.kv_reserved)
                 stacked_projections(row.chat.model).claim()  # mounting from any other thread now raises
                 row.start()
                 self._prefilling.append(row)
