@@ -151,6 +151,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def answered_together(engine: ChatEngine, chat, jobs: list[ChatJob]) -> list:
+    """Every job submitted at once to a started engine, their results; the engine shut down after."""
+    async def together():
+        return await asyncio.gather(*(engine.submit(chat, j) for j in jobs))
+    try:
+        return asyncio.run(together())
+    finally:
+        engine.shutdown()
+
+
 def test_concurrent_requests_share_steps_and_answer_as_each_alone(manifest_path, tmp_path):
     chat = chat_with_stacks(manifest_path, tmp_path, "none")
     jobs = [job(p, r, max_new_tokens=n) for p, r, n in zip(PROMPTS, ROUTES, (9, 4, 12, 7))]

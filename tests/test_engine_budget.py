@@ -12,7 +12,7 @@ from server.chat.decoding import generate
 from server.chat.engine_gauges import reservation
 from server.errors import ApiError
 from server.metrics import Metrics
-from tests.test_batching import chat_with_stacks, job, started_engine
+from tests.test_batching import answered_together, chat_with_stacks, job, started_engine
 
 ROUTED = (({"math": 1.0}, "What is 3 + 4?"), ({"chat": 0.7, "math": 0.4}, "Name a colour"),
           ({"chat": 1.0}, "Tell me something about the sea"), ({}, "hi"))
@@ -42,12 +42,7 @@ def test_rows_wait_for_kv_cache_tokens_and_answer_as_each_alone(manifest_path, t
     metrics = Metrics()
     engine = started_engine(metrics=metrics, kv_cache_tokens=budget)
     seen = recorded(engine, metrics)
-    try:
-        async def together():
-            return await asyncio.gather(*(engine.submit(chat, j) for j in jobs))
-        results = asyncio.run(together())
-    finally:
-        engine.shutdown()
+    results = answered_together(engine, chat, jobs)
     assert metrics.registry.get_sample_value("loopstack_chat_kv_cache_budget_tokens") == budget
     assert max(step["reserved"] for step in seen) <= budget  # never more than the budget admitted
     assert max(step["rows"] for step in seen) == 2  # rows waited in the queue for tokens to free
@@ -63,12 +58,7 @@ def test_held_tokens_and_running_domains_follow_the_batch(manifest_path, tmp_pat
     metrics = Metrics()
     engine = started_engine(metrics=metrics)
     seen = recorded(engine, metrics)
-    try:
-        async def together():
-            return await asyncio.gather(*(engine.submit(chat, j) for j in jobs))
-        asyncio.run(together())
-    finally:
-        engine.shutdown()
+    answered_together(engine, chat, jobs)
     full = [step for step in seen if step["rows"] == len(jobs)]
     assert full and all(step["math"] == 2 and step["chat"] == 2 for step in full)  # rows applying each domain
     reserved = sum(reservation(chat, j) for j in jobs)

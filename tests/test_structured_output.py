@@ -4,7 +4,6 @@ claimed valid; what cannot be enforced is a 422 that names it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import jsonschema
@@ -17,7 +16,7 @@ from server.chat.structured import output_format
 from server.metrics import Metrics
 from server.schemas.chat import ResponseFormat
 from tests.conftest import assert_error_shape, make_settings
-from tests.test_batching import chat_with_stacks, job, started_engine
+from tests.test_batching import answered_together, chat_with_stacks, job, started_engine
 
 # Schemas whose documents are bounded (enums, booleans, bounded integers and arrays), so that even a
 # random tiny model must finish one within max_tokens: every answer has to parse and validate.
@@ -51,12 +50,7 @@ def test_mixed_rows_in_one_batch_each_keep_their_own_format(manifest_path, tmp_p
     jobs += [job("Tell me about the sea", {"math": 1.0}, max_new_tokens=12)]  # a plain row beside them
     metrics = Metrics()
     engine = started_engine(metrics=metrics, max_waiting=16)
-    try:
-        async def together():
-            return await asyncio.gather(*(engine.submit(chat, j) for j in jobs))
-        results = asyncio.run(together())
-    finally:
-        engine.shutdown()
+    results = answered_together(engine, chat, jobs)
     assert metrics.registry.get_sample_value("loopstack_chat_batch_rows_sum") / metrics.registry.get_sample_value(
         "loopstack_chat_batch_rows_count") > 4  # decoded together
     for (prompt, name, _), result in zip(rows, results):
