@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,27 @@ LONG_PROMPTS = [
 def routes_for(domains: tuple[str, ...], active: int, count: int) -> list[dict[str, float]]:
     """`count` routes with `active` domains each at weight 1, the domains rotated per request."""
     return [{domains[(i + j) % len(domains)]: 1.0 for j in range(active)} for i in range(count)]
+
+
+def on_own_thread(fn, *args):
+    """`fn(*args)` on a thread that ends with it. Like the engine's threads, it leaves no OpenMP team
+    behind: an idle team slows every other thread's parallel regions (server/engine.py, BusyThread),
+    so a baseline run on the main thread would slow the engine measured after it."""
+    result: list = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="bench")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def messages(prompt: str) -> list[dict[str, str]]:
@@ -197,20 +219,20 @@ def multiply_adds(chat: ChatModel) -> dict:
 
 
 def measure(manifests: BuiltManifest, device: str, tokens: int) -> dict:
-    chat = load_chat(manifests.read().chat, manifests.resolver(), device)
+    chat = on_own_thread(load_chat, manifests.read().chat, manifests.resolver(), device)
     domains = chat.domains
     macs = multiply_adds(chat)
     engine = ChatEngine("chat", max_batch=8, max_waiting=64, retry_after=1, metrics=Metrics())
     engine.start()
     rows = []
     try:
-        unwrapped = load_unwrapped(manifests, device)
+        unwrapped = on_own_thread(load_unwrapped, manifests, device)
         settings = [("transformers generate (baseline)", None, 0)] + [("engine, base", "none", 0)] + [
             (f"engine, {k} domain{'s' if k > 1 else ''}", "routed", k) for k in (1, 3, 5) if k <= len(domains)]
         for clients in (1, 8):
             for label, kind, active in tqdm(settings, desc=f"{clients} client(s)", unit="setting"):
                 if kind is None:
-                    result = baseline(unwrapped, chat, clients, tokens)
+                    result = on_own_thread(baseline, unwrapped, chat, clients, tokens)
                 else:
                     routes = (["none"] * len(PROMPTS) if kind == "none"
                               else routes_for(domains, active, len(PROMPTS)))
@@ -226,7 +248,7 @@ def measure(manifests: BuiltManifest, device: str, tokens: int) -> dict:
         router = router_share(engine, chat) if chat.router is not None else None
     finally:
         engine.shutdown()
-    one, eight = decode_steps(chat, 1), decode_steps(chat, 8)
+    one, eight = on_own_thread(decode_steps, chat, 1), on_own_thread(decode_steps, chat, 8)
     batching = {"step_s_1_row": one, "step_s_8_rows": eight, "ceiling_8_clients": 8 * one / eight}
     for row in rows:
         base = next(r for r in rows if r["clients"] == row["clients"] and r["setting"].startswith("transformers"))

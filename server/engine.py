@@ -3,8 +3,9 @@
 Every engine has the surface of `Engine`: the app's lifespan starts and stops it, and the registry
 warms new artifacts on its worker between jobs (`run`). Two implement it: `WorkerEngine` here (a
 queue in front of one worker thread; the image engine, whose batcher groups the jobs waiting in
-it) and the chat engine (server/chat/batching.py: continuous batching of decode steps). Each owns
-one thread, so jobs for one model set run one at a time (torch uses the cores inside a job). Past
+it) and the chat engine (server/chat/batching.py: continuous batching of decode steps). Each runs
+its work on one thread at a time (a `BusyThread`), so jobs for one model set run one at a time
+(torch uses the cores inside a job). Past
 its queue's bound an engine refuses at once with QueueFull, and the route answers 429 with
 Retry-After: the time the queue ahead needs at the measured service rate (`ServiceRate`).
 """
@@ -15,7 +16,8 @@ import asyncio
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future
 from typing import Callable, Protocol, TypeVar
 
 from server.metrics import CURRENT_REQUEST, Metrics
@@ -49,6 +51,46 @@ class ServiceRate:
         return max(1, min(600, math.ceil(self.mean * ahead / slots)))
 
 
+class BusyThread:
+    """An engine's thread, alive only while the engine has work: `loop` returns when it finds none
+    (calling `ending` first) and the next job starts a new thread (`wake`), which begins by waiting
+    for the one before it to end, so the engine's work never runs on two threads at once. `wake`
+    and `ending` are called under the engine's lock, so no job is left without a thread.
+
+    Why not one long-lived thread: torch parallelises on CPU through OpenMP, and libgomp keeps every
+    thread that ever ran a parallel region a team of workers for as long as that thread lives.
+    While it manages more threads than the machine has CPUs, each worker spins only 100 iterations
+    (instead of 300,000) for the next parallel region before it sleeps, so every region of a decode
+    step pays a wake-up: on 2 cores the idle image engine's team made the chat engine decode a
+    quarter slower (docs/chat.md). A thread that ends takes its team with it."""
+
+    def __init__(self, name: str, loop: Callable[[], None]):
+        self.name = name
+        self._loop = loop
+        self._thread: threading.Thread | None = None
+        self._ended: threading.Thread | None = None  # the last thread, which may still be returning
+
+    def wake(self) -> None:
+        """A thread for the work just handed over, unless one is running (under the engine's lock)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(self._ended,), name=self.name, daemon=True)
+            self._thread.start()
+
+    def ending(self) -> None:
+        """The running thread found no work and returns (under the engine's lock)."""
+        self._ended, self._thread = self._thread, None
+
+    def join(self, timeout: float) -> None:
+        thread = self._thread or self._ended
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self, ended: threading.Thread | None) -> None:
+        if ended is not None:
+            ended.join()
+        self._loop()
+
+
 class Engine(Protocol):
     name: str
 
@@ -76,8 +118,10 @@ class WorkerEngine:
         self._running = metrics.engine_running.labels(engine=name)
         self._waiting = metrics.engine_waiting.labels(engine=name)
         metrics.engine_queue_limit.labels(engine=name).set(max_waiting)
-        self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._jobs: deque[tuple[Callable, tuple, Future]] = deque()
+        self._thread = BusyThread(f"engine-{name}", self._work)
+        self._started = False
         self._in_system = 0  # running + waiting
 
     @property
@@ -85,13 +129,35 @@ class WorkerEngine:
         return max(self._in_system - 1, 0)
 
     def start(self) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
+        with self._lock:
+            self._started = True
+
+    def _hand_over(self, fn: Callable[..., T], *args) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if not self._started:
+                raise RuntimeError(f"the {self.name} engine is not running")
+            self._jobs.append((fn, args, future))
+            self._thread.wake()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._thread.ending()
+                    return
+                fn, args, future = self._jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed back to the caller, who decides
+                    future.set_exception(exc)
 
     async def submit(self, fn: Callable[..., T], *args, times_queue: bool = True) -> T:
         """Run `fn(*args)` on the worker when its turn comes. `times_queue=False`: the job tells the
         request its own wait (a batched job starts with its batch, not at its turn)."""
-        if self._executor is None:
+        if not self._started:
             raise RuntimeError(f"the {self.name} engine is not running")
         with self._lock:
             if self._in_system > self.max_waiting:  # one running, max_waiting already queued
@@ -111,7 +177,7 @@ class WorkerEngine:
                 self.service.record(time.perf_counter() - started)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+            return await asyncio.wrap_future(self._hand_over(timed))
         finally:
             with self._lock:
                 self._in_system -= 1
@@ -124,10 +190,12 @@ class WorkerEngine:
     def run(self, fn: Callable[..., T], *args) -> T:
         """Run `fn` on the worker from another thread, between jobs, and wait for it (the registry
         warms new artifacts here: they touch modules that running jobs use). Not queue-bounded."""
-        if self._executor is None:
-            raise RuntimeError(f"the {self.name} engine is not running")
-        return self._executor.submit(fn, *args).result()
+        return self._hand_over(fn, *args).result()
 
     def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop taking jobs; those not yet started are cancelled, the running one finishes."""
+        with self._lock:
+            self._started = False
+            jobs, self._jobs = list(self._jobs), deque()
+        for _, _, future in jobs:
+            future.cancel()

@@ -3,7 +3,8 @@ in one batch.
 
 No serving library composes a weighted mix of adapters per request (vLLM and LoRAX apply one LoRA
 per request; PEFT's X-LoRA runs the base twice), so this is written by hand. One thread owns the
-model (it `claim`s each model's stacked projections). Between decode steps it runs the calls the
+model (it `claim`s each model's stacked projections; a `BusyThread`, which ends when the engine is
+idle and is started again by the next request). Between decode steps it runs the calls the
 registry hands it (warm-ups), admits waiting requests into free slots, does up to
 `prefill_tokens` tokens of prompt work for the admitted rows (the meta-router's read for "auto",
 then the prefill, each row alone; the rows with the least left first, so a short prompt's first
@@ -34,7 +35,7 @@ from server.chat.decoding import ChatJob, ChatResult, DecodeBatch, Decoding, bat
 from server.chat.engine_gauges import EngineGauges, reservation
 from server.chat.model import ChatModel
 from server.chat.moe_lora import stacked_projections
-from server.engine import QueueFull, ServiceRate
+from server.engine import BusyThread, QueueFull, ServiceRate
 from server.errors import ApiError
 from server.chat.streamed import StreamedText
 from server.metrics import CURRENT_REQUEST, Metrics
@@ -86,13 +87,14 @@ class ChatEngine:
         self._waiting = metrics.engine_waiting.labels(engine=name)
         metrics.engine_queue_limit.labels(engine=name).set(max_waiting)
         self.gauges = EngineGauges(metrics, kv_cache_tokens)  # the KV-cache budget admission keeps to
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._batches: list[DecodeBatch] = []
         self._prefilling: list[Sequence] = []  # admitted rows still reading their prompts, oldest first
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._thread = BusyThread(f"engine-{name}", self._loop)
 
     # ------------------------------------------------------------ the request side
     @property
@@ -110,9 +112,7 @@ class ChatEngine:
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
-                self._thread.start()
+            self._started = True
 
     async def submit(self, chat: ChatModel, job: ChatJob,
                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> ChatResult:
@@ -130,10 +130,12 @@ class ChatEngine:
             row.kv_reserved = reservation(chat, job)
             self.gauges.check(row.kv_reserved)  # one that could never fit: 422 now, not a wait forever
         with self._lock:
+            if self._stopping or not self._started:
+                raise RuntimeError("the chat engine is not running")
             self._refuse_when_full()
             self._queue.append(row)
             self._publish()
-            self._lock.notify()
+            self._thread.wake()
         return row
 
     def _refuse_when_full(self) -> None:
@@ -185,10 +187,10 @@ class ChatEngine:
         new artifacts here: they touch modules that running steps use). Not queue-bounded."""
         future: Future = Future()
         with self._lock:
-            if self._stopping or self._thread is None:
+            if self._stopping or not self._started:
                 raise RuntimeError("the chat engine is not running")
             self._calls.append((fn, args, future))
-            self._lock.notify()
+            self._thread.wake()
         return future.result()
 
     def shutdown(self) -> None:
@@ -196,9 +198,9 @@ class ChatEngine:
         interpreter exit aborts the process)."""
         with self._lock:
             self._stopping = True
-            self._lock.notify()
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            if self._started:
+                self._thread.wake()  # it fails what still waits
+        self._thread.join(timeout=30)
 
     def _publish(self) -> None:
         self._running.set(self.running)
@@ -208,10 +210,11 @@ class ChatEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._calls or self._queue or self._prefilling or self._batches):
-                    self._lock.wait()
                 if self._stopping:
                     break
+                if not (self._calls or self._queue or self._prefilling or self._batches):
+                    self._thread.ending()  # idle: this thread ends, and the next request starts another
+                    return
                 calls, self._calls = list(self._calls), deque()
             for fn, args, future in calls:
                 self._call(fn, args, future)
