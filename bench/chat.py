@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from server.chat.model import ChatModel, load_chat
 from server.chat.moe_lora import wrapped_layers
 from server.chat.nf4 import nf4_config
 from server.chat.router import RoutePlan
+from server.engine import on_own_thread  # a baseline run on a long-lived thread would slow the engine after it
 from server.manifest import BuiltManifest
 from server.metrics import Metrics
 from server.settings import Settings
@@ -68,27 +68,6 @@ LONG_PROMPTS = [
 def routes_for(domains: tuple[str, ...], active: int, count: int) -> list[dict[str, float]]:
     """`count` routes with `active` domains each at weight 1, the domains rotated per request."""
     return [{domains[(i + j) % len(domains)]: 1.0 for j in range(active)} for i in range(count)]
-
-
-def on_own_thread(fn, *args):
-    """`fn(*args)` on a thread that ends with it. Like the engine's threads, it leaves no OpenMP team
-    behind: an idle team slows every other thread's parallel regions (server/engine.py, BusyThread),
-    so a baseline run on the main thread would slow the engine measured after it."""
-    result: list = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn(*args))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="bench")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
 
 
 def messages(prompt: str) -> list[dict[str, str]]:

@@ -22,7 +22,7 @@ from server.api import ADMIN_ROUTERS, ROUTERS
 from server.api.dependencies import Services
 from server.chat.batching import ChatEngine
 from server.chat.serving import ChatService
-from server.engine import WorkerEngine
+from server.engine import WorkerEngine, on_own_thread
 from server.errors import BodySizeLimit, CatchUnhandled, install_error_handlers
 from server.imaging.batching import ImageBatcher
 from server.imaging.serving import ImageService
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, load_in_background: bool = True
         if load_in_background:
             threading.Thread(target=initial_load, name="initial-load", daemon=True).start()
         else:
-            initial_load()
+            on_own_thread(initial_load)  # its OpenMP team ends with it
         if settings.watch:
             threading.Thread(target=watch_artifacts, args=(registry, stop_watching), name="watch", daemon=True).start()
         loop = asyncio.get_running_loop()

@@ -91,6 +91,26 @@ class BusyThread:
         self._loop()
 
 
+def on_own_thread(fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` on a thread that ends with it, so that the OpenMP team its torch work starts ends
+    too (see `BusyThread`): loading a model on a thread that lives on would slow every engine."""
+    results: list = []
+
+    def run() -> None:
+        try:
+            results.append((True, fn(*args)))
+        except BaseException as exc:  # raised again on the caller's thread
+            results.append((False, exc))
+
+    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "work"))
+    thread.start()
+    thread.join()
+    ok, value = results[0]
+    if not ok:
+        raise value
+    return value
+
+
 class Engine(Protocol):
     name: str
 
