@@ -213,9 +213,11 @@ class WorkerEngine:
         return self._hand_over(fn, *args).result()
 
     def shutdown(self) -> None:
-        """Stop taking jobs; those not yet started are cancelled, the running one finishes."""
+        """Stop taking jobs; those not yet started are cancelled, and the running one is waited for (a
+        torch thread still running at interpreter exit aborts the process)."""
         with self._lock:
             self._started = False
             jobs, self._jobs = list(self._jobs), deque()
         for _, _, future in jobs:
             future.cancel()
+        self._thread.join(timeout=30)
