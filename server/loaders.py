@@ -143,6 +143,8 @@ class AdapterLoader:
 
     def load(self, spec, parent: ChatModel, context: LoadContext) -> LoraAdapter:
         folder = context.resolver.source(spec.source)
+        if context.adapters is not None:
+            context.adapters.make_room(1)  # before its weights are read, not after
         adapter = load_adapter(folder, spec.name, parent.model, parent.name, spec.source.path,
                                spec.source.files.get(WEIGHTS_FILE))
         if context.adapters is not None:

@@ -228,3 +228,35 @@ def test_an_adapter_of_another_shape_and_files_that_are_not_an_adapter_are_refus
     (tmp_path / "half" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00")
     with pytest.raises(AdapterError, match="cannot be read as safetensors"):
         load_adapter(tmp_path / "half", "half", chat.model, chat.name)
+
+
+def test_an_adapter_read_back_past_the_cap_finds_room_made_and_the_banks_let_go_first(tiny):
+    from server.chat.adapter_residency import AdapterResidency
+    from server.chat.lora_bank import BANKS
+
+    names = ["r16-all", "patterns", "rslora-mlp"]
+    chat = served_base(tiny)
+    for i, name in enumerate(names):
+        chat.adapters[name] = load_adapter(peft_adapter(tiny, f"room-{name}", seed=20 + i, **ADAPTERS[name]),
+                                           name, chat.model, chat.name)
+    ids = prompt_ids(chat)
+    residency = AdapterResidency(capacity=2)
+    for name in names:
+        residency.admit(chat.adapters[name])  # the first one is evicted at the third's admission
+    with torch.no_grad(), chat.mounted(batch_route([{n: 1.0} for n in names[1:]], chat.route_names)):
+        chat.model(ids[:2])  # the banks now hold the two resident adapters
+
+    def held() -> tuple[int, set[int]]:
+        """Adapters with weights in memory, and which adapters the banks' columns belong to."""
+        banked = {key for bank in BANKS._banks.values() if bank is not None for key in bank.spans}
+        return sum(a.resident for a in chat.adapters.values()), banked
+
+    first = chat.adapters[names[0]]
+    at_read = []
+    read = first.read
+    first.read = lambda: (at_read.append(held()), read())[1]
+    residency.running([first])  # a row needs the evicted adapter: room is made before it is read
+    resident, banked = at_read[0]
+    assert resident == 1  # the cap's 2 less the one about to be read
+    assert len(banked) == 1 and id(chat.adapters[names[1]]) not in banked  # the evicted one's columns were let go
+    assert first.resident and sum(a.resident for a in chat.adapters.values()) == 2

@@ -10,6 +10,7 @@ import weakref
 from collections import OrderedDict
 
 from server.chat.adapters import LoraAdapter
+from server.chat.lora_bank import BANKS
 
 RESIDENCIES: "weakref.WeakSet[AdapterResidency]" = weakref.WeakSet()  # one per registry: what the engine keeps running
 
@@ -45,14 +46,29 @@ class AdapterResidency:
             self._order.pop(id(adapter), None)
             self._publish()
 
+    def make_room(self, reading: int = 1) -> None:
+        """Before `reading` adapters' weights are read: the least recently used adapters no running
+        row uses give theirs back first, and the banks let go of them now (a bank holds an evicted
+        adapter's weights until it is rebuilt), so memory holds no more than the cap's adapters,
+        or the running rows', while the new ones are read."""
+        with self._lock:
+            if not self.capacity or not reading:
+                return
+            resident = [a for a in self._live() if a.resident]
+            if self._drop_least_recent(resident, len(resident) + reading - self.capacity):
+                BANKS.refresh()
+
     def running(self, adapters: list[LoraAdapter]) -> None:
-        """The adapters the running rows use, before a step: in memory (read now if evicted), kept."""
+        """The adapters the running rows use, before a step: in memory (read now if evicted, after
+        making room for them), kept."""
         with self._lock:
             self._running = {id(a) for a in adapters}
             for adapter in adapters:
-                if not adapter.resident:
-                    self._load(adapter)
                 self._touch(adapter)
+            missing = [a for a in adapters if not a.resident]
+            self.make_room(len(missing))
+            for adapter in missing:
+                self._load(adapter)
             self._evict()
             if self.metrics is not None:
                 self.metrics.chat_adapters_running.set(len(adapters))
@@ -95,18 +111,26 @@ class AdapterResidency:
     def _evict(self) -> None:
         resident = [a for a in self._live() if a.resident]
         over = len(resident) - self.capacity if self.capacity else 0
+        over -= self._drop_least_recent(resident, over)
+        if over > 0 and self.metrics is not None:  # every adapter left in memory serves a running row
+            self.metrics.chat_adapter_evictions.labels(result="deferred").inc()
+        self._publish()
+
+    def _drop_least_recent(self, resident: list[LoraAdapter], over: int) -> int:
+        """Evict up to `over` of `resident` (least recently used first) that no running row uses; how many."""
+        dropped = 0
         for adapter in resident:
-            if over <= 0:
+            if dropped >= over:
                 break
             if id(adapter) in self._running:
                 continue
             adapter.drop()
-            over -= 1
+            dropped += 1
             if self.metrics is not None:
                 self.metrics.chat_adapter_evictions.labels(result="evicted").inc()
-        if over > 0 and self.metrics is not None:  # every adapter left in memory serves a running row
-            self.metrics.chat_adapter_evictions.labels(result="deferred").inc()
-        self._publish()
+        if dropped:
+            self._publish()
+        return dropped
 
     def _publish(self) -> None:
         if self.metrics is not None:

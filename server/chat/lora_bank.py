@@ -95,6 +95,13 @@ class LoraBanks:
             span = self._span(bank, route, names)
             return None if span is None else (bank, span)
 
+    def refresh(self) -> None:
+        """Rebuild now if any adapter's weights were read or dropped since (an evicted adapter's
+        weights are freed only when no bank holds them any more)."""
+        with self._lock:
+            if self._epoch != LoraAdapter.epoch:
+                self._rebuild()
+
     def _rebuild(self) -> None:
         epoch = LoraAdapter.epoch  # read first: a change while building shows at the next call
         self._banks, self._columns = {}, {}  # each old bank goes as its projection's new one is made
