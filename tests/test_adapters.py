@@ -233,6 +233,7 @@ def test_an_adapter_of_another_shape_and_files_that_are_not_an_adapter_are_refus
 def test_an_adapter_read_back_past_the_cap_finds_room_made_and_the_banks_let_go_first(tiny):
     from server.chat.adapter_residency import AdapterResidency
     from server.chat.lora_bank import BANKS
+    from server.chat.moe_lora import wrapped_layers
 
     names = ["r16-all", "patterns", "rslora-mlp"]
     chat = served_base(tiny)
@@ -248,7 +249,8 @@ def test_an_adapter_read_back_past_the_cap_finds_room_made_and_the_banks_let_go_
 
     def held() -> tuple[int, set[int]]:
         """Adapters with weights in memory, and which adapters the banks' columns belong to."""
-        banked = {key for bank in BANKS._banks.values() if bank is not None for key in bank.spans}
+        banks = [BANKS._banks.get(id(layer)) for layer in wrapped_layers(chat.model).values()]
+        banked = {key for bank in banks if bank is not None for key in bank.spans}
         return sum(a.resident for a in chat.adapters.values()), banked
 
     first = chat.adapters[names[0]]
