@@ -16,16 +16,18 @@ from server.metrics import Metrics
 from tests.test_batching import chat_with_stacks, job, started_engine
 
 
-def native_threads() -> int:
-    """The process's threads as the kernel counts them: Python's and OpenMP's workers alike."""
-    return len(os.listdir("/proc/self/task"))
+def native_threads() -> set[str]:
+    """The process's threads as the kernel lists them: Python's and OpenMP's workers alike."""
+    return set(os.listdir("/proc/self/task"))
 
 
-def settles_to(count: int, seconds: float = 5.0) -> int:
+def started_since(before: set[str], seconds: float = 5.0) -> set[str]:
+    """The threads started since `before` that are still alive once they had `seconds` to end
+    (threads of other tests that end meanwhile do not matter)."""
     deadline = time.monotonic() + seconds
-    while native_threads() != count and time.monotonic() < deadline:
+    while (alive := native_threads() - before) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return native_threads()
+    return alive
 
 
 def engine_threads(name: str) -> list[threading.Thread]:
@@ -46,14 +48,14 @@ def test_an_idle_image_engine_leaves_no_thread_and_no_openmp_team_behind():
     try:
         before = native_threads()
         assert engine.run(parallel_work) == 512.0 ** 3
-        assert settles_to(before) == before  # the engine's thread and its team both ended
+        assert not started_since(before)  # the engine's thread and its team both ended
         assert not engine_threads("image")
 
         async def requests():
             return await asyncio.gather(*(engine.submit(parallel_work) for _ in range(3)))
 
         assert len(asyncio.run(requests())) == 3  # a new thread started for them
-        assert settles_to(before) == before
+        assert not started_since(before)
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
