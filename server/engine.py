@@ -91,24 +91,22 @@ class BusyThread:
         self._loop()
 
 
+def fulfil(future: Future, fn: Callable, args: tuple) -> None:
+    """Run `fn(*args)` into `future`: its result, or what it raised, for the caller to decide on."""
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
 def on_own_thread(fn: Callable[..., T], *args) -> T:
     """`fn(*args)` on a thread that ends with it, so that the OpenMP team its torch work starts ends
     too (see `BusyThread`): loading a model on a thread that lives on would slow every engine."""
-    results: list = []
-
-    def run() -> None:
-        try:
-            results.append((True, fn(*args)))
-        except BaseException as exc:  # raised again on the caller's thread
-            results.append((False, exc))
-
-    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "work"))
+    future: Future = Future()
+    thread = threading.Thread(target=fulfil, args=(future, fn, args), name=getattr(fn, "__name__", "work"))
     thread.start()
     thread.join()
-    ok, value = results[0]
-    if not ok:
-        raise value
-    return value
+    return future.result()
 
 
 class Engine(Protocol):
@@ -169,10 +167,7 @@ class WorkerEngine:
                     return
                 fn, args, future = self._jobs.popleft()
             if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # handed back to the caller, who decides
-                    future.set_exception(exc)
+                fulfil(future, fn, args)
 
     async def submit(self, fn: Callable[..., T], *args, times_queue: bool = True) -> T:
         """Run `fn(*args)` on the worker when its turn comes. `times_queue=False`: the job tells the

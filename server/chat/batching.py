@@ -35,7 +35,7 @@ from server.chat.decoding import ChatJob, ChatResult, DecodeBatch, Decoding, bat
 from server.chat.engine_gauges import EngineGauges, reservation
 from server.chat.model import ChatModel
 from server.chat.moe_lora import stacked_projections
-from server.engine import BusyThread, QueueFull, ServiceRate
+from server.engine import BusyThread, QueueFull, ServiceRate, fulfil
 from server.errors import ApiError
 from server.chat.streamed import StreamedText
 from server.metrics import CURRENT_REQUEST, Metrics
@@ -217,7 +217,7 @@ class ChatEngine:
                     return
                 calls, self._calls = list(self._calls), deque()
             for fn, args, future in calls:
-                self._call(fn, args, future)
+                fulfil(future, fn, args)
             try:
                 self._admit()
                 self._keep_adapters()
@@ -270,13 +270,6 @@ class ChatEngine:
             for batch in self._batches:
                 self._keep(batch, [i for i, row in enumerate(batch.rows) if fails(row) is None])
         keep_running([a for key, a in used.items() if key not in failed])
-
-    @staticmethod
-    def _call(fn, args, future: Future) -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # handed back to the caller, who decides
-            future.set_exception(exc)
 
     def _admit(self) -> None:
         """Waiting requests take the free slots, to read their prompts (`_prefill`). Waiting requests
