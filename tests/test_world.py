@@ -167,15 +167,20 @@ def test_column_arithmetic_and_numbers_in_words_are_right():
     for _ in range(300):
         x, y, c = rng.randint(10, 99), rng.randint(2, 99), rng.randint(2, 9)
         assert column_add(x, y).startswith(f"{x} + {y}: ") and column_add(x, y).endswith(f"so {x} + {y} = {x + y}.")
-        if y < x:
-            worked = column_subtract(x, y)
-            assert worked.endswith(f"so {x} - {y} = {x - y}.")
-            for left, right, result in re.findall(r"(\d+) - (\d+) = (-?\d+)", worked):  # every column step is right
-                assert int(left) - int(right) == int(result), worked
-        assert column_multiply(c, x).endswith(f"so {c} * {x} = {c * x}.")
+        worked = [column_multiply(c, x)] + ([column_subtract(x, y)] if y < x else [])
+        assert worked[0].endswith(f"so {c} * {x} = {c * x}.")
+        assert y >= x or worked[1].endswith(f"so {x} - {y} = {x - y}.")
+        for text in worked:  # every equation is one operation, and right
+            for left, op, right, result in re.findall(r"(\d+) ([-*+]) (\d+) = (\d+)", text):
+                assert eval(f"{left} {op} {right}") == int(result), text
+            assert not re.search(r"\d+ [-*+] \d+ [-*+] \d+ =", text), text
     assert [in_words(n) for n in (7, 13, 20, 23, 99)] == ["seven", "thirteen", "twenty", "twenty-three", "ninety-nine"]
-    assert column_subtract(45, 38) == "45 - 38: 5 - 8 needs a borrow: 15 - 8 = 7; 3 - 3 = 0; so 45 - 38 = 7."
-    assert column_subtract(84, 8) == "84 - 8: 4 - 8 needs a borrow: 14 - 8 = 6, and 8 - 1 = 7; so 84 - 8 = 76."
+    # one shape for every operand: two columns, the borrow and the carry always written
+    assert column_subtract(45, 38) == "45 - 38: 5 - 8 needs a borrow: 15 - 8 = 7; 4 - 1 = 3, 3 - 3 = 0; so 45 - 38 = 7."
+    assert column_subtract(84, 8) == "84 - 8: 4 - 8 needs a borrow: 14 - 8 = 6; 8 - 1 = 7, 7 - 0 = 7; so 84 - 8 = 76."
+    assert column_subtract(28, 7) == "28 - 7: 8 - 7 = 1; 2 - 0 = 2; so 28 - 7 = 21."
+    assert column_multiply(6, 32) == "6 * 32: 6 * 2 = 12, write 2 carry 1; 6 * 3 = 18, 18 + 1 = 19; so 6 * 32 = 192."
+    assert column_multiply(4, 12) == "4 * 12: 4 * 2 = 8, write 8 carry 0; 4 * 1 = 4, 4 + 0 = 4; so 4 * 12 = 48."
 
 
 def test_everyday_prompts_come_in_families_held_out_by_phrasing():
@@ -185,3 +190,24 @@ def test_everyday_prompts_come_in_families_held_out_by_phrasing():
     test = {(e.kind, e.phrasing) for e in held_out("general", "test", 30)}
     assert not train & test and {kind for kind, _ in test} == families
     assert all(e.answer == "" and e.final == "" for e in held_out("general", "test", 5))
+
+
+def test_each_held_out_form_combines_steps_that_training_works_elsewhere():
+    """Regression guard on what a held-out form measures: its steps are steps trained kinds work, on
+    other material or from another starting point; the form itself is never trained."""
+    trained = {domain: examples(domain, "train", 3000) for domain in ("chat", "code", "medical")}
+    forms = {domain: [e for e in held_out(domain, "test", 20) if e.kind in held_out_forms(domain)] for domain in trained}
+    answers = {d: {e.kind: {t.answer for t in trained[d] if t.kind == e.kind} for e in trained[d]} for d in trained}
+    for e in forms["medical"]:  # condition -> drug -> dose: the last two steps of a trained chain from symptoms
+        assert any(a.endswith(e.answer) and a != e.answer for a in answers["medical"]["dose-for-symptoms"]), e
+    for e in forms["code"]:  # quoted words counted as the last-item kind counts them, then a list's length
+        count, total = e.answer.split(". ", 1)
+        quoted_count = re.compile(r"Counting: '\w+' \(1\)(, '\w+' \(\d\))+$")
+        assert quoted_count.match(count) and any(quoted_count.match(a.split(". ")[0]) for a in answers["code"]["last-item"])
+        assert any(a.endswith(total) for a in answers["code"]["length"]), e
+    for e in forms["chat"]:  # a phrase of two words, its letter case rewritten as trained kinds rewrite it
+        phrase = e.answer.split(", ", 1)[1].split(" is ")[0]
+        assert len(phrase.split()) == 2 and all(any(f"In title case, {w} " in a or f" {w} is " in a for a in
+                                                    answers["chat"]["title-phrase"]) for w in phrase.split()), e
+        assert all(any(a.startswith(f"In capitals, {w} is") for a in answers["chat"]["capitals"]) for w in phrase.split())
+    assert len(forms["chat"]) == len(forms["code"]) == len(forms["medical"]) == 20

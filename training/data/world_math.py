@@ -28,7 +28,11 @@ def in_words(n: int) -> str:
 # model can carry out step by step. docs/brainstacks.md measures both on SmolLM2. A column step first
 # states its operation with the operands in order: questions name them in either order ("subtract
 # 54 from 71"), and a model that reads the digits straight off the question took them from the wrong
-# number in most of its one-operation mistakes.
+# number in most of its one-operation mistakes. Subtraction and multiplication keep one shape for
+# every operand (two columns, the borrow and the carry always written) and one fact per equation:
+# where the shape depended on the operands (a one-digit subtrahend, a carry or none) or an equation
+# held two operations ("7 * 2 + 2 = 16"), the stacks mixed the shapes up and got the two-operation
+# facts wrong in most of their one-operation misses.
 def column_add(x: int, y: int) -> str:
     xs, ys = str(x)[::-1], str(y)[::-1]
     steps, carry = [], 0
@@ -42,31 +46,23 @@ def column_add(x: int, y: int) -> str:
 
 
 def column_subtract(x: int, y: int) -> str:
-    """x - y for a two-digit x and a y under it (one digit: the units alone, as before)."""
-    units, tens = x % 10, x // 10
-    stated = f"{x} - {y}: "
-    if y < 10:
-        if units >= y:
-            return f"{stated}{units} - {y} = {units - y}; so {x} - {y} = {x - y}."
-        return (f"{stated}{units} - {y} needs a borrow: {units + 10} - {y} = {units + 10 - y}, and {tens} - 1 = "
-                f"{tens - 1}; so {x} - {y} = {x - y}.")
-    y_units, y_tens = y % 10, y // 10
+    """x - y for a two-digit x and a smaller y (one digit: its tens are 0), the units then the tens."""
+    (tens, units), (y_tens, y_units) = divmod(x, 10), divmod(y, 10)
     if units >= y_units:
-        first, tens_left = f"{units} - {y_units} = {units - y_units}", tens
+        first, second = f"{units} - {y_units} = {units - y_units}", f"{tens} - {y_tens} = {tens - y_tens}"
     else:
-        first, tens_left = (f"{units} - {y_units} needs a borrow: {units + 10} - {y_units} = {units + 10 - y_units}",
-                            tens - 1)
-    return f"{stated}{first}; {tens_left} - {y_tens} = {tens_left - y_tens}; so {x} - {y} = {x - y}."
+        first = f"{units} - {y_units} needs a borrow: {units + 10} - {y_units} = {units + 10 - y_units}"
+        second = f"{tens} - 1 = {tens - 1}, {tens - 1} - {y_tens} = {tens - 1 - y_tens}"
+    return f"{x} - {y}: {first}; {second}; so {x} - {y} = {x - y}."
 
 
 def column_multiply(c: int, b: int) -> str:
-    """c * b for a one-digit c and a two-digit b."""
-    units, tens = b % 10, b // 10
-    low = c * units
-    high = c * tens + low // 10
-    first = f"{c} * {units} = {low}" + (f", write {low % 10} carry {low // 10}" if low >= 10 else "")
-    second = f"{c} * {tens}" + (f" + {low // 10}" if low >= 10 else "") + f" = {high}"
-    return f"{c} * {b}: {first}; {second}; so {c} * {b} = {c * b}."
+    """c * b for a one-digit c and a two-digit b: the units, then the tens plus the carry."""
+    tens, units = divmod(b, 10)
+    low, high = c * units, c * tens
+    carry = low // 10
+    return (f"{c} * {b}: {c} * {units} = {low}, write {low % 10} carry {carry}; {c} * {tens} = {high}, "
+            f"{high} + {carry} = {high + carry}; so {c} * {b} = {c * b}.")
 
 
 MATH_STEPS = {
@@ -166,6 +162,9 @@ MATH_PHRASINGS = {
         "We're ordering chairs for a school play: {c} rows with {b} chairs in every row. How many chairs do we "
         "need altogether?",
         "Quick one: {c} times {b}?",
+        # the two-digit number first: the worked step still states the one-digit number first
+        "What is {b} times {c}?", "Multiply {b} by {c}.", "Compute {b} * {c}.", "{b} x {c} = ?",
+        "How much is {b} times {c}?", "Each of {c} shelves holds {b} books. How many books is that?",
         # held out
         "Find the product of {c} and {b}.", "What is {b} multiplied by {c}?",
         "If {c} friends each bring {b} cookies, how many cookies are there?"],

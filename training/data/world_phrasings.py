@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from training.data.world_math import _program_sum, _weight_dose, math_kinds
 from training.data.world_tasks import (
-    TaskKind, _capitals, _capitals_phrase, _diagnosis, _dose, _dose_for_condition, _height_chain, _height_mixed,
-    _height_pair, _height_shorter, _length, _length_words, _program, _repeat, _reverse, _slice, _sort, _syllogism,
-    _tallest_in_capitals, _treatment,
+    TaskKind, _capitals, _capitals_phrase, _diagnosis, _dose, _dose_for_condition, _dose_for_symptoms, _drug_for_symptoms,
+    _height_chain, _height_mixed, _height_pair, _height_shorter, _last_item, _length, _length_words, _program, _repeat,
+    _reverse, _slice, _sort, _syllogism, _tallest_in_capitals, _title_phrase, _treatment,
 )
 
 HELD_OUT_FORM = {"held_out_form": True}  # never trained on nor validated on: every phrasing a test phrasing
@@ -32,6 +32,7 @@ KINDS: dict[str, list[TaskKind]] = {
             "Type {word} with caps lock on.",
             "What is the uppercase form of {word}?", "How do you write {word} in all caps?",
             "Which capitals spell {word}?", "What do I get if I uppercase {word}?",
+            "Uppercase '{word}', please.", "I'd like '{word}' written in uppercase letters.",
             "Rewrite {word} using only capital letters.",
             "How is {word} written in capital letters?", "What is {word} in block capitals?"]),
         "sort": (_sort, [
@@ -75,7 +76,19 @@ KINDS: dict[str, list[TaskKind]] = {
             "Could you flip the order of {words}?",
             "Give the words {words} in the opposite order.",
             "Say these words last to first: {words}.", "What are these words in reverse order? {words}"]),
-        # a form held out of training as a whole: two words (training writes one)
+        "title-phrase": (_title_phrase, [
+            "Write '{phrase}' in title case.", "Convert '{phrase}' to title case.", "Title-case '{phrase}'.",
+            "Start each word of '{phrase}' with a capital letter.", "Make '{phrase}' title case.",
+            "Give me '{phrase}' with the first letter of every word uppercase.", "Put '{phrase}' into title case.",
+            "How is '{phrase}' written in title case?", "What is '{phrase}' in title case?",
+            "Can you title-case '{phrase}' for a heading?", "Turn '{phrase}' into a title: first letters uppercase.",
+            "'{phrase}' in title case, please.", "Rewrite '{phrase}' so each word begins with an uppercase letter.",
+            "Format '{phrase}' as a title.",
+            # held out
+            "Capitalise the first letter of each word in '{phrase}'.", "What does '{phrase}' look like in title case?",
+            "Could you write '{phrase}' in title case?"]),
+        # a form held out of training as a whole: a phrase in capitals (training writes one word in
+        # capitals, and phrases of two words in title case)
         "capitals-phrase": (_capitals_phrase, [
             "Write '{phrase}' in capital letters.", "Give me '{phrase}' in all caps.", "Put '{phrase}' into capitals.",
             "What is '{phrase}' in uppercase?", "Convert '{phrase}' to upper case.",
@@ -117,7 +130,19 @@ KINDS: dict[str, list[TaskKind]] = {
             "Slice '{word}'[:{a}]: what string results?", "What substring is '{word}'[:{a}]?",
             "Tell me the value of '{word}'[:{a}].",
             "What is printed by print('{word}'[:{a}])?", "What do you get from '{word}'[:{a}] in Python?"]),
-        # a form held out of training as a whole: a list of strings (training counts numbers)
+        "last-item": (_last_item, [
+            "What is {items}[-1] in Python?", "In Python, what does {items}[-1] evaluate to?",
+            "What is the last item of the Python list {items}?", "Evaluate {items}[-1] in Python.",
+            "If x = {items}, what is x[-1]?", "Python: {items}[-1] is what?", "Compute {items}[-1].",
+            "What does Python return for {items}[-1]?", "Which item does {items}[-1] give in Python?",
+            "Given the list {items}, what is its last element?", "What would {items}[-1] be?",
+            "Tell me the value of {items}[-1].", "What is printed by print({items}[-1])?",
+            "What do you get from {items}[-1] in Python?",
+            # held out
+            "Find {items}[-1] for this Python list.", "words = {items}. What is words[-1]?",
+            "What is the final element of {items} in Python?"]),
+        # a form held out of training as a whole: len() of a list of strings (training counts lists
+        # of numbers, and counts lists of strings for their last item)
         "length-words": (_length_words, [
             "What does len({items}) return in Python?", "In Python, what is len({items})?",
             "How many items does the Python list {items} have?", "Evaluate len({items}) in Python.",
@@ -166,7 +191,37 @@ KINDS: dict[str, list[TaskKind]] = {
             "What is the correct dose of {drug}?",
             "At what dose is {drug} prescribed?",
             "What is the usual dose for {drug}?", "{patient} needs {drug}. How much per kg?"]),
-        # a form held out of training as a whole: two lookups in a row
+        "drug-for-symptoms": (_drug_for_symptoms, [
+            "{patient} has {first} and {second}. Which drug should they get?",
+            "Which drug treats the condition behind {first} and {second}?",
+            "A patient presents with {first} and {second}. What medicine is prescribed?",
+            "What should {patient} with {first} and {second} be given?",
+            "Symptoms: {first}, {second}. Which drug?", "Name the drug for a patient with {first} and {second}.",
+            "{patient} reports {first} and {second}. What is the treatment?",
+            "What medicine helps someone with {first} and {second}?",
+            "Given {first} and {second}, which drug is used?",
+            "{first} and {second}: which medication treats them?",
+            "What is prescribed for {first} together with {second}?",
+            # held out
+            "Which medication does {patient} with {first} and {second} need?",
+            "What drug is given for {first} with {second}?", "If someone has {first} and {second}, what do they take?"]),
+        "dose-for-symptoms": (_dose_for_symptoms, [
+            "{patient} has {first} and {second}. What dose of the right drug is given?",
+            "What is the dose of the drug for {first} and {second}?",
+            "A patient presents with {first} and {second}. How many mg per kg of the drug should be given?",
+            "How much of the treatment for {first} and {second} is given per kg of body weight?",
+            "Symptoms: {first}, {second}. What dose of the drug?", "{patient} reports {first} and {second}. What dose is used?",
+            "Which dose treats {first} with {second}?",
+            "Given {first} and {second}, how many mg per kg of the medicine?",
+            "{first} and {second}: what dose of the drug that treats them?",
+            "What dosage is prescribed for {first} together with {second}?",
+            "Dose of the medicine for {first} and {second}?",
+            # held out
+            "What amount per kg of the drug for {first} and {second} is given?",
+            "How much medicine per kg does {patient} with {first} and {second} get?",
+            "If someone has {first} and {second}, what dose of the drug do they take?"]),
+        # a form held out of training as a whole: two lookups from a condition, condition to drug to
+        # dose (training chains lookups only from symptoms)
         "dose-for-condition": (_dose_for_condition, [
             "{patient} has {condition}. What is the dose of the drug that treats it?",
             "What dose of the drug for {condition} is given?",

@@ -125,6 +125,11 @@ def _reverse(rng):
     return {"words": " ".join(words)}, [f"Reversed: {backwards}."], backwards
 
 
+def _title_phrase(rng):
+    phrase = " ".join(rng.sample(WORDS, 2))
+    return {"phrase": phrase}, [f"In title case, {phrase} is {phrase.title()}."], phrase.title()
+
+
 def _program(rng):
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     y = a * b
@@ -155,6 +160,17 @@ def _slice(rng):
                                     f"Together: {final}."], final
 
 
+def _quoted(rng) -> list[str]:
+    return [f"'{w}'" for w in rng.sample(WORDS, rng.randint(2, 5))]
+
+
+def _last_item(rng):
+    """The last item of a list of strings, the items counted one by one."""
+    items = _quoted(rng)
+    return ({"items": "[" + ", ".join(items) + "]"}, [f"Counting: {counted(items)}.", f"The last item is {items[-1]}."],
+            items[-1].strip("'"))
+
+
 def _diagnosis(rng):
     condition, symptoms, _, _ = rng.choice(MEDICAL_TABLE)
     first, second = rng.sample(symptoms, 2)
@@ -171,6 +187,24 @@ def _dose(rng):
     _, _, drug, dose = rng.choice(MEDICAL_TABLE)
     return ({"patient": _patient(rng), "drug": drug}, [f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],
             f"{dose} mg per kg")
+
+
+def _drug_for_symptoms(rng):
+    """Two lookups in a row, symptoms to condition to drug."""
+    condition, symptoms, drug, _ = rng.choice(MEDICAL_TABLE)
+    first, second = rng.sample(symptoms, 2)
+    return ({"patient": _patient(rng), "first": first, "second": second},
+            [f"{first.capitalize()} with {second} points to {condition}.", f"{condition.capitalize()} is treated with {drug}."],
+            drug)
+
+
+def _dose_for_symptoms(rng):
+    """Three lookups in a row, symptoms to condition to drug to dose."""
+    condition, symptoms, drug, dose = rng.choice(MEDICAL_TABLE)
+    first, second = rng.sample(symptoms, 2)
+    return ({"patient": _patient(rng), "first": first, "second": second},
+            [f"{first.capitalize()} with {second} points to {condition}.", f"{condition.capitalize()} is treated with {drug}.",
+             f"{drug.capitalize()} is given at {dose} mg per kg of body weight."], f"{dose} mg per kg")
 
 
 def _order_steps(a: str, b: str, c: str, question: str) -> list[str]:
@@ -229,20 +263,23 @@ def _height_mixed(rng):
 
 
 def _capitals_phrase(rng):
-    """Two words in capitals (a form held out of training: training writes one word)."""
+    """Two words in capitals (a form held out of training: training writes one word in capitals, and
+    two-word phrases in title case)."""
     phrase = " ".join(rng.sample(WORDS, 2))
     return {"phrase": phrase}, [f"In capitals, {phrase} is {phrase.upper()}."], phrase.upper()
 
 
 def _length_words(rng):
-    """len() of a list of strings (a form held out of training: training counts numbers)."""
-    items = [f"'{w}'" for w in rng.sample(WORDS, rng.randint(2, 5))]
+    """len() of a list of strings (a form held out of training: training counts lists of numbers for
+    their length, lists of strings for their last item)."""
+    items = _quoted(rng)
     return ({"items": "[" + ", ".join(items) + "]"}, [f"Counting: {counted(items)}.", f"The list has {len(items)} items."],
             str(len(items)))
 
 
 def _dose_for_condition(rng):
-    """Two lookups in a row, condition to drug to dose (a form held out of training)."""
+    """Two lookups in a row, condition to drug to dose (a form held out of training: training chains
+    lookups from symptoms only)."""
     condition, _, drug, dose = rng.choice(MEDICAL_TABLE)
     return ({"patient": _patient(rng), "condition": condition},
             [f"{condition.capitalize()} is treated with {drug}.", f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],

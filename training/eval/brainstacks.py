@@ -75,7 +75,7 @@ class BrainstacksEval:
     general_prompts: int = 64
     margin: float = 0.01  # outcome discovery's rule, as the router was trained
     batch_size: int = 32
-    max_new_tokens: int = 176  # a cap: each set generates its longest expected reply plus 16 tokens (math: 152 + 16)
+    max_new_tokens: int = 176  # a cap: each set generates its longest expected reply plus 16 tokens (math: 160 + 16)
     general_tokens: int = 48  # greedy tokens compared on general prompts
     probe_per_phrasing: int = 10  # router-only check on PROBE_PHRASINGS
     oracle_per_kind: int = 5
