@@ -13,8 +13,6 @@ the code behind POST /v1/load_lora_adapter), in this process:
   evictions, and the process's peak resident memory against the base engine's own peak under the
   same 8 clients (measured before any adapter is loaded) plus the cap's adapters and 10%.
 The built manifest is not touched: the bench's own manifest (a copy) lives in `--out`.
-Adapters are kept in the dtype LOOPSTACK_LORA_DTYPE names (auto: the base's, PEFT's arithmetic);
-`LOOPSTACK_LORA_DTYPE=bfloat16` measures them at half the bytes.
 
     python -m bench.adapters --artifacts ROOT [--tokens 32] [--out runs/bench/adapters]
 """
@@ -218,8 +216,7 @@ def measure(settings: Settings, out: Path, tokens: int, registered: int, cap: in
     bench_settings = settings.model_copy(update={"manifest": manifest, "adapter_root": work, "watch": False,
                                                  "max_loaded_adapters": cap, "serve_models": "chat",
                                                  "chat_max_batch": CLIENTS})
-    report: dict = {"clients": CLIENTS, "tokens": tokens, "rank": 16, "registered": registered, "cap": cap,
-                    "lora_dtype": settings.lora_dtype}
+    report: dict = {"clients": CLIENTS, "tokens": tokens, "rank": 16, "registered": registered, "cap": cap}
     app = create_app(bench_settings, load_in_background=False)
     try:
         with TestClient(app):
@@ -250,10 +247,7 @@ def measure(settings: Settings, out: Path, tokens: int, registered: int, cap: in
     # the base engine's own peak under the same 8 clients (its rows' caches and activations), before
     # any adapter was loaded, plus the cap's adapters and 10%
     report["rss_base_bytes"] = report["throughput"][BASE]["rss_peak_bytes"]
-    # an adapter in memory: its file's float32 weights in the dtype they are kept in
-    kept = {"bfloat16": 2, "float16": 2}.get(settings.lora_dtype, 4)
-    report["resident_adapter_bytes"] = report["adapter_bytes"] * kept // 4
-    allowed = report["rss_base_bytes"] + 1.1 * cap * report["resident_adapter_bytes"]
+    allowed = report["rss_base_bytes"] + 1.1 * cap * report["adapter_bytes"]
     report["churn"].update(rss_allowed_bytes=allowed, rss_within_cap=report["churn"]["rss_peak_bytes"] <= allowed)
     return report
 
@@ -272,7 +266,7 @@ def table(report: dict) -> str:
     lines.append(f"memory: idle {report['rss_idle_bytes'] / mb:.0f} MiB, base engine at {report['clients']} clients "
                  f"{report['rss_base_bytes'] / mb:.0f} MiB, churn peak {c['rss_peak_bytes'] / mb:.0f} MiB, "
                  f"allowed {c['rss_allowed_bytes'] / mb:.0f} MiB (base engine + 1.1 x {report['cap']} adapters of "
-                 f"{report['resident_adapter_bytes'] / mb:.1f} MiB): {'within' if c['rss_within_cap'] else 'OVER'}")
+                 f"{report['adapter_bytes'] / mb:.1f} MiB): {'within' if c['rss_within_cap'] else 'OVER'}")
     return "\n".join(lines)
 
 
@@ -290,9 +284,8 @@ def main() -> None:
     report = measure(settings, args.out.resolve(), args.tokens, args.registered, args.cap, args.rounds)
     report["machine"] = f"{torch.get_num_threads()} torch threads, CPU"
     (args.out / "adapters.json").write_text(json.dumps(report, indent=1))
-    print(f"r16 adapters on every projection, kept in {settings.lora_dtype} (LOOPSTACK_LORA_DTYPE), "
-          f"{report['clients']} clients x {args.rounds} requests x {args.tokens} greedy tokens, on {report['machine']}; "
-          "baseline: the base engine in this run")
+    print(f"r16 adapters on every projection, {report['clients']} clients x {args.rounds} requests x "
+          f"{args.tokens} greedy tokens, on {report['machine']}; baseline: the base engine in this run")
     print(table(report))
     print(f"wrote {args.out / 'adapters.json'}")
 

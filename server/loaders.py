@@ -15,8 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
-import torch
-
 from server.chat.adapter_residency import AdapterResidency
 from server.chat.adapters import WEIGHTS_FILE, LoraAdapter, load_adapter
 from server.chat.decoding import ChatJob, generate
@@ -39,7 +37,6 @@ class LoadContext:
     device: str
     domains: tuple[str, ...]  # the chat domains of the manifest, in order
     adapters: AdapterResidency | None = None  # keeps PEFT adapters' weights in memory within the cap
-    lora_dtype: str = "auto"  # PEFT adapters' dtype (Settings.lora_dtype)
 
 
 class Loader(Protocol):
@@ -149,8 +146,7 @@ class AdapterLoader:
         if context.adapters is not None:
             context.adapters.make_room(1)  # before its weights are read, not after
         adapter = load_adapter(folder, spec.name, parent.model, parent.name, spec.source.path,
-                               spec.source.files.get(WEIGHTS_FILE),
-                               None if context.lora_dtype == "auto" else getattr(torch, context.lora_dtype))
+                               spec.source.files.get(WEIGHTS_FILE))
         if context.adapters is not None:
             context.adapters.admit(adapter)
         return adapter

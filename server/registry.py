@@ -146,7 +146,7 @@ class Registry:
             context = LoadContext(self.settings.manifests().resolver(self.settings.allow_network),
                                   self.settings.torch_device(),
                                   tuple(spec.name for group in groups for _, kind, spec, _ in group if kind == "stacks"),
-                                  self.adapters, self.settings.lora_dtype)
+                                  self.adapters)
             for key in removed:  # gone from the manifest: no longer served
                 log.info("removed %s: the manifest no longer lists it", key)
                 self._forget(self._entries.pop(key).value)

@@ -32,9 +32,6 @@ class Settings(BaseSettings):
                           "to it, and nothing outside it loads); inside the artifact root. Default: <artifact_root>/adapters.")
     max_loaded_adapters: int = Field(0, ge=0, description=(
         "PEFT adapters whose weights stay in memory; the rest load at their next use (0: every one)."))
-    lora_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
-        "The dtype PEFT adapters are kept and multiplied in (vLLM's --lora-dtype); auto: the base's. bfloat16 "
-        "halves the bytes a decode step reads from adapters, rounding their weights (not PEFT's float32 arithmetic)."))
     allow_network: bool = Field(
         False, description="Let hub ids in the manifest download. Off by default: nothing is fetched."
     )

@@ -74,11 +74,10 @@ class LoraAdapter:
     epoch = 0  # moves whenever any adapter's weights are read or dropped (the banks follow it)
 
     def __init__(self, name: str, plan: dict[str, tuple[int, float]], parameters: int, weights_file: Path,
-                 sha256: str | None, base_model: str | None, source: str, like: torch.Tensor,
-                 dtype: torch.dtype | None = None):
+                 sha256: str | None, base_model: str | None, source: str, like: torch.Tensor):
         self.name, self.plan, self.parameters, self.base_model, self.source = name, plan, parameters, base_model, source
         self.weights_file, self.sha256 = weights_file, sha256
-        self.device, self.dtype = like.device, dtype or like.dtype
+        self.device, self.dtype = like.device, like.dtype
         self.residency = None  # the AdapterResidency that admitted it (server/chat/adapter_residency.py)
         self._weights: dict[str, LoraWeights] | None = None
 
@@ -123,7 +122,7 @@ class LoraAdapter:
     def describe(self) -> dict:
         return {"name": self.name, "rank": max(self.ranks), "ranks": self.ranks, "targets": self.targets,
                 "layers": len(self.plan), "parameters": self.parameters, "source": self.source,
-                "base_model": self.base_model, "dtype": str(self.dtype).removeprefix("torch."),
+                "base_model": self.base_model,
                 "resident": self.resident}
 
 
@@ -215,11 +214,10 @@ def base_names(model: nn.Module, served_as: str) -> set[str]:
 
 
 def load_adapter(folder: Path, name: str, model: nn.Module, served_as: str, source: str | None = None,
-                 sha256: str | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
+                 sha256: str | None = None) -> LoraAdapter:
     """A PEFT LoRA folder as served on this base (`served_as`: the base's manifest name), its weights
     read; refuses, with the reason, what it cannot serve exactly. `sha256`: its weights file's, as
-    the manifest records it, checked again whenever evicted weights are read back. `dtype`: its
-    weights' (None: the base's)."""
+    the manifest records it, checked again whenever evicted weights are read back."""
     config = read_adapter_config(folder)
     base = config.get("base_model_name_or_path")
     if base and Path(str(base).rstrip("/")).name.lower() not in base_names(model, served_as):
@@ -269,7 +267,7 @@ def load_adapter(folder: Path, name: str, model: nn.Module, served_as: str, sour
         plan[module] = (rank, float(alpha / math.sqrt(rank) if rslora else alpha / rank))
     like = next(p for p in model.parameters() if p.is_floating_point())
     parameters = sum(rank * (wrapped[m].in_features + wrapped[m].out_features) for m, (rank, _) in plan.items())
-    adapter = LoraAdapter(name, plan, parameters, weights_path, sha256, base, source or str(folder), like, dtype)
+    adapter = LoraAdapter(name, plan, parameters, weights_path, sha256, base, source or str(folder), like)
     try:
         adapter.weights()
     except Exception as exc:
