@@ -171,22 +171,33 @@ def _last_item(rng):
             items[-1].strip("'"))
 
 
+# The medical lookups, one step each; the chains (trained and held out) are these steps in a row
+def _points_to(first: str, second: str, condition: str) -> str:
+    return f"{first.capitalize()} with {second} points to {condition}."
+
+
+def _treated_with(condition: str, drug: str) -> str:
+    return f"{condition.capitalize()} is treated with {drug}."
+
+
+def _given_at(drug: str, dose: int) -> str:
+    return f"{drug.capitalize()} is given at {dose} mg per kg of body weight."
+
+
 def _diagnosis(rng):
     condition, symptoms, _, _ = rng.choice(MEDICAL_TABLE)
     first, second = rng.sample(symptoms, 2)
-    return ({"patient": _patient(rng), "first": first, "second": second},
-            [f"{first.capitalize()} with {second} points to {condition}."], condition)
+    return {"patient": _patient(rng), "first": first, "second": second}, [_points_to(first, second, condition)], condition
 
 
 def _treatment(rng):
     condition, _, drug, _ = rng.choice(MEDICAL_TABLE)
-    return {"patient": _patient(rng), "condition": condition}, [f"{condition.capitalize()} is treated with {drug}."], drug
+    return {"patient": _patient(rng), "condition": condition}, [_treated_with(condition, drug)], drug
 
 
 def _dose(rng):
     _, _, drug, dose = rng.choice(MEDICAL_TABLE)
-    return ({"patient": _patient(rng), "drug": drug}, [f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],
-            f"{dose} mg per kg")
+    return {"patient": _patient(rng), "drug": drug}, [_given_at(drug, dose)], f"{dose} mg per kg"
 
 
 def _drug_for_symptoms(rng):
@@ -194,8 +205,7 @@ def _drug_for_symptoms(rng):
     condition, symptoms, drug, _ = rng.choice(MEDICAL_TABLE)
     first, second = rng.sample(symptoms, 2)
     return ({"patient": _patient(rng), "first": first, "second": second},
-            [f"{first.capitalize()} with {second} points to {condition}.", f"{condition.capitalize()} is treated with {drug}."],
-            drug)
+            [_points_to(first, second, condition), _treated_with(condition, drug)], drug)
 
 
 def _dose_for_symptoms(rng):
@@ -203,8 +213,8 @@ def _dose_for_symptoms(rng):
     condition, symptoms, drug, dose = rng.choice(MEDICAL_TABLE)
     first, second = rng.sample(symptoms, 2)
     return ({"patient": _patient(rng), "first": first, "second": second},
-            [f"{first.capitalize()} with {second} points to {condition}.", f"{condition.capitalize()} is treated with {drug}.",
-             f"{drug.capitalize()} is given at {dose} mg per kg of body weight."], f"{dose} mg per kg")
+            [_points_to(first, second, condition), _treated_with(condition, drug), _given_at(drug, dose)],
+            f"{dose} mg per kg")
 
 
 def _order_steps(a: str, b: str, c: str, question: str) -> list[str]:
@@ -281,8 +291,7 @@ def _dose_for_condition(rng):
     """Two lookups in a row, condition to drug to dose (a form held out of training: training chains
     lookups from symptoms only)."""
     condition, _, drug, dose = rng.choice(MEDICAL_TABLE)
-    return ({"patient": _patient(rng), "condition": condition},
-            [f"{condition.capitalize()} is treated with {drug}.", f"{drug.capitalize()} is given at {dose} mg per kg of body weight."],
+    return ({"patient": _patient(rng), "condition": condition}, [_treated_with(condition, drug), _given_at(drug, dose)],
             f"{dose} mg per kg")
 
 
