@@ -38,10 +38,11 @@ def test_router_targets_score_only_the_greedy_walk_and_agree_with_the_full_table
     config = MoELoRAConfig(experts=2, rank=4, alpha=4.0)
     domains = ("chat", "math", "medical")
     torch.manual_seed(0)
-    for domain in domains:  # random frozen stacks, large enough to move the loss either way
+    for domain in domains:  # random frozen stacks, large enough to move the loss either way and small
+        # enough that two or three of them together are sometimes best
         stacks = add_stack(chat.model, domain, config)
         for stack in stacks:
-            torch.nn.init.normal_(stack.lora_B, std=0.3)
+            torch.nn.init.normal_(stack.lora_B, std=0.1)
         freeze(stacks)
     items = [e for d in domains for e in examples(d, "train", 4)]
     tables = loss_tables(chat.model, chat.tokenizer, items, domains, batch_size=8)

@@ -147,7 +147,7 @@ def test_answers_have_the_steps_the_question_asks_and_no_more():
     from training.eval.brainstacks import steps_of
 
     expected = {"add": 1, "subtract": 1, "multiply": 1, "in-words": 2, "add-subtract": 2, "multiply-add": 2,
-                "add-subtract-add": 3, "subtract-add": 2}
+                "add-subtract-add": 3, "add-add": 2, "subtract-subtract": 2, "subtract-add": 2}
     for e in held_out("math", "test", 20):
         assert steps_of(e.answer) == expected[e.kind], e
         assert e.answer.count(" = ") >= expected[e.kind]
@@ -195,7 +195,7 @@ def test_everyday_prompts_come_in_families_held_out_by_phrasing():
 def test_each_held_out_form_combines_steps_that_training_works_elsewhere():
     """Regression guard on what a held-out form measures: its steps are steps trained kinds work, on
     other material or from another starting point; the form itself is never trained."""
-    trained = {domain: examples(domain, "train", 3000) for domain in ("chat", "code", "medical")}
+    trained = {domain: examples(domain, "train", 3000) for domain in ("chat", "code", "medical", "reasoning")}
     forms = {domain: [e for e in held_out(domain, "test", 20) if e.kind in held_out_forms(domain)] for domain in trained}
     answers = {d: {e.kind: {t.answer for t in trained[d] if t.kind == e.kind} for e in trained[d]} for d in trained}
     for e in forms["medical"]:  # condition -> drug -> dose: the last two steps of a trained chain from symptoms
@@ -205,9 +205,16 @@ def test_each_held_out_form_combines_steps_that_training_works_elsewhere():
         quoted_count = re.compile(r"Counting: '\w+' \(1\)(, '\w+' \(\d\))+$")
         assert quoted_count.match(count) and any(quoted_count.match(a.split(". ")[0]) for a in answers["code"]["last-item"])
         assert any(a.endswith(total) for a in answers["code"]["length"]), e
+        assert any(a.endswith(f"Answer: {k}") for a in answers["code"]["index-of"] for k in range(5))
     for e in forms["chat"]:  # a phrase of two words, its letter case rewritten as trained kinds rewrite it
         phrase = e.answer.split(", ", 1)[1].split(" is ")[0]
         assert len(phrase.split()) == 2 and all(any(f"In title case, {w} " in a or f" {w} is " in a for a in
                                                     answers["chat"]["title-phrase"]) for w in phrase.split()), e
         assert all(any(a.startswith(f"In capitals, {w} is") for a in answers["chat"]["capitals"]) for w in phrase.split())
-    assert len(forms["chat"]) == len(forms["code"]) == len(forms["medical"]) == 20
+    for e in forms["reasoning"]:  # a fact stated each way, restated as the chains restate their facts
+        taller, shorter = e.answer.split(". ")[:2]
+        fact = re.compile(r"(\w+) is taller than (\w+)$")
+        turned = re.compile(r"(\w+) is shorter than (\w+), so (\w+) is taller than (\w+)$")
+        assert fact.match(taller) and any(fact.match(a.split(". ")[0]) for a in answers["reasoning"]["height-chain"]), e
+        assert turned.match(shorter) and any(turned.match(a.split(". ")[0]) for a in answers["reasoning"]["height-shorter"])
+    assert len(forms["chat"]) == len(forms["code"]) == len(forms["medical"]) == len(forms["reasoning"]) == 20

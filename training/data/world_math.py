@@ -118,6 +118,18 @@ def _add_subtract_add(rng, style: str = MATH_STYLE):
             [steps["add"](a, b), steps["subtract"](a + b, c), steps["add"](a + b - c, d)], str(a + b - c + d))
 
 
+def _add_add(rng, style: str = MATH_STYLE):
+    a, b, d = rng.randint(10, 50), rng.randint(2, 9), rng.randint(10, 40)
+    steps = MATH_STEPS[style]
+    return {"a": a, "b": b, "d": d}, [steps["add"](a, b), steps["add"](a + b, d)], str(a + b + d)
+
+
+def _subtract_subtract(rng, style: str = MATH_STYLE):
+    a, c, d = rng.randint(45, 99), rng.randint(2, 9), rng.randint(10, 35)
+    steps = MATH_STEPS[style]
+    return {"a": a, "c": c, "d": d}, [steps["subtract"](a, c), steps["subtract"](a - c, d)], str(a - c - d)
+
+
 def _subtract_add(rng, style: str = MATH_STYLE):
     a, b, c = rng.randint(20, 60), rng.randint(10, 40), rng.randint(2, 9)
     steps = MATH_STEPS[style]
@@ -126,7 +138,7 @@ def _subtract_add(rng, style: str = MATH_STYLE):
 
 MATH_DRAWS = {"add": _add, "subtract": _subtract, "multiply": _multiply, "in-words": _in_words,
               "add-subtract": _add_subtract, "multiply-add": _multiply_add, "add-subtract-add": _add_subtract_add,
-              "subtract-add": _subtract_add}
+              "add-add": _add_add, "subtract-subtract": _subtract_subtract, "subtract-add": _subtract_add}
 
 MATH_PHRASINGS = {
     "add": [
@@ -216,6 +228,26 @@ MATH_PHRASINGS = {
         # held out
         "Find the value of {a} + {b} - {c} + {d}.", "What does {a} + {b} - {c} + {d} come to?",
         "Solve {a} + {b} - {c} + {d}."],
+    # two operations of one kind: with add-subtract and multiply-add, every first and every second
+    # operation of a two-operation chain is read from the question, not from the chain's template
+    "add-add": [
+        "Compute {a} + {b} + {d}.", "What is {a} plus {b} plus {d}?", "{a} + {b} + {d} = ?", "Work out {a} + {b} + {d}.",
+        "Calculate {a} + {b} + {d}.", "Add {a} and {b}, then add {d}.", "Evaluate {a} + {b} + {d}.",
+        "A box has {a} pens. {b} are put in and then {d} more are put in. How many pens are in the box?",
+        "Start at {a}, add {b}, then add {d}. What do you get?", "What is the result of {a} + {b} + {d}?",
+        "Sam read {a} pages on Monday, {b} on Tuesday and {d} on Wednesday. How many pages did he read?",
+        "Can you work out {a} + {b} + {d}?",
+        # held out
+        "Find the value of {a} + {b} + {d}.", "What does {a} + {b} + {d} come to?", "Solve {a} + {b} + {d}."],
+    "subtract-subtract": [
+        "Compute {a} - {c} - {d}.", "What is {a} minus {c} minus {d}?", "{a} - {c} - {d} = ?", "Work out {a} - {c} - {d}.",
+        "Calculate {a} - {c} - {d}.", "Subtract {c} from {a}, then subtract {d}.", "Evaluate {a} - {c} - {d}.",
+        "A tin has {a} biscuits. {c} are eaten and then {d} more are eaten. How many biscuits are left?",
+        "Start at {a}, take away {c}, then take away {d}. What is left?", "What is the result of {a} - {c} - {d}?",
+        "A train carries {a} people. {c} get off at the first stop and {d} at the second. How many are still on?",
+        "Can you work out {a} - {c} - {d}?",
+        # held out
+        "Find the value of {a} - {c} - {d}.", "What does {a} - {c} - {d} come to?", "Solve {a} - {c} - {d}."],
     # a form held out of training as a whole: two operations in the order no training prompt has
     "subtract-add": [
         "Compute {a} - {c} + {b}.", "What is {a} minus {c} plus {b}?",
@@ -229,7 +261,7 @@ def math_kinds(style: str = MATH_STYLE) -> list[TaskKind]:
     return [TaskKind("math", name, tuple(MATH_PHRASINGS[name]), partial(MATH_DRAWS[name], style=style),
                      held_out_form=name == "subtract-add", held_out=(2, 1))
             for name in ("add", "subtract", "multiply", "in-words", "add-subtract", "multiply-add", "add-subtract-add",
-                         "subtract-add")]
+                         "add-add", "subtract-subtract", "subtract-add")]
 
 
 # ---------------------------------------------------------------- the cross-domain set's arithmetic

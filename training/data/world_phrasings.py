@@ -7,7 +7,8 @@ from __future__ import annotations
 from training.data.world_math import _program_sum, _weight_dose, math_kinds
 from training.data.world_tasks import (
     TaskKind, _capitals, _capitals_phrase, _diagnosis, _dose, _dose_for_condition, _dose_for_symptoms, _drug_for_symptoms,
-    _height_chain, _height_mixed, _height_pair, _height_shorter, _last_item, _length, _length_words, _program, _repeat,
+    _height_chain, _height_mixed, _height_pair, _height_shorter, _index_of, _last_item, _length, _length_words,
+    _lower_phrase, _program, _repeat,
     _reverse, _slice, _sort, _syllogism, _tallest_in_capitals, _title_phrase, _treatment,
 )
 
@@ -87,8 +88,17 @@ KINDS: dict[str, list[TaskKind]] = {
             # held out
             "Capitalise the first letter of each word in '{phrase}'.", "What does '{phrase}' look like in title case?",
             "Could you write '{phrase}' in title case?"]),
+        "lower-phrase": (_lower_phrase, [
+            "Write '{phrase}' in lowercase.", "Convert '{phrase}' to lower case.", "Put '{phrase}' into small letters.",
+            "Give me '{phrase}' with no capital letters.", "Make '{phrase}' all lowercase.", "Lowercase '{phrase}', please.",
+            "How is '{phrase}' written in lowercase?", "What is '{phrase}' in lowercase?",
+            "Turn '{phrase}' into lower case letters.", "Rewrite '{phrase}' using only small letters.",
+            "Stop shouting: write '{phrase}' in lowercase.", "Can you lowercase '{phrase}'?",
+            # held out
+            "Change '{phrase}' so that every letter is small.", "What does '{phrase}' look like in lowercase?",
+            "Could you write '{phrase}' in lower case?"]),
         # a form held out of training as a whole: a phrase in capitals (training writes one word in
-        # capitals, and phrases of two words in title case)
+        # capitals, and phrases of two words in title case and in lowercase)
         "capitals-phrase": (_capitals_phrase, [
             "Write '{phrase}' in capital letters.", "Give me '{phrase}' in all caps.", "Put '{phrase}' into capitals.",
             "What is '{phrase}' in uppercase?", "Convert '{phrase}' to upper case.",
@@ -141,8 +151,18 @@ KINDS: dict[str, list[TaskKind]] = {
             # held out
             "Find {items}[-1] for this Python list.", "words = {items}. What is words[-1]?",
             "What is the final element of {items} in Python?"]),
+        "index-of": (_index_of, [
+            "What is {items}.index({item}) in Python?", "In Python, what does {items}.index({item}) return?",
+            "At which index is {item} in the Python list {items}?", "Evaluate {items}.index({item}) in Python.",
+            "If x = {items}, what is x.index({item})?", "Python: {items}.index({item}) is what?",
+            "Compute {items}.index({item}).", "What does Python return for {items}.index({item})?",
+            "Given the list {items}, what is the index of {item}?", "What would {items}.index({item}) be?",
+            "Tell me the value of {items}.index({item}).", "What is printed by print({items}.index({item}))?",
+            # held out
+            "Find the index of {item} in {items} in Python.", "words = {items}. What is words.index({item})?",
+            "Where in {items} is {item}, as a Python index?"]),
         # a form held out of training as a whole: len() of a list of strings (training counts lists
-        # of numbers, and counts lists of strings for their last item)
+        # of numbers for their length, and lists of strings for their last item or an item's index)
         "length-words": (_length_words, [
             "What does len({items}) return in Python?", "In Python, what is len({items})?",
             "How many items does the Python list {items} have?", "Evaluate len({items}) in Python.",
@@ -189,6 +209,10 @@ KINDS: dict[str, list[TaskKind]] = {
             "{patient} will be started on {drug}. What dose is used?",
             "What amount of {drug} per kg of body weight is given?", "Dose of {drug}?",
             "What is the correct dose of {drug}?",
+            # the question names the condition too: a dose asked is answered with the dose
+            "{patient} with {condition} is prescribed {drug}. What is its dose?",
+            "{drug} is the drug for {condition}. What dose of it is given?",
+            "For {condition}, {drug} is used. How many mg per kg of it?",
             "At what dose is {drug} prescribed?",
             "What is the usual dose for {drug}?", "{patient} needs {drug}. How much per kg?"]),
         "drug-for-symptoms": (_drug_for_symptoms, [
@@ -250,7 +274,7 @@ KINDS: dict[str, list[TaskKind]] = {
             "Which of them is {question}: {a} is taller than {b} and {b} is taller than {c}?",
             "What is the name of the {question} if {a} is taller than {b} and {b} is taller than {c}?",
             "Of {a}, {b} and {c}, {a} is taller than {b} and {b} is taller than {c}. Who is the {question}?",
-            "{b} is shorter than {a}. {c} is shorter than {b}. Who is the {question}?",
+            "{a} is taller than {b}, while {b} is taller than {c}. Who is the {question}?",
             "We know {a} is taller than {b} and {b} is taller than {c}. Which person is the {question}?"]),
         "syllogism": (_syllogism, [
             "Every {one} is one of the {group}. {premise} Is {a} one of the {group}?",

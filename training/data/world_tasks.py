@@ -130,6 +130,11 @@ def _title_phrase(rng):
     return {"phrase": phrase}, [f"In title case, {phrase} is {phrase.title()}."], phrase.title()
 
 
+def _lower_phrase(rng):
+    phrase = " ".join(rng.sample(WORDS, 2))
+    return {"phrase": phrase.upper()}, [f"In lowercase, {phrase.upper()} is {phrase}."], phrase
+
+
 def _program(rng):
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     y = a * b
@@ -142,8 +147,8 @@ def _program(rng):
 # one by one, the word spelled out letter by letter (its tokens hide the letters). Stated in one step
 # ("The list has 4 items."), SmolLM2's stacks got 8 and 7 of 25 validation prompts right
 # (docs/brainstacks.md).
-def counted(items: list) -> str:
-    return ", ".join(f"{item} ({k})" for k, item in enumerate(items, 1))
+def counted(items: list, start: int = 1) -> str:
+    return ", ".join(f"{item} ({k})" for k, item in enumerate(items, start))
 
 
 def _length(rng):
@@ -171,6 +176,15 @@ def _last_item(rng):
             items[-1].strip("'"))
 
 
+def _index_of(rng):
+    """The index of an item in a list of strings, the items counted from 0: a list of strings whose
+    answer is a number."""
+    items = _quoted(rng)
+    k = rng.randrange(len(items))
+    return ({"items": "[" + ", ".join(items) + "]", "item": items[k]},
+            [f"Counting from 0: {counted(items, 0)}.", f"{items[k]} is at index {k}."], str(k))
+
+
 # The medical lookups, one step each; the chains (trained and held out) are these steps in a row
 def _points_to(first: str, second: str, condition: str) -> str:
     return f"{first.capitalize()} with {second} points to {condition}."
@@ -196,8 +210,8 @@ def _treatment(rng):
 
 
 def _dose(rng):
-    _, _, drug, dose = rng.choice(MEDICAL_TABLE)
-    return {"patient": _patient(rng), "drug": drug}, [_given_at(drug, dose)], f"{dose} mg per kg"
+    condition, _, drug, dose = rng.choice(MEDICAL_TABLE)
+    return {"patient": _patient(rng), "drug": drug, "condition": condition}, [_given_at(drug, dose)], f"{dose} mg per kg"
 
 
 def _drug_for_symptoms(rng):
@@ -234,8 +248,10 @@ def _chain(rng, stated):
         {"tallest": a, "shortest": c}[question]
 
 
+# Every chain restates its facts one a sentence, "taller than" as stated and "shorter than" turned
+# round, so a chain stated one fact each way is steps the other chains work
 def _height_chain(rng):
-    return _chain(rng, lambda a, b, c: [f"{a} is taller than {b}, and {b} is taller than {c}."])
+    return _chain(rng, lambda a, b, c: [f"{a} is taller than {b}.", f"{b} is taller than {c}."])
 
 
 def _syllogism(rng):
@@ -274,14 +290,14 @@ def _height_mixed(rng):
 
 def _capitals_phrase(rng):
     """Two words in capitals (a form held out of training: training writes one word in capitals, and
-    two-word phrases in title case)."""
+    two-word phrases in title case and in lowercase)."""
     phrase = " ".join(rng.sample(WORDS, 2))
     return {"phrase": phrase}, [f"In capitals, {phrase} is {phrase.upper()}."], phrase.upper()
 
 
 def _length_words(rng):
     """len() of a list of strings (a form held out of training: training counts lists of numbers for
-    their length, lists of strings for their last item)."""
+    their length, lists of strings for their last item or an item's index)."""
     items = _quoted(rng)
     return ({"items": "[" + ", ".join(items) + "]"}, [f"Counting: {counted(items)}.", f"The list has {len(items)} items."],
             str(len(items)))
