@@ -200,17 +200,20 @@ def test_each_held_out_form_combines_steps_that_training_works_elsewhere():
     answers = {d: {e.kind: {t.answer for t in trained[d] if t.kind == e.kind} for e in trained[d]} for d in trained}
     for e in forms["medical"]:  # condition -> drug -> dose: the last two steps of a trained chain from symptoms
         assert any(a.endswith(e.answer) and a != e.answer for a in answers["medical"]["dose-for-symptoms"]), e
-    for e in forms["code"]:  # quoted words counted as the last-item kind counts them, then a list's length
+    for e in forms["code"]:  # quoted words counted as every trained quoted list counts them, then a length
         count, total = e.answer.split(". ", 1)
         quoted_count = re.compile(r"Counting: '\w+' \(1\)(, '\w+' \(\d\))+$")
-        assert quoted_count.match(count) and any(quoted_count.match(a.split(". ")[0]) for a in answers["code"]["last-item"])
+        for kind in ("last-item", "index-of"):
+            assert quoted_count.match(count) and all(quoted_count.match(a.split(". ")[0]) for a in answers["code"][kind])
         assert any(a.endswith(total) for a in answers["code"]["length"]), e
         assert any(a.endswith(f"Answer: {k}") for a in answers["code"]["index-of"] for k in range(5))
+        assert all(re.search(r"is item (\d), at index (\d)\. Answer: \d$", a) for a in answers["code"]["index-of"])
     for e in forms["chat"]:  # a phrase of two words, its letter case rewritten as trained kinds rewrite it
         phrase = e.answer.split(", ", 1)[1].split(" is ")[0]
         assert len(phrase.split()) == 2 and all(any(f"In title case, {w} " in a or f" {w} is " in a for a in
                                                     answers["chat"]["title-phrase"]) for w in phrase.split()), e
         assert all(any(a.startswith(f"In capitals, {w} is") for a in answers["chat"]["capitals"]) for w in phrase.split())
+        assert any(re.match(r"In capitals: [A-Z]+, [A-Z]+", a) for a in answers["chat"]["capitals-list"])
     for e in forms["reasoning"]:  # a fact stated each way, restated as the chains restate their facts
         taller, shorter = e.answer.split(". ")[:2]
         fact = re.compile(r"(\w+) is taller than (\w+)$")

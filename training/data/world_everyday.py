@@ -93,6 +93,8 @@ GENERAL_KINDS = [
         "Use the word {word} in a sentence.", "Where does the word {word} come from?",
         "How do you pronounce {word}?", "Translate {word} into French.", "Is {word} a noun or a verb?",
         "Write a short poem with the word {word} in it.", "What is a fancier word for 'happy'?",
+        "What does '{word}' mean in everyday speech?", "Is '{word}' an old word?", "Can '{word}' be used as a verb?",
+        "How many syllables does '{word}' have?", "Is '{word}' formal or informal?",
         # held out
         "What is the opposite of {word}?", "Give me a word that sounds like {word}.",
         "Is '{word}' spelled the same in British English?", "What's a good name for a cat?",
@@ -151,6 +153,7 @@ PROBE_PHRASINGS = {
                           "Tell me which drug is for someone with {first} plus {second}."),
     "dose-for-symptoms": ("I have {first} and {second}. How much of my drug per kg?",
                           "Tell me the dose per kg for someone with {first} plus {second}."),
+    "capitals-list": ("I need {words} in uppercase letters for a sign.", "Shout {words}, every letter a capital."),
     "capitals-phrase": ("I want '{phrase}' shouted in capitals.", "Make '{phrase}' uppercase for a banner."),
     "length-words": ("How many strings does Python count in {items}?", "I have {items}. What does len say?"),
     "dose-for-condition": ("My patient has {condition}. How much of its usual drug per kg?",

@@ -8,7 +8,7 @@ from training.data.world_math import _program_sum, _weight_dose, math_kinds
 from training.data.world_tasks import (
     TaskKind, _capitals, _capitals_phrase, _diagnosis, _dose, _dose_for_condition, _dose_for_symptoms, _drug_for_symptoms,
     _height_chain, _height_mixed, _height_pair, _height_shorter, _index_of, _last_item, _length, _length_words,
-    _lower_phrase, _program, _repeat,
+    _capitals_list, _lower_phrase, _program, _repeat,
     _reverse, _slice, _sort, _syllogism, _tallest_in_capitals, _title_phrase, _treatment,
 )
 
@@ -97,8 +97,19 @@ KINDS: dict[str, list[TaskKind]] = {
             # held out
             "Change '{phrase}' so that every letter is small.", "What does '{phrase}' look like in lowercase?",
             "Could you write '{phrase}' in lower case?"]),
-        # a form held out of training as a whole: a phrase in capitals (training writes one word in
-        # capitals, and phrases of two words in title case and in lowercase)
+        "capitals-list": (_capitals_list, [
+            "Write these words in capitals: {words}.", "Put each of these words in upper case: {words}.",
+            "Give me {words} in all caps.", "Uppercase every word in this list: {words}.",
+            "Convert these words to capital letters: {words}.", "Capitalise every letter of each word: {words}.",
+            "How are {words} written in capitals?", "What are {words} in uppercase?",
+            "Turn the words {words} into capitals.", "Could you write {words} in block capitals?",
+            "{words}: all in capitals, please.", "Rewrite each of {words} in uppercase letters.",
+            "Make every one of these words uppercase: {words}.", "Type {words} with caps lock on.",
+            # held out
+            "Change {words} so that every letter is a capital.", "What do {words} look like in upper case?",
+            "Show me {words} written entirely in capitals."]),
+        # a form held out of training as a whole: a phrase in capitals (training writes one word and
+        # lists of words in capitals, and phrases of two words in title case and in lowercase)
         "capitals-phrase": (_capitals_phrase, [
             "Write '{phrase}' in capital letters.", "Give me '{phrase}' in all caps.", "Put '{phrase}' into capitals.",
             "What is '{phrase}' in uppercase?", "Convert '{phrase}' to upper case.",

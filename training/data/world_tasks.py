@@ -130,6 +130,12 @@ def _title_phrase(rng):
     return {"phrase": phrase}, [f"In title case, {phrase} is {phrase.title()}."], phrase.title()
 
 
+def _capitals_list(rng):
+    words = rng.sample(WORDS, rng.randint(2, 3))
+    shouted = ", ".join(w.upper() for w in words)
+    return {"words": ", ".join(words)}, [f"In capitals: {shouted}."], shouted
+
+
 def _lower_phrase(rng):
     phrase = " ".join(rng.sample(WORDS, 2))
     return {"phrase": phrase.upper()}, [f"In lowercase, {phrase.upper()} is {phrase}."], phrase
@@ -177,12 +183,13 @@ def _last_item(rng):
 
 
 def _index_of(rng):
-    """The index of an item in a list of strings, the items counted from 0: a list of strings whose
-    answer is a number."""
+    """The index of an item in a list of strings: a list of strings whose answer is a number. The items
+    are counted from 1 as every quoted list is; counted from 0, a len() of quoted words was answered
+    with the last index."""
     items = _quoted(rng)
     k = rng.randrange(len(items))
     return ({"items": "[" + ", ".join(items) + "]", "item": items[k]},
-            [f"Counting from 0: {counted(items, 0)}.", f"{items[k]} is at index {k}."], str(k))
+            [f"Counting: {counted(items)}.", f"{items[k]} is item {k + 1}, at index {k}."], str(k))
 
 
 # The medical lookups, one step each; the chains (trained and held out) are these steps in a row
@@ -289,8 +296,8 @@ def _height_mixed(rng):
 
 
 def _capitals_phrase(rng):
-    """Two words in capitals (a form held out of training: training writes one word in capitals, and
-    two-word phrases in title case and in lowercase)."""
+    """Two words in capitals (a form held out of training: training writes one word and lists of words
+    in capitals, and two-word phrases in title case and in lowercase)."""
     phrase = " ".join(rng.sample(WORDS, 2))
     return {"phrase": phrase}, [f"In capitals, {phrase} is {phrase.upper()}."], phrase.upper()
 
