@@ -203,8 +203,9 @@ def test_each_held_out_form_combines_steps_that_training_works_elsewhere():
     for e in forms["code"]:  # quoted words counted as every trained quoted list counts them, then a length
         count, total = e.answer.split(". ", 1)
         quoted_count = re.compile(r"Counting: '\w+' \(1\)(, '\w+' \(\d\))+$")
+        assert quoted_count.match(count), e
         for kind in ("last-item", "index-of"):
-            assert quoted_count.match(count) and all(quoted_count.match(a.split(". ")[0]) for a in answers["code"][kind])
+            assert all(quoted_count.match(a.split(". ")[0]) for a in answers["code"][kind]), kind
         assert any(a.endswith(total) for a in answers["code"]["length"]), e
         assert any(a.endswith(f"Answer: {k}") for a in answers["code"]["index-of"] for k in range(5))
         assert all(re.search(r"is item (\d), at index (\d)\. Answer: \d$", a) for a in answers["code"]["index-of"])

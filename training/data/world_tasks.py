@@ -153,8 +153,8 @@ def _program(rng):
 # one by one, the word spelled out letter by letter (its tokens hide the letters). Stated in one step
 # ("The list has 4 items."), SmolLM2's stacks got 8 and 7 of 25 validation prompts right
 # (docs/brainstacks.md).
-def counted(items: list, start: int = 1) -> str:
-    return ", ".join(f"{item} ({k})" for k, item in enumerate(items, start))
+def counted(items: list) -> str:
+    return ", ".join(f"{item} ({k})" for k, item in enumerate(items, 1))
 
 
 def _length(rng):
